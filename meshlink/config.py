@@ -1,0 +1,371 @@
+"""Site configuration: the YAML file of `meshlink run --config`, parsed into frozen dataclasses.
+
+Every error names the offending key (``exports[0].ports[1].port: ...``) so a user can fix the
+file without reading code. Defaults are chosen so that a minimal file (just ``site``) works
+on loopback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from meshlink.errors import ConfigError
+
+DEFAULT_ZONE: Final = "clusterset.local"
+DEFAULT_TTL: Final = 5
+_LABEL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def _is_label(s: str) -> bool:
+    return 0 < len(s) <= 63 and set(s) <= _LABEL_CHARS and s[0] != "-" and s[-1] != "-"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ExportPortConfig:
+    port: int
+    """The port the service is offered on in the clusterset."""
+    target_port: int
+    """The port the local endpoints listen on."""
+    name: str = ""
+    protocol: str = "TCP"
+    app_protocol: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    address: str
+    hostname: str = ""
+    ready: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ExportConfig:
+    """A service this site offers, in local mode."""
+
+    name: str
+    namespace: str
+    ports: tuple[ExportPortConfig, ...]
+    endpoints: tuple[EndpointConfig, ...]
+    headless: bool = False
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DnsConfig:
+    listen: HostPort = HostPort("127.0.0.1", 5353)
+    """UDP and TCP address of the clusterset DNS server."""
+    zone: str = DEFAULT_ZONE
+    ttl: int = DEFAULT_TTL
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SiteConfig:
+    site: str
+    """The site id (MCS cluster id): one DNS label, at most 63 characters."""
+    state_dir: Path
+    """Where keys (0600), certificates, links and token hashes live."""
+    gateway_listen: HostPort = HostPort("127.0.0.1", 7443)
+    """Where the gateway accepts links from peers."""
+    gateway_advertise: tuple[HostPort, ...] = ()
+    """Addresses peers should dial (default: gateway_listen)."""
+    grant_listen: HostPort = HostPort("127.0.0.1", 7444)
+    """Where the token grant endpoint listens (TLS, server cert from this site's CA)."""
+    grant_advertise: HostPort | None = None
+    ops_listen: HostPort = HostPort("127.0.0.1", 7480)
+    """/healthz, /readyz, /metrics and the JSON status API."""
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    import_pool: ipaddress.IPv4Network | ipaddress.IPv6Network = field(
+        default_factory=lambda: ipaddress.ip_network("127.77.0.0/16")
+    )
+    """Local-mode addresses handed to import listeners, one per imported service."""
+    exports: tuple[ExportConfig, ...] = ()
+    namespaces: tuple[str, ...] | None = None
+    """Local-mode namespaces that "exist" here (None: every namespace exists)."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats; a link is declared dead after 3 missed (failover)."""
+    source: str = "<config>"
+
+    @property
+    def advertise(self) -> tuple[HostPort, ...]:
+        return self.gateway_advertise or (self.gateway_listen,)
+
+    @property
+    def grant_address(self) -> HostPort:
+        return self.grant_advertise or self.grant_listen
+
+
+class _Reader:
+    """Typed access into a YAML mapping that reports errors with the full key path."""
+
+    def __init__(self, data: object, path: str, source: str):
+        if not isinstance(data, dict):
+            raise ConfigError("must be a mapping", key=path or None, source=source)
+        self.data: dict[str, Any] = data
+        self.path = path
+        self.source = source
+
+    def key(self, k: str | int) -> str:
+        if isinstance(k, int):
+            return f"{self.path}[{k}]"
+        return f"{self.path}.{k}" if self.path else k
+
+    def err(self, k: str, msg: str) -> ConfigError:
+        return ConfigError(msg, key=self.key(k), source=self.source)
+
+    def unknown(self, allowed: set[str]) -> None:
+        for k in self.data:
+            if k not in allowed:
+                raise self.err(str(k), f"unknown key (known: {', '.join(sorted(allowed))})")
+
+    def text(self, k: str, default: str | None = None) -> str:
+        v = self.data.get(k, default)
+        if not isinstance(v, str) or not v:
+            msg = "required, a non-empty string" if v is None else f"{v!r} is not a string"
+            raise self.err(k, msg)
+        return v
+
+    def integer(self, k: str, default: int | None, lo: int, hi: int) -> int:
+        v = self.data.get(k, default)
+        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            raise self.err(k, f"{v!r} is not an integer in [{lo}, {hi}]")
+        return v
+
+    def number(self, k: str, default: float, lo: float, hi: float) -> float:
+        v = self.data.get(k, default)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+            raise self.err(k, f"{v!r} is not a number in [{lo}, {hi}]")
+        return float(v)
+
+    def flag(self, k: str, default: bool) -> bool:
+        v = self.data.get(k, default)
+        if not isinstance(v, bool):
+            raise self.err(k, f"{v!r} is not true or false")
+        return v
+
+    def hostport(self, k: str, default: HostPort | None) -> HostPort:
+        v = self.data.get(k)
+        if v is None:
+            if default is None:
+                raise self.err(k, "required, HOST:PORT")
+            return default
+        return parse_hostport(v, self.key(k), self.source)
+
+    def sub(self, k: str) -> _Reader:
+        return _Reader(self.data.get(k, {}), self.key(k), self.source)
+
+    def items(self, k: str) -> list[Any]:
+        v = self.data.get(k, [])
+        if not isinstance(v, list):
+            raise self.err(k, "must be a list")
+        return v
+
+    def str_map(self, k: str) -> tuple[tuple[str, str], ...]:
+        v = self.data.get(k, {})
+        if not isinstance(v, dict) or not all(
+            isinstance(a, str) and isinstance(b, str) for a, b in v.items()
+        ):
+            raise self.err(k, "must be a map of strings to strings")
+        return tuple(sorted(v.items()))
+
+
+def parse_hostport(value: object, key: str = "address", source: str | None = None) -> HostPort:
+    """Parse ``HOST:PORT`` or ``[V6]:PORT``."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{value!r} is not HOST:PORT", key=key, source=source)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{value!r} is not HOST:PORT", key=key, source=source)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return HostPort(host, int(port))
+
+
+def _ip(value: object, key: str, source: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ConfigError(f"{value!r} is not an IP address", key=key, source=source) from None
+
+
+def _export(r: _Reader) -> ExportConfig:
+    r.unknown({"name", "namespace", "ports", "endpoints", "headless", "labels", "annotations"})
+    name, namespace = r.text("name"), r.text("namespace", "default")
+    for k, v in (("name", name), ("namespace", namespace)):
+        if not _is_label(v):
+            raise r.err(k, f"{v!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
+    ports = []
+    raw_ports = r.items("ports")
+    if not raw_ports:
+        raise r.err("ports", "at least one port is required")
+    for i, p in enumerate(raw_ports):
+        pr = _Reader(p, r.key("ports") + f"[{i}]", r.source)
+        pr.unknown({"port", "targetPort", "name", "protocol", "appProtocol"})
+        port = pr.integer("port", None, 1, 65535)
+        proto = pr.text("protocol", "TCP").upper()
+        if proto not in ("TCP", "UDP", "SCTP"):
+            raise pr.err("protocol", f"{proto!r} is not TCP, UDP or SCTP")
+        pname = str(pr.data.get("name", ""))
+        if pname and not _is_label(pname):
+            raise pr.err("name", f"{pname!r} is not a DNS label")
+        ports.append(
+            ExportPortConfig(
+                port=port,
+                target_port=pr.integer("targetPort", port, 1, 65535),
+                name=pname,
+                protocol=proto,
+                app_protocol=str(pr.data.get("appProtocol", "")),
+            )
+        )
+    endpoints = []
+    for i, e in enumerate(r.items("endpoints")):
+        key = r.key("endpoints") + f"[{i}]"
+        if isinstance(e, str):
+            endpoints.append(EndpointConfig(address=_ip(e, key, r.source)))
+            continue
+        er = _Reader(e, key, r.source)
+        er.unknown({"address", "hostname", "ready"})
+        hostname = str(er.data.get("hostname", ""))
+        if hostname and not _is_label(hostname):
+            raise er.err("hostname", f"{hostname!r} is not a DNS label")
+        endpoints.append(
+            EndpointConfig(
+                address=_ip(er.data.get("address"), er.key("address"), r.source),
+                hostname=hostname,
+                ready=er.flag("ready", True),
+            )
+        )
+    return ExportConfig(
+        name=name,
+        namespace=namespace,
+        ports=tuple(ports),
+        endpoints=tuple(endpoints),
+        headless=r.flag("headless", False),
+        labels=r.str_map("labels"),
+        annotations=r.str_map("annotations"),
+    )
+
+
+def parse(data: object, source: str = "<config>") -> SiteConfig:
+    """Build a SiteConfig from decoded YAML. Raises ConfigError naming the key."""
+    r = _Reader(data, "", source)
+    r.unknown(
+        {
+            "site",
+            "stateDir",
+            "gateway",
+            "grant",
+            "ops",
+            "dns",
+            "imports",
+            "exports",
+            "namespaces",
+            "heartbeatInterval",
+        }
+    )
+    site = r.text("site")
+    if not _is_label(site):
+        raise r.err("site", f"{site!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
+    state_dir = Path(r.text("stateDir", os.path.join("/var/lib/meshlink", site)))
+    gw = r.sub("gateway")
+    gw.unknown({"listen", "advertise"})
+    listen = gw.hostport("listen", HostPort("127.0.0.1", 7443))
+    adv_raw = gw.data.get("advertise", [])
+    if isinstance(adv_raw, str):
+        adv_raw = [adv_raw]
+    if not isinstance(adv_raw, list):
+        raise gw.err("advertise", "must be HOST:PORT or a list of them")
+    advertise = tuple(
+        parse_hostport(a, gw.key("advertise") + f"[{i}]", source) for i, a in enumerate(adv_raw)
+    )
+    grant = r.sub("grant")
+    grant.unknown({"listen", "advertise"})
+    ops = r.sub("ops")
+    ops.unknown({"listen"})
+    dns = r.sub("dns")
+    dns.unknown({"listen", "zone", "ttl", "enabled"})
+    zone = dns.text("zone", DEFAULT_ZONE).strip(".").lower()
+    if not all(_is_label(part) for part in zone.split(".")):
+        raise dns.err("zone", f"{zone!r} is not a DNS name")
+    imports = r.sub("imports")
+    imports.unknown({"pool"})
+    pool_raw = imports.data.get("pool", "127.77.0.0/16")
+    try:
+        pool = ipaddress.ip_network(str(pool_raw))
+    except ValueError:
+        raise imports.err("pool", f"{pool_raw!r} is not a CIDR") from None
+    if pool.num_addresses < 4:
+        raise imports.err("pool", f"{pool} is too small (at least a /30)")
+    exports = tuple(
+        _export(_Reader(e, f"exports[{i}]", source)) for i, e in enumerate(r.items("exports"))
+    )
+    seen: set[tuple[str, str]] = set()
+    for i, e in enumerate(exports):
+        if (e.namespace, e.name) in seen:
+            raise ConfigError(
+                f"{e.namespace}/{e.name} is exported twice", key=f"exports[{i}]", source=source
+            )
+        seen.add((e.namespace, e.name))
+    ns_raw = r.data.get("namespaces")
+    namespaces: tuple[str, ...] | None = None
+    if ns_raw is not None:
+        if not isinstance(ns_raw, list) or not all(
+            isinstance(n, str) and _is_label(n) for n in ns_raw
+        ):
+            raise r.err("namespaces", "must be a list of DNS labels")
+        namespaces = tuple(ns_raw)
+    grant_adv = grant.data.get("advertise")
+    return SiteConfig(
+        site=site,
+        state_dir=state_dir,
+        gateway_listen=listen,
+        gateway_advertise=advertise,
+        grant_listen=grant.hostport("listen", HostPort("127.0.0.1", 7444)),
+        grant_advertise=parse_hostport(grant_adv, grant.key("advertise"), source)
+        if grant_adv is not None
+        else None,
+        ops_listen=ops.hostport("listen", HostPort("127.0.0.1", 7480)),
+        dns=DnsConfig(
+            listen=dns.hostport("listen", HostPort("127.0.0.1", 5353)),
+            zone=zone,
+            ttl=dns.integer("ttl", DEFAULT_TTL, 0, 86400),
+            enabled=dns.flag("enabled", True),
+        ),
+        import_pool=pool,
+        exports=exports,
+        namespaces=namespaces,
+        heartbeat_interval=r.number("heartbeatInterval", 1.0, 0.05, 60.0),
+        source=source,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> SiteConfig:
+    """Read and parse a YAML config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror}", source=source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"not valid YAML{where}", source=source) from None
+    return parse(data, source)

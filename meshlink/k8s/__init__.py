@@ -1,0 +1,1 @@
+"""Kubernetes mode: the MCS ServiceExport/ServiceImport controller (kubernetes_asyncio)."""

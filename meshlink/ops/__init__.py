@@ -1,0 +1,1 @@
+"""Operations: /healthz, /readyz, /metrics and the JSON status API (aiohttp)."""

@@ -1,0 +1,1 @@
+"""The versioned sans-IO tunnel wire protocol: frames, streams, flow-control windows."""

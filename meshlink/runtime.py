@@ -1,0 +1,1 @@
+"""The process runtime: owns the event loop, signals and the root TaskGroup of `meshlink run`."""

@@ -1,0 +1,1 @@
+"""The gateway data plane: TLS links, dialer with backoff, heartbeats, TCP flow forwarding."""

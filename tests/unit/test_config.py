@@ -1,0 +1,73 @@
+"""Config parsing: defaults, and errors that name the offending key."""
+
+import pytest
+
+from meshlink import config
+from meshlink.errors import ConfigError
+
+
+def test_minimal_config_has_loopback_defaults() -> None:
+    c = config.parse({"site": "a", "stateDir": "/tmp/x"})
+    assert c.site == "a"
+    assert str(c.gateway_listen) == "127.0.0.1:7443"
+    assert c.dns.zone == "clusterset.local"
+    assert c.dns.ttl == 5
+    assert c.advertise == (c.gateway_listen,)
+
+
+def test_export_parsed_with_target_port() -> None:
+    c = config.parse(
+        {
+            "site": "a",
+            "exports": [
+                {
+                    "name": "echo",
+                    "namespace": "demo",
+                    "ports": [{"name": "http", "port": 80, "targetPort": 9000}],
+                    "endpoints": ["127.0.0.1", {"address": "::1", "hostname": "web-0"}],
+                }
+            ],
+        }
+    )
+    (e,) = c.exports
+    assert (e.name, e.namespace) == ("echo", "demo")
+    assert e.ports[0].target_port == 9000
+    assert e.ports[0].protocol == "TCP"
+    assert [x.address for x in e.endpoints] == ["127.0.0.1", "::1"]
+    assert e.endpoints[1].hostname == "web-0"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({}, "site"),
+        ({"site": "Not_A_Label"}, "site"),
+        ({"site": "a", "gateway": {"listen": "nope"}}, "gateway.listen"),
+        ({"site": "a", "bogus": 1}, "bogus"),
+        ({"site": "a", "exports": [{"name": "x", "ports": []}]}, "exports[0].ports"),
+        (
+            {"site": "a", "exports": [{"name": "x", "ports": [{"port": 0}]}]},
+            "exports[0].ports[0].port",
+        ),
+        (
+            {"site": "a", "exports": [{"name": "x", "ports": [{"port": 1}], "endpoints": ["h"]}]},
+            "exports[0].endpoints[0]",
+        ),
+        ({"site": "a", "dns": {"ttl": -1}}, "dns.ttl"),
+        ({"site": "a", "imports": {"pool": "10.0.0.0/31"}}, "imports.pool"),
+    ],
+)
+def test_errors_name_the_key(data: object, key: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.parse(data, source="site.yaml")
+    assert str(ei.value).startswith(f"site.yaml: {key}: "), str(ei.value)
+    assert ei.value.key == key
+
+
+def test_unreadable_and_invalid_yaml(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("site: [a\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        config.load(bad)
