@@ -19,6 +19,7 @@ from meshlink.errors import ConfigError
 
 DEFAULT_ZONE: Final = "clusterset.local"
 DEFAULT_TTL: Final = 5
+DEFAULT_GATEWAY_SELECTOR: Final = (("app.kubernetes.io/name", "meshlink"),)
 _LABEL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
@@ -76,6 +77,24 @@ class DnsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesConfig:
+    """Kubernetes mode: where the API server is and how imports are materialised."""
+
+    kubeconfig: Path | None = None
+    """None: in-cluster configuration (service account)."""
+    context: str | None = None
+    namespace: str = "meshlink-system"
+    """Where meshlink itself runs (its gateway pods live here)."""
+    gateway_selector: tuple[tuple[str, str], ...] = DEFAULT_GATEWAY_SELECTOR
+    """Labels of the gateway pods that derived Services select."""
+    export_kube_system: bool = False
+    """Exports from kube-system are refused unless this is set."""
+    request_timeout: float = 10.0
+    """Every API request carries this timeout (seconds)."""
+    resync_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class SiteConfig:
     site: str
     """The site id (MCS cluster id): one DNS label, at most 63 characters."""
@@ -100,6 +119,8 @@ class SiteConfig:
     """Local-mode namespaces that "exist" here (None: every namespace exists)."""
     heartbeat_interval: float = 1.0
     """Seconds between heartbeats; a link is declared dead after 3 missed (failover)."""
+    kubernetes: KubernetesConfig | None = None
+    """Set: Kubernetes mode (exports from ServiceExports); None: local mode (exports above)."""
     source: str = "<config>"
 
     @property
@@ -262,6 +283,32 @@ def _export(r: _Reader) -> ExportConfig:
     )
 
 
+def _kubernetes(r: _Reader) -> KubernetesConfig:
+    r.unknown(
+        {
+            "kubeconfig",
+            "context",
+            "namespace",
+            "gatewaySelector",
+            "exportKubeSystem",
+            "requestTimeout",
+            "resyncSeconds",
+        }
+    )
+    kubeconfig = r.data.get("kubeconfig")
+    context = r.data.get("context")
+    selector = r.str_map("gatewaySelector") or DEFAULT_GATEWAY_SELECTOR
+    return KubernetesConfig(
+        kubeconfig=Path(r.text("kubeconfig")) if kubeconfig is not None else None,
+        context=r.text("context") if context is not None else None,
+        namespace=r.text("namespace", "meshlink-system"),
+        gateway_selector=selector,
+        export_kube_system=r.flag("exportKubeSystem", False),
+        request_timeout=r.number("requestTimeout", 10.0, 0.5, 300.0),
+        resync_seconds=r.number("resyncSeconds", 300.0, 5.0, 86400.0),
+    )
+
+
 def parse(data: object, source: str = "<config>") -> SiteConfig:
     """Build a SiteConfig from decoded YAML. Raises ConfigError naming the key."""
     r = _Reader(data, "", source)
@@ -277,6 +324,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
             "exports",
             "namespaces",
             "heartbeatInterval",
+            "kubernetes",
         }
     )
     site = r.text("site")
@@ -331,6 +379,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
             raise r.err("namespaces", "must be a list of DNS labels")
         namespaces = tuple(ns_raw)
     grant_adv = grant.data.get("advertise")
+    kube = _kubernetes(r.sub("kubernetes")) if "kubernetes" in r.data else None
     return SiteConfig(
         site=site,
         state_dir=state_dir,
@@ -351,6 +400,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         exports=exports,
         namespaces=namespaces,
         heartbeat_interval=r.number("heartbeatInterval", 1.0, 0.05, 60.0),
+        kubernetes=kube,
         source=source,
     )
 
