@@ -1,0 +1,357 @@
+"""Catalog replication between sites: a sans-IO path-vector protocol.
+
+Every site originates entries (its exports, plus one ``SiteInfo`` announcing itself) and
+learns entries from its direct peers. An entry travels with its *path*: the list of sites
+it crossed, from the sending peer back to its origin. The rules:
+
+- From peer ``P`` an entry is accepted only if ``path[0] == P`` (the certificate identity
+  of the link) and ``path[-1] == origin``: a peer can only originate its own records, and
+  can only re-advertise others' with itself prepended. Entries whose origin is this site
+  are refused; entries whose path already contains this site are dropped (loop freedom).
+- Each peer's advertisements are kept apart (like BGP's Adj-RIB-In). The best entry for a
+  key is the local one, else the highest version, then the shortest path, then the lowest
+  peer id.
+- Best entries are re-advertised to every peer except the one they came from and any peer
+  already on their path (split horizon with poison), as ordered deltas.
+- On link up, the peer gets a full snapshot (chunked deltas; its RIB-in here is empty).
+  On link down, everything learned from that peer is dropped at once; if no other peer
+  has a path, the entry is withdrawn everywhere. That is the KEP's endpoint lease tied to
+  tunnel liveness: a site's records live exactly as long as some path to it.
+
+Messages are JSON-ready dicts: ``{"t": "update", "add": [entry...], "del": [key...]}``,
+entry = ``{"path": [...], "rec": record}`` or ``{"path": [...], "site": {...}}``,
+key = ``[origin, namespace, name]`` (namespace and name empty for a SiteInfo).
+The runtime owns encoding and transport; this module owns only the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from meshlink.catalog.records import (
+    ExportRecord,
+    ServiceKey,
+    SiteInfo,
+    check_site_id,
+    record_from_wire,
+    record_to_wire,
+)
+from meshlink.errors import CatalogError
+
+MAX_PATH: Final = 16
+CHUNK: Final = 200
+"""Entries per update message: keeps control frames small even for 2,000 services."""
+
+EntryKey = tuple[str, str, str]
+"""(origin, namespace, name); ("site", "", "") style keys hold SiteInfo."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    path: tuple[str, ...]
+    """Sites from the peer that sent it to the origin; empty for local entries."""
+    value: ExportRecord | SiteInfo
+
+    @property
+    def origin(self) -> str:
+        return self.value.origin if isinstance(self.value, ExportRecord) else self.value.site
+
+    @property
+    def version(self) -> int:
+        return self.value.version
+
+    @property
+    def key(self) -> EntryKey:
+        v = self.value
+        if isinstance(v, ExportRecord):
+            return (v.origin, v.namespace, v.name)
+        return (v.site, "", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """A message for one peer."""
+
+    peer: str
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class SiteRoute:
+    site: str
+    path: tuple[str, ...]
+    """Empty for this site; else the sites crossed, the first being the next hop."""
+    info: SiteInfo
+
+    @property
+    def hops(self) -> int:
+        return len(self.path)
+
+    @property
+    def via(self) -> str | None:
+        return self.path[0] if self.path else None
+
+
+def _rank(e: Entry, peer: str) -> tuple[int, int, str]:
+    return (-e.version, len(e.path), peer)
+
+
+def _entry_to_wire(site: str, e: Entry) -> dict[str, Any]:
+    path = [site, *e.path]
+    if isinstance(e.value, ExportRecord):
+        return {"path": path, "rec": record_to_wire(e.value)}
+    info = e.value
+    return {
+        "path": path,
+        "site": {"site": info.site, "version": info.version, "gw": list(info.gateway_endpoints)},
+    }
+
+
+def _site_from_wire(d: object) -> SiteInfo:
+    if not isinstance(d, dict):
+        raise CatalogError("site entry is not an object")
+    version = d.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CatalogError(f"site version {version!r} is not a non-negative integer")
+    gw = d.get("gw", [])
+    if not isinstance(gw, list) or len(gw) > 16 or not all(isinstance(x, str) for x in gw):
+        raise CatalogError("site gw must be a list of at most 16 strings")
+    return SiteInfo(site=check_site_id(d.get("site")), version=version, gateway_endpoints=tuple(gw))
+
+
+class Catalog:
+    """The replicated catalog of one site. Sans-IO: methods return the messages to send."""
+
+    def __init__(self, site: str, *, gateway_endpoints: Iterable[str] = ()):
+        self.site = check_site_id(site)
+        self._clock = time.time_ns()
+        self._local: dict[EntryKey, Entry] = {}
+        self._rib: dict[str, dict[EntryKey, Entry]] = {}
+        self._best: dict[EntryKey, tuple[str | None, Entry]] = {}
+        self._sent: dict[str, dict[EntryKey, tuple[int, tuple[str, ...]]]] = {}
+        self.generation = 0
+        """Bumped whenever any best entry changes: consumers compare it to skip work."""
+        info = SiteInfo(self.site, self._next_version(), tuple(gateway_endpoints))
+        self._set_local_entry(Entry((), info))
+        self._recompute(self._local.keys())
+
+    # -- local side ----------------------------------------------------------------------
+
+    def _next_version(self) -> int:
+        self._clock = max(self._clock + 1, time.time_ns())
+        return self._clock
+
+    def _set_local_entry(self, e: Entry) -> None:
+        self._local[e.key] = e
+
+    def set_local(self, records: Iterable[ExportRecord]) -> list[Send]:
+        """Replace this site's exports. Versions are stamped here: a record whose content
+        did not change keeps its version, a changed one gets a newer one."""
+        wanted: dict[EntryKey, ExportRecord] = {}
+        for r in records:
+            if r.origin != self.site:
+                raise ValueError(f"local record {r.key} has origin {r.origin}, not {self.site}")
+            wanted[(r.origin, r.namespace, r.name)] = r
+        touched: set[EntryKey] = set()
+        for key, old in list(self._local.items()):
+            if isinstance(old.value, ExportRecord) and key not in wanted:
+                del self._local[key]
+                touched.add(key)
+        for key, rec in wanted.items():
+            old = self._local.get(key)
+            if (
+                old is not None
+                and isinstance(old.value, ExportRecord)
+                and dataclasses.replace(rec, version=old.value.version) == old.value
+            ):
+                continue
+            stamped = dataclasses.replace(rec, version=self._next_version())
+            self._local[key] = Entry((), stamped)
+            touched.add(key)
+        return self._recompute(touched)
+
+    # -- peers ---------------------------------------------------------------------------
+
+    def peer_up(self, peer: str) -> list[Send]:
+        """A link to ``peer`` came up: send it everything it should know."""
+        check_site_id(peer)
+        self._rib.setdefault(peer, {})
+        self._sent[peer] = {}
+        return self._sync_peer(peer, self._best.keys())
+
+    def peer_down(self, peer: str) -> list[Send]:
+        """The link to ``peer`` is gone: forget what it told us, withdraw what only it had."""
+        learned = self._rib.pop(peer, {})
+        self._sent.pop(peer, None)
+        return self._recompute(learned.keys())
+
+    def peers(self) -> tuple[str, ...]:
+        return tuple(sorted(self._rib))
+
+    def receive(self, peer: str, message: Mapping[str, Any]) -> tuple[list[Send], list[str]]:
+        """Apply an update from ``peer``. Returns messages to send and one line per refused
+        entry (the rest of the message is still applied). Raises CatalogError only when
+        the message itself is unusable."""
+        if peer not in self._rib:
+            raise CatalogError(f"update from {peer}, which has no live link")
+        if message.get("t") != "update":
+            raise CatalogError(f"unknown catalog message type {message.get('t')!r}")
+        adds, dels = message.get("add", []), message.get("del", [])
+        if not isinstance(adds, list) or not isinstance(dels, list):
+            raise CatalogError("update add/del must be lists")
+        rib = self._rib[peer]
+        touched: set[EntryKey] = set()
+        refused: list[str] = []
+        for raw in dels:
+            if (
+                isinstance(raw, list)
+                and len(raw) == 3
+                and all(isinstance(x, str) for x in raw)
+                and (key := (raw[0], raw[1], raw[2])) in rib
+            ):
+                del rib[key]
+                touched.add(key)
+        for raw in adds:
+            try:
+                entry = self._parse_entry(peer, raw)
+            except CatalogError as e:
+                refused.append(f"from {peer}: {e}")
+                continue
+            if entry is None:
+                continue
+            rib[entry.key] = entry
+            touched.add(entry.key)
+        return self._recompute(touched), refused
+
+    def _parse_entry(self, peer: str, raw: object) -> Entry | None:
+        if not isinstance(raw, dict):
+            raise CatalogError("entry is not an object")
+        path_raw = raw.get("path")
+        if not isinstance(path_raw, list) or not 1 <= len(path_raw) <= MAX_PATH:
+            raise CatalogError(f"entry path must be a list of 1 to {MAX_PATH} site ids")
+        path = tuple(check_site_id(p, "path element") for p in path_raw)
+        if len(set(path)) != len(path):
+            raise CatalogError(f"entry path {'>'.join(path)} has a loop")
+        if path[0] != peer:
+            raise CatalogError(f"entry path starts at {path[0]}, but the link is to {peer}")
+        value: ExportRecord | SiteInfo
+        if "rec" in raw:
+            value = record_from_wire(raw["rec"])
+            origin = value.origin
+        elif "site" in raw:
+            value = _site_from_wire(raw["site"])
+            origin = value.site
+        else:
+            raise CatalogError("entry has neither rec nor site")
+        if origin == self.site:
+            raise CatalogError(f"entry claims this site ({self.site}) as its origin")
+        if path[-1] != origin:
+            who = "direct peer" if len(path) == 1 else f"path {'>'.join(path)}"
+            raise CatalogError(f"{who} carries a record of origin {origin}: refused")
+        if self.site in path:
+            return None  # would loop through us: drop silently, as path-vector does
+        return Entry(path, value)
+
+    # -- best-path selection and advertisement -------------------------------------------
+
+    def _select(self, key: EntryKey) -> tuple[str | None, Entry] | None:
+        local = self._local.get(key)
+        if local is not None:
+            return (None, local)
+        best: tuple[str | None, Entry] | None = None
+        best_rank: tuple[int, int, str] | None = None
+        for peer, rib in self._rib.items():
+            e = rib.get(key)
+            if e is None:
+                continue
+            rank = _rank(e, peer)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = (peer, e), rank
+        return best
+
+    def _recompute(self, keys: Iterable[EntryKey]) -> list[Send]:
+        changed: set[EntryKey] = set()
+        for key in set(keys):
+            new = self._select(key)
+            old = self._best.get(key)
+            if new == old:
+                continue
+            if new is None:
+                del self._best[key]
+            else:
+                self._best[key] = new
+            changed.add(key)
+        if not changed:
+            return []
+        self.generation += 1
+        out: list[Send] = []
+        for peer in sorted(self._rib):
+            out.extend(self._sync_peer(peer, changed))
+        return out
+
+    def _advertisable(self, peer: str, key: EntryKey) -> Entry | None:
+        best = self._best.get(key)
+        if best is None:
+            return None
+        via, entry = best
+        if via == peer or peer in entry.path or entry.origin == peer:
+            return None
+        return entry
+
+    def _sync_peer(self, peer: str, keys: Iterable[EntryKey]) -> list[Send]:
+        sent = self._sent.setdefault(peer, {})
+        adds: list[dict[str, Any]] = []
+        dels: list[list[str]] = []
+        for key in sorted(keys):
+            entry = self._advertisable(peer, key)
+            if entry is None:
+                if sent.pop(key, None) is not None:
+                    dels.append(list(key))
+                continue
+            stamp = (entry.version, entry.path)
+            if sent.get(key) == stamp:
+                continue
+            sent[key] = stamp
+            adds.append(_entry_to_wire(self.site, entry))
+        out = []
+        for i in range(0, max(len(adds), len(dels)), CHUNK):
+            msg: dict[str, Any] = {"t": "update"}
+            if adds[i : i + CHUNK]:
+                msg["add"] = adds[i : i + CHUNK]
+            if dels[i : i + CHUNK]:
+                msg["del"] = dels[i : i + CHUNK]
+            out.append(Send(peer, msg))
+        return out
+
+    # -- queries -------------------------------------------------------------------------
+
+    def services(self) -> dict[ServiceKey, tuple[ExportRecord, ...]]:
+        """Every live export in the clusterset (own included), grouped by service."""
+        out: dict[ServiceKey, list[ExportRecord]] = {}
+        for _via, entry in self._best.values():
+            if isinstance(entry.value, ExportRecord):
+                out.setdefault(entry.value.key, []).append(entry.value)
+        return {k: tuple(sorted(v, key=lambda r: r.origin)) for k, v in out.items()}
+
+    def sites(self) -> dict[str, SiteRoute]:
+        """Every site with a live path, this one included (path empty)."""
+        out = {}
+        for via, entry in self._best.values():
+            if isinstance(entry.value, SiteInfo):
+                path = entry.path if via is not None else ()
+                out[entry.value.site] = SiteRoute(entry.value.site, path, entry.value)
+        return out
+
+    def next_hop(self, site: str) -> str | None:
+        """The peer to send a flow for ``site`` to; None for this site or no path."""
+        best = self._best.get((site, "", ""))
+        if best is None or best[0] is None:
+            return None
+        return best[0]
+
+    def reachable(self, site: str) -> bool:
+        return (site, "", "") in self._best

@@ -1,0 +1,255 @@
+"""Catalog replication (sans-IO): convergence, loop freedom, withdrawal, refusals.
+
+Catalogs are joined by an in-memory message bus that JSON round-trips every message, as
+the tunnel does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshlink.catalog.records import (
+    Endpoint,
+    ExportRecord,
+    Port,
+    ServiceKey,
+    ServiceType,
+    record_to_wire,
+)
+from meshlink.catalog.sync import CHUNK, Catalog, Send
+
+
+def rec(
+    origin: str,
+    name: str = "web",
+    ns: str = "demo",
+    port: int = 80,
+    type: ServiceType = ServiceType.CLUSTERSET_IP,
+    endpoints: tuple[Endpoint, ...] = (),
+) -> ExportRecord:
+    return ExportRecord(
+        origin=origin,
+        namespace=ns,
+        name=name,
+        type=type,
+        ports=(Port(port, "TCP", "http"),),
+        created=1000.0,
+        version=0,
+        ready_endpoints=1,
+        endpoints=endpoints,
+    )
+
+
+class Bus:
+    def __init__(self, *sites: str) -> None:
+        self.cat = {s: Catalog(s) for s in sites}
+        self.links: set[frozenset[str]] = set()
+        self.queue: deque[tuple[str, Send]] = deque()
+        self.refused: list[str] = []
+
+    def post(self, sender: str, sends: list[Send]) -> None:
+        self.queue.extend((sender, s) for s in sends)
+
+    def link(self, a: str, b: str) -> None:
+        self.links.add(frozenset((a, b)))
+        self.post(a, self.cat[a].peer_up(b))
+        self.post(b, self.cat[b].peer_up(a))
+        self.run()
+
+    def unlink(self, a: str, b: str) -> None:
+        self.links.discard(frozenset((a, b)))
+        self.post(a, self.cat[a].peer_down(b))
+        self.post(b, self.cat[b].peer_down(a))
+        self.run()
+
+    def kill(self, a: str) -> None:
+        for link in [link for link in self.links if a in link]:
+            (other,) = link - {a}
+            self.links.discard(link)
+            self.post(other, self.cat[other].peer_down(a))
+        del self.cat[a]
+        self.run()
+
+    def run(self, limit: int = 10_000) -> None:
+        for _ in range(limit):
+            if not self.queue:
+                return
+            sender, send = self.queue.popleft()
+            if frozenset((sender, send.peer)) not in self.links or send.peer not in self.cat:
+                continue  # link went down while the message was in flight
+            msg = json.loads(json.dumps(send.message))
+            out, refused = self.cat[send.peer].receive(sender, msg)
+            self.refused += refused
+            self.post(send.peer, out)
+        raise AssertionError("catalog messages did not converge (loop?)")
+
+    def seen(self, at: str) -> dict[ServiceKey, tuple[str, ...]]:
+        return {k: tuple(r.origin for r in v) for k, v in self.cat[at].services().items()}
+
+
+KEY = ServiceKey("demo", "web")
+
+
+def test_chain_a_b_c_reaches_two_hops_and_routes_via_b() -> None:
+    bus = Bus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.link("b", "a")
+    bus.link("c", "b")
+    assert bus.seen("c") == {KEY: ("a",)}
+    assert bus.cat["c"].next_hop("a") == "b"
+    assert bus.cat["c"].sites()["a"].path == ("b", "a")
+    assert bus.cat["a"].next_hop("c") == "b"
+    assert not bus.refused
+
+
+def test_updates_and_removals_propagate_as_deltas() -> None:
+    bus = Bus("a", "b", "c")
+    bus.link("a", "b")
+    bus.link("b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a"), rec("a", name="db", port=5432)]))
+    bus.run()
+    assert set(bus.seen("c")) == {KEY, ServiceKey("demo", "db")}
+    v1 = bus.cat["c"].services()[KEY][0].version
+    bus.post("a", bus.cat["a"].set_local([rec("a", port=8080)]))
+    bus.run()
+    (r,) = bus.cat["c"].services()[KEY]
+    assert r.ports[0].port == 8080
+    assert r.version > v1
+    assert ServiceKey("demo", "db") not in bus.seen("c")
+
+
+def test_unchanged_local_set_sends_nothing() -> None:
+    cat = Catalog("a")
+    cat.peer_up("b")
+    assert cat.set_local([rec("a")])
+    assert cat.set_local([rec("a")]) == []
+
+
+def test_withdrawn_when_no_path_remains_and_kept_while_one_does() -> None:
+    bus = Bus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    for x, y in (("a", "b"), ("b", "c"), ("a", "c")):
+        bus.link(x, y)
+    assert bus.cat["c"].sites()["a"].hops == 1
+    bus.unlink("a", "c")  # c still reaches a through b
+    assert bus.seen("c") == {KEY: ("a",)}
+    assert bus.cat["c"].next_hop("a") == "b"
+    bus.kill("a")  # no path at all: withdrawn everywhere
+    assert bus.seen("c") == {}
+    assert bus.seen("b") == {}
+    assert "a" not in bus.cat["c"].sites()
+
+
+def test_multiple_origins_grouped_per_service() -> None:
+    bus = Bus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.post("c", bus.cat["c"].set_local([rec("c")]))
+    bus.link("a", "b")
+    bus.link("b", "c")
+    for site in ("a", "b", "c"):
+        assert bus.seen(site) == {KEY: ("a", "c")}
+
+
+def test_large_snapshot_is_chunked() -> None:
+    a = Catalog("a")
+    a.set_local([rec("a", name=f"s{i}") for i in range(CHUNK * 2 + 5)])
+    sends = a.peer_up("b")
+    assert len(sends) == 3
+    assert all(len(s.message.get("add", [])) <= CHUNK for s in sends)
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"path": ["b"], "rec": None}, "not an object"),
+        ({"path": ["x"], "rec": {}}, "link is to b"),
+        ({"path": ["b"], "rec": "REC_C"}, "direct peer carries a record of origin c"),
+        ({"path": ["b", "z"], "rec": "REC_C"}, "path b>z carries a record of origin c"),
+        ({"path": ["b"], "rec": "REC_A"}, "claims this site (a)"),
+        ({"path": ["b", "b"], "rec": "REC_B"}, "loop"),
+        ({"path": ["b"], "rec": "REC_B_LOOPBACK"}, "127.0.0.1 is loopback"),
+        ({"path": ["b"], "rec": "REC_B_METADATA"}, "169.254.169.254 is loopback, link-local"),
+        ({"path": [], "rec": "REC_B"}, "path must be a list"),
+    ],
+)
+def test_refused_entries_name_their_cause(entry: dict[str, object], why: str) -> None:
+    samples = {
+        "REC_A": rec("a"),
+        "REC_B": rec("b"),
+        "REC_C": rec("c"),
+        "REC_B_LOOPBACK": rec(
+            "b", type=ServiceType.HEADLESS, endpoints=(Endpoint(("127.0.0.1",)),)
+        ),
+        "REC_B_METADATA": rec(
+            "b", type=ServiceType.HEADLESS, endpoints=(Endpoint(("169.254.169.254",)),)
+        ),
+    }
+    if isinstance(entry.get("rec"), str):
+        entry = {**entry, "rec": record_to_wire(samples[entry["rec"]])}  # type: ignore[index]
+    a = Catalog("a")
+    a.peer_up("b")
+    good = {"path": ["b"], "rec": record_to_wire(rec("b", name="ok"))}
+    _, refused = a.receive("b", {"t": "update", "add": [entry, good]})
+    assert len(refused) == 1
+    assert why in refused[0], refused[0]
+    assert list(a.services()) == [ServiceKey("demo", "ok")]  # the good entry still applied
+
+
+def test_message_from_unlinked_peer_or_unknown_type_is_an_error() -> None:
+    from meshlink.errors import CatalogError
+
+    a = Catalog("a")
+    with pytest.raises(CatalogError, match="no live link"):
+        a.receive("b", {"t": "update"})
+    a.peer_up("b")
+    with pytest.raises(CatalogError, match="unknown catalog message type"):
+        a.receive("b", {"t": "bogus"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    edges=st.lists(
+        st.tuples(st.sampled_from("abcde"), st.sampled_from("abcde")).filter(
+            lambda e: e[0] != e[1]
+        ),
+        min_size=1,
+        max_size=10,
+        unique=True,
+    ),
+    exporters=st.sets(st.sampled_from("abcde"), min_size=1),
+    cut=st.integers(min_value=0, max_value=9),
+)
+def test_random_topologies_converge_to_exactly_the_reachable_exports(
+    edges: list[tuple[str, str]], exporters: set[str], cut: int
+) -> None:
+    bus = Bus(*"abcde")
+    for s in exporters:
+        bus.post(s, bus.cat[s].set_local([rec(s)]))
+    uniq = list(dict.fromkeys(frozenset(e) for e in edges))
+    for e in uniq:
+        x, y = sorted(e)
+        if frozenset((x, y)) not in bus.links:
+            bus.link(x, y)
+    if uniq:
+        x, y = sorted(uniq[cut % len(uniq)])
+        bus.unlink(x, y)
+    for site in "abcde":
+        # Reachability by graph search over the live links.
+        seen, todo = {site}, [site]
+        while todo:
+            cur = todo.pop()
+            for link in bus.links:
+                if cur in link:
+                    (nxt,) = link - {cur}
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        todo.append(nxt)
+        expected = tuple(sorted(exporters & seen))
+        got = bus.seen(site).get(KEY, ())
+        assert got == expected, (site, bus.links)
+        assert set(bus.cat[site].sites()) == seen
