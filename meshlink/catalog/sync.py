@@ -157,8 +157,8 @@ class Catalog:
                 raise ValueError(f"local record {r.key} has origin {r.origin}, not {self.site}")
             wanted[(r.origin, r.namespace, r.name)] = r
         touched: set[EntryKey] = set()
-        for key, old in list(self._local.items()):
-            if isinstance(old.value, ExportRecord) and key not in wanted:
+        for key, prev in list(self._local.items()):
+            if isinstance(prev.value, ExportRecord) and key not in wanted:
                 del self._local[key]
                 touched.add(key)
         for key, rec in wanted.items():
