@@ -1,0 +1,70 @@
+"""The operations HTTP server: /healthz, /readyz, /metrics (Prometheus) and /api/status.
+
+It knows nothing of the components: the runtime hands it callables. Binds to loopback by
+default; the status API carries no secrets (no keys, no token material).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+log = logging.getLogger(__name__)
+
+StatusFn = Callable[[], dict[str, Any]]
+ReadyFn = Callable[[], tuple[bool, str]]
+
+
+class OpsServer:
+    def __init__(self, *, status: StatusFn, ready: ReadyFn, registry: CollectorRegistry):
+        self._status = status
+        self._ready = ready
+        self._registry = registry
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api/status", self._api_status)
+        return app
+
+    async def _healthz(self, _req: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _req: web.Request) -> web.Response:
+        ok, why = self._ready()
+        return web.Response(
+            text=f"{'ok' if ok else 'not ready'}: {why}\n", status=200 if ok else 503
+        )
+
+    async def _metrics(self, _req: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _api_status(self, _req: web.Request) -> web.Response:
+        return web.Response(
+            text=json.dumps(self._status(), indent=1, default=str),
+            content_type="application/json",
+        )
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self._app(), access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        server = site._server  # aiohttp exposes the bound port only here
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
