@@ -1,0 +1,1 @@
+"""End-to-end tests: real kube-apiservers, real processes, network namespaces."""
