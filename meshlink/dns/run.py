@@ -1,0 +1,95 @@
+"""Running the DNS server on its own: ``meshlink dns --records FILE`` (local mode).
+
+``serve`` runs a DnsServer until cancelled; ``serve_file`` also reloads the records file
+when it changes (a bad edit is logged in one line and the last good records stay served).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from meshlink.dns.server import DnsServer
+from meshlink.dns.snapshot import Snapshot, build_snapshot
+from meshlink.dns.static import load_services
+from meshlink.errors import ConfigError, MeshlinkError
+
+log = logging.getLogger(__name__)
+
+
+async def start_server(snapshot: Snapshot, host: str, port: int) -> DnsServer:
+    """Start a DnsServer; a busy or forbidden address becomes one clear ConfigError."""
+    server = DnsServer(snapshot, host=host, port=port)
+    try:
+        await server.start()
+    except OSError as e:
+        hint = "is another DNS server running there?" if e.errno == errno.EADDRINUSE else ""
+        raise ConfigError(
+            f"cannot listen on {host} port {port}: {e.strerror or e}. {hint}".rstrip(),
+            key="dns.listen",
+        ) from None
+    return server
+
+
+async def serve(
+    snapshot: Snapshot,
+    host: str,
+    port: int,
+    *,
+    on_started: Callable[[DnsServer], None] | None = None,
+) -> None:
+    """Serve ``snapshot`` until cancelled. ``on_started`` gets the running server (its
+    ``update`` swaps snapshots, its ``bound_port`` is the port when ``port`` was 0)."""
+    server = await start_server(snapshot, host, port)
+    try:
+        if on_started is not None:
+            on_started(server)
+        await asyncio.Event().wait()
+    finally:
+        await server.close()
+
+
+async def serve_file(
+    path: str | Path,
+    host: str,
+    port: int,
+    *,
+    zone: str = "clusterset.local",
+    ttl: int = 5,
+    reload_interval: float = 1.0,
+    on_started: Callable[[DnsServer], None] | None = None,
+) -> None:
+    """Serve the records of ``path``, reloading it when its modification time changes."""
+    p = Path(path)
+    snapshot = build_snapshot(load_services(p), zone=zone, ttl=ttl)
+    server = await start_server(snapshot, host, port)
+    try:
+        if on_started is not None:
+            on_started(server)
+        seen = _stamp(p)
+        while True:
+            await asyncio.sleep(reload_interval)
+            stamp = _stamp(p)
+            if stamp == seen:
+                continue
+            seen = stamp
+            try:
+                services = load_services(p)
+            except MeshlinkError as e:
+                log.warning("dns: keeping the previous records: %s", e)
+                continue
+            server.update(build_snapshot(services, zone=zone, ttl=ttl))
+            log.info("dns: reloaded %s: %d services", p, len(services))
+    finally:
+        await server.close()
+
+
+def _stamp(p: Path) -> tuple[float, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_mtime, st.st_size
