@@ -1,11 +1,324 @@
-"""The command line: parses arguments and hands off to runtime; prints one line per error."""
+"""The command line: parses arguments and hands off; prints one line per expected error.
+
+Every MeshlinkError becomes ``meshlink: <message>`` on stderr and exit code 1; usage
+errors exit 2; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from meshlink import __version__, config, log
+from meshlink.errors import ConfigError, MeshlinkError
+
+DEFAULT_CONFIG = os.environ.get("MESHLINK_CONFIG", "/etc/meshlink/site.yaml")
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``7d``."""
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 2h or 7d")
+    n, unit = int(m.group(1)), m.group(2)
+    return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: n})
+
+
+def _run_async(coro: Coroutine[Any, Any, Any]) -> Any:
+    import uvloop
+
+    return uvloop.run(coro)
+
+
+def _load(args: argparse.Namespace) -> config.SiteConfig:
+    return config.load(args.config)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshlink import runtime
+
+    cfg = _load(args)
+    log.setup(args.log_level, args.log_format, cfg.site)
+    comps = frozenset(c.strip() for c in args.components.split(",") if c.strip())
+    unknown = comps - runtime.ALL_COMPONENTS
+    if unknown:
+        raise ConfigError(
+            f"unknown component(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(sorted(runtime.ALL_COMPONENTS))}",
+            key="--components",
+        )
+    _run_async(runtime.run_site(cfg, comps))
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from meshlink import links, pki
+
+    cfg = _load(args)
+    identity = pki.SiteIdentity.load_or_create(cfg.state_dir, cfg.site)
+    token = links.create_token(identity, str(cfg.grant_address), expiry=args.expiry, uses=args.uses)
+    if args.output:
+        path = Path(args.output)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        print(
+            f"token written to {path} (valid {args.expiry}, {args.uses} use(s)); "
+            f"on the other site run: meshlink link create {path}",
+            file=sys.stderr,
+        )
+    else:
+        print(token)
+    return 0
+
+
+def _read_token(arg: str) -> str:
+    if arg.startswith("meshlink-token-"):
+        return arg
+    if arg == "-":
+        return sys.stdin.read().strip()
+    try:
+        return Path(arg).read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read token file {arg}: {e.strerror}") from None
+
+
+def cmd_link_create(args: argparse.Namespace) -> int:
+    from meshlink import links, pki
+
+    cfg = _load(args)
+    identity = pki.SiteIdentity.load_or_create(cfg.state_dir, cfg.site)
+    rec = _run_async(links.redeem(identity, cfg.state_dir, _read_token(args.token), name=args.name))
+    print(f"linked to site {rec.peer_site} as {rec.name!r} via {', '.join(rec.endpoints)}")
+    return 0
+
+
+def cmd_link_list(args: argparse.Namespace) -> int:
+    from meshlink import links
+
+    cfg = _load(args)
+    rows = [("NAME", "PEER", "ENDPOINTS")]
+    rows += [(r.name, r.peer_site, ",".join(r.endpoints)) for r in links.list_links(cfg.state_dir)]
+    _table(rows)
+    return 0
+
+
+def cmd_link_delete(args: argparse.Namespace) -> int:
+    from meshlink import links
+
+    cfg = _load(args)
+    links.delete_link(cfg.state_dir, args.name)
+    print(f"link {args.name} deleted; the running site drops it within a second")
+    return 0
+
+
+def cmd_peer_list(args: argparse.Namespace) -> int:
+    from meshlink import links
+
+    cfg = _load(args)
+    rows = [("PEER", "LINKED AT")]
+    rows += [(p.site, str(p.linked_at)) for p in links.list_peers(cfg.state_dir)]
+    _table(rows)
+    return 0
+
+
+def cmd_peer_revoke(args: argparse.Namespace) -> int:
+    from meshlink import links
+
+    cfg = _load(args)
+    links.revoke_peer(cfg.state_dir, args.site)
+    print(f"peer {args.site} revoked; its link is dropped within a second and refused after")
+    return 0
+
+
+def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
+    if args.url:
+        base = args.url.rstrip("/")
+    else:
+        cfg = _load(args)
+        base = f"http://{cfg.ops_listen}"
+    try:
+        with urllib.request.urlopen(f"{base}/api/status", timeout=5) as resp:  # noqa: S310
+            data: dict[str, Any] = json.load(resp)
+            return data
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise MeshlinkError(
+            f"cannot reach the site's status API at {base} ({reason}); is `meshlink run` up?"
+        ) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from meshlink import status
+
+    data = _fetch_status(args)
+    if args.json:
+        print(json.dumps(data, indent=1))
+    else:
+        print(status.render(data))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from meshlink import status
+
+    data = _fetch_status(args)
+    results = status.check(data)
+    for ok, line in results:
+        print(f"{'PASS' if ok else 'FAIL'}  {line}")
+    return 0 if all(ok for ok, _ in results) else 1
+
+
+def cmd_dns(args: argparse.Namespace) -> int:
+    from meshlink.dns import static
+    from meshlink.dns.server import serve
+
+    log.setup(args.log_level, args.log_format)
+    services = static.load(args.records)
+    listen = config.parse_hostport(args.listen, "--listen")
+    _run_async(serve(services, listen.host, listen.port, zone=args.zone, ttl=args.ttl))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from meshlink import demo
+
+    code: int = _run_async(demo.run(keep=args.keep, verbose=args.verbose))
+    return code
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+# -- parser --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="meshlink",
+        description="Cross-cluster service discovery and connectivity over mTLS tunnels.",
+    )
+    p.add_argument("--version", action="version", version=f"meshlink {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str,
+        fn: Callable[[argparse.Namespace], int],
+        help: str,
+        *,
+        cfg: bool = True,
+        parent: Any = sub,
+    ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        sp.set_defaults(fn=fn)
+        if cfg:
+            sp.add_argument(
+                "-c",
+                "--config",
+                default=DEFAULT_CONFIG,
+                help=f"site config file (default {DEFAULT_CONFIG}, or $MESHLINK_CONFIG)",
+            )
+        return sp
+
+    def logging_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        )
+        sp.add_argument("--log-format", default="text", choices=["text", "json"])
+
+    sp = add("run", cmd_run, "run a site (gateway, catalog, DNS, grant endpoint, ops server)")
+    sp.add_argument(
+        "--components",
+        default="gateway,controller,dns,ops,grant",
+        help="comma-separated subset of gateway,controller,dns,ops,grant",
+    )
+    logging_opts(sp)
+
+    token = sub.add_parser("token", help="link tokens").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    sp = add(
+        "create", cmd_token_create, "create a link token for another site to redeem", parent=token
+    )
+    sp.add_argument(
+        "--expiry",
+        type=parse_duration,
+        default=timedelta(minutes=15),
+        help="how long the token is valid (default 15m)",
+    )
+    sp.add_argument("--uses", type=int, default=1, help="how many sites may redeem it (default 1)")
+    sp.add_argument("-o", "--output", help="write the token to this file (0600) instead of stdout")
+
+    link = sub.add_parser("link", help="links to other sites").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    sp = add("create", cmd_link_create, "redeem a token: link this site to its issuer", parent=link)
+    sp.add_argument("token", help="token file, '-' for stdin, or the token text")
+    sp.add_argument("--name", help="link name (default: the issuer's site id)")
+    add("list", cmd_link_list, "list the links this site dials", parent=link)
+    sp = add("delete", cmd_link_delete, "delete a link this site dials", parent=link)
+    sp.add_argument("name")
+
+    peer = sub.add_parser("peer", help="sites that redeemed our tokens").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND"
+    )
+    add("list", cmd_peer_list, "list peers allowed to link to this site", parent=peer)
+    sp = add(
+        "revoke", cmd_peer_revoke, "revoke a peer: its link is dropped and refused", parent=peer
+    )
+    sp.add_argument("site")
+
+    for name, fn, help in (
+        ("status", cmd_status, "one screen: links, RTT, sites, exports, imports"),
+        ("check", cmd_check, "check the site's health; exit 1 if anything fails"),
+    ):
+        sp = add(name, fn, help)
+        sp.add_argument("--url", help="ops URL of the site (default: from the config)")
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="print the raw status JSON")
+
+    sp = add("dns", cmd_dns, "serve clusterset DNS from a records file (standalone)", cfg=False)
+    sp.add_argument("--records", required=True, help="YAML/JSON file of imported services")
+    sp.add_argument("--listen", default="127.0.0.1:5353")
+    sp.add_argument("--zone", default=config.DEFAULT_ZONE)
+    sp.add_argument("--ttl", type=int, default=config.DEFAULT_TTL)
+    logging_opts(sp)
+
+    sp = add(
+        "demo",
+        cmd_demo,
+        "three sites on loopback, linked by tokens, one service 2 hops away",
+        cfg=False,
+    )
+    sp.add_argument("--keep", action="store_true", help="keep the demo's state directory")
+    sp.add_argument("-v", "--verbose", action="store_true", help="show the sites' logs")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    del argv
-    print("meshlink: not implemented yet", file=sys.stderr)
-    return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.fn(args)
+        return code
+    except MeshlinkError as e:
+        print(f"meshlink: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,1 +1,482 @@
-"""The process runtime: owns the event loop, signals and the root TaskGroup of `meshlink run`."""
+"""The process runtime of `meshlink run`: owns the event loop, signals and the root TaskGroup.
+
+It wires the components of one site together and owns nothing else:
+- the gateway (tunnel) and the catalog: link up/down and control messages feed the
+  catalog; catalog output goes back over the links; flows are routed by the catalog;
+- the platform adapter (local mode or the Kubernetes controller) publishes this site's
+  exports and consumes the clusterset's; the import view it derives feeds DNS and the
+  import listeners;
+- the grant endpoint, the ops server, and the link/peer records on disk (written by the
+  CLI, picked up here within a second).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import ssl
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from meshlink import __version__, links, pki
+from meshlink.catalog.sync import Catalog, Send
+from meshlink.catalog.view import ImportedService
+from meshlink.config import SiteConfig
+from meshlink.dns.server import DnsServer
+from meshlink.dns.snapshot import build_snapshot
+from meshlink.errors import CatalogError, MeshlinkError
+from meshlink.local.site import ListenerSpec, LocalSite
+from meshlink.ops.server import OpsServer
+from meshlink.proto import FlowTarget
+from meshlink.tunnel import (
+    DialSpec,
+    Gateway,
+    ImportListener,
+    LocalRoute,
+    NoRoute,
+    PeerRoute,
+    Route,
+)
+
+log = logging.getLogger(__name__)
+
+ALL_COMPONENTS: Final = frozenset({"gateway", "controller", "dns", "ops", "grant"})
+STATE_POLL: Final = 0.5
+"""Seconds between looks at the link and peer records the CLI writes."""
+MAX_CONTROL: Final = 4 * 1024 * 1024
+
+
+@dataclass
+class _Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.links_up = Gauge("meshlink_links_up", "Live links to peers", registry=r)
+        self.rtt = Gauge("meshlink_link_rtt_seconds", "Heartbeat RTT", ["peer"], registry=r)
+        self.sites = Gauge("meshlink_sites_reachable", "Sites with a live path", registry=r)
+        self.services = Gauge("meshlink_imported_services", "Imported services", registry=r)
+        self.refused = Counter(
+            "meshlink_catalog_refused_total", "Catalog entries refused from peers", registry=r
+        )
+        self.propagation = Histogram(
+            "meshlink_catalog_propagation_seconds",
+            "Delay from an export change at its origin to this site (clock-skew sensitive)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+
+
+class SiteRuntime:
+    """One site: every component of `meshlink run` in one event loop."""
+
+    def __init__(self, config: SiteConfig, components: frozenset[str] = ALL_COMPONENTS):
+        self.config = config
+        self.site = config.site
+        self.components = components
+        self.started = time.time()
+        self.metrics = _Metrics()
+        self.identity = pki.SiteIdentity.load_or_create(config.state_dir, config.site)
+        self.catalog = Catalog(config.site, gateway_endpoints=[str(a) for a in config.advertise])
+        self.local = LocalSite(config) if config.kubernetes is None else None
+        self.controller: Any = None
+        self.gateway = Gateway(
+            config.site,
+            listen=(config.gateway_listen.host, config.gateway_listen.port),
+            server_context=self._server_context,
+            authorize=self._authorize,
+            handler=self,
+            heartbeat_interval=config.heartbeat_interval,
+        )
+        self.dns: DnsServer | None = None
+        self.ops: OpsServer | None = None
+        self.imports: tuple[ImportedService, ...] = ()
+        self._listeners: dict[tuple[str, int], ImportListener] = {}
+        self._listener_specs: dict[tuple[str, int], ListenerSpec] = {}
+        self._dirty = asyncio.Event()
+        self._seen_generation = -1
+        self._link_files: dict[str, float] = {}
+        self._peer_allowed: dict[str, bool] = {}
+        self._ready_reason = "starting"
+
+    # -- TLS and authorization -----------------------------------------------------------
+
+    def _server_context(self) -> ssl.SSLContext:
+        # Peers present client certificates our CA signed at redemption: trust only it.
+        return pki.server_context(
+            self.identity.gateway_chain_path, self.identity.gateway_key_path, [self.identity.ca_pem]
+        )
+
+    def _authorize(self, peer: str) -> bool:
+        allowed = links.is_peer_allowed(self.config.state_dir, peer)
+        if not allowed:
+            log.warning("refused link from %s: not a linked peer (revoked or never linked)", peer)
+        return allowed
+
+    # -- GatewayHandler ------------------------------------------------------------------
+
+    def link_up(self, peer_site: str) -> None:
+        log.info("link up: %s", peer_site)
+        self._send(self.catalog.peer_up(peer_site))
+        self._changed()
+
+    def link_down(self, peer_site: str, reason: str) -> None:
+        log.info("link down: %s (%s)", peer_site, reason)
+        self._send(self.catalog.peer_down(peer_site))
+        self._changed()
+
+    def control_received(self, peer_site: str, payload: bytes) -> None:
+        try:
+            msg = json.loads(payload)
+            if not isinstance(msg, dict):
+                raise CatalogError("control message is not a JSON object")
+            kind = msg.get("t")
+            if kind == "update":
+                sends, refused = self.catalog.receive(peer_site, msg)
+                self._observe_propagation(msg)
+                for line in refused:
+                    self.metrics.refused.inc()
+                    log.warning("catalog entry refused %s", line)
+                self._send(sends)
+                self._changed()
+            else:
+                raise CatalogError(f"unknown control message type {kind!r}")
+        except (ValueError, CatalogError) as e:
+            log.warning("bad control message from %s: %s", peer_site, e)
+
+    def route(self, target: FlowTarget) -> Route:
+        if target.site == self.site:
+            endpoint = self._local_endpoint(target)
+            if endpoint is None:
+                return NoRoute(f"{target.namespace}/{target.name}:{target.port} is not served here")
+            return LocalRoute(*endpoint)
+        hop = self.catalog.next_hop(target.site)
+        if hop is None:
+            return NoRoute(f"no live path to site {target.site}")
+        return PeerRoute(hop)
+
+    def _local_endpoint(self, target: FlowTarget) -> tuple[str, int] | None:
+        if self.local is not None:
+            return self.local.local_endpoint(target.namespace, target.name, target.port)
+        if self.controller is not None:
+            found: tuple[str, int] | None = self.controller.local_endpoint(
+                target.namespace, target.name, target.port
+            )
+            return found
+        return None
+
+    # -- catalog plumbing ----------------------------------------------------------------
+
+    def _send(self, sends: Sequence[Send]) -> None:
+        for s in sends:
+            payload = json.dumps(s.message, separators=(",", ":")).encode()
+            if len(payload) > MAX_CONTROL:
+                log.error(
+                    "catalog message for %s too large (%d bytes): dropped", s.peer, len(payload)
+                )
+                continue
+            self.gateway.send_control(s.peer, payload)
+
+    def _observe_propagation(self, msg: dict[str, Any]) -> None:
+        now = time.time_ns()
+        for entry in msg.get("add", ()):
+            rec = entry.get("rec") if isinstance(entry, dict) else None
+            if isinstance(rec, dict) and isinstance(rec.get("version"), int):
+                delay = (now - rec["version"]) / 1e9
+                if 0 <= delay < 3600:
+                    self.metrics.propagation.observe(delay)
+
+    def _changed(self) -> None:
+        self._dirty.set()
+
+    def publish(self, records: Sequence[Any]) -> None:
+        """Called by the platform adapter with the full set of this site's exports."""
+        self._send(self.catalog.set_local(records))
+        self._changed()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            if self.catalog.generation == self._seen_generation:
+                continue
+            self._seen_generation = self.catalog.generation
+            services = self.catalog.services()
+            if self.local is not None:
+                if self.local.update(services):
+                    await self._set_imports(self.local.imports, self.local.listeners)
+            elif self.controller is not None:
+                self.controller.update_catalog(services)
+            self.metrics.sites.set(len(self.catalog.sites()))
+
+    def on_controller_imports(self, imports: tuple[ImportedService, ...]) -> None:
+        self._set_dns(imports)
+
+    def _set_dns(self, imports: tuple[ImportedService, ...]) -> None:
+        self.imports = imports
+        self.metrics.services.set(len(imports))
+        if self.dns is not None:
+            self.dns.update(
+                build_snapshot(imports, zone=self.config.dns.zone, ttl=self.config.dns.ttl)
+            )
+
+    async def _set_imports(
+        self, imports: tuple[ImportedService, ...], specs: Sequence[ListenerSpec]
+    ) -> None:
+        wanted = {(s.address, s.port): s for s in specs}
+        for addr in [a for a in self._listeners if a not in wanted]:
+            listener = self._listeners.pop(addr)
+            self._listener_specs.pop(addr, None)
+            await listener.close()
+            log.info("import listener closed: %s:%d", *addr)
+        for addr, spec in wanted.items():
+            self._listener_specs[addr] = spec
+            if addr in self._listeners:
+                continue
+            listener = ImportListener(self.gateway, addr, self._chooser(addr))
+            try:
+                await listener.start()
+            except OSError as e:
+                log.error(
+                    "cannot listen on %s:%d for %s: %s (check imports.pool)",
+                    addr[0],
+                    addr[1],
+                    spec.key,
+                    e.strerror,
+                )
+                continue
+            self._listeners[addr] = listener
+            log.info("import listener: %s:%d -> %s", addr[0], addr[1], spec.key)
+        self._set_dns(imports)
+
+    def _chooser(self, addr: tuple[str, int]) -> Any:
+        def choose() -> list[FlowTarget]:
+            spec = self._listener_specs.get(addr)
+            if spec is None:
+                return []
+            sites = self.catalog.sites()
+            live = [o for o in spec.origins if o in sites]
+            rtt = self._rtts()
+            # Prefer this site, then fewer hops, then the lower RTT of the first hop.
+            live.sort(key=lambda o: (sites[o].hops, rtt.get(sites[o].via or "", 0.0), o))
+            return [FlowTarget(o, spec.key.namespace, spec.key.name, spec.port) for o in live]
+
+        return choose
+
+    def _rtts(self) -> dict[str, float]:
+        out = {}
+        for st in self.gateway.status():
+            if st.rtt_ms is not None:
+                out[st.peer_site] = st.rtt_ms
+        return out
+
+    # -- link and peer records -----------------------------------------------------------
+
+    def _dial_specs(self) -> list[DialSpec]:
+        specs = []
+        for rec in links.list_links(self.config.state_dir):
+            specs.append(
+                DialSpec(
+                    name=rec.name,
+                    peer_site=rec.peer_site,
+                    endpoints=tuple(rec.endpoints),
+                    ssl_context=self._client_context_factory(rec),
+                )
+            )
+        return specs
+
+    def _client_context_factory(self, rec: Any) -> Any:
+        def make() -> ssl.SSLContext:
+            return pki.client_context(
+                rec.cert_path,
+                self.identity.gateway_key_path,
+                rec.peer_ca_pem.encode() if isinstance(rec.peer_ca_pem, str) else rec.peer_ca_pem,
+            )
+
+        return make
+
+    async def _state_loop(self) -> None:
+        """Pick up links created/deleted and peers revoked by the CLI."""
+        while True:
+            try:
+                self.gateway.set_dials(self._dial_specs())
+                for peer in self.catalog.peers():
+                    if not links.is_peer_allowed(self.config.state_dir, peer) and not any(
+                        r.peer_site == peer for r in links.list_links(self.config.state_dir)
+                    ):
+                        log.info("peer %s was revoked: dropping its link", peer)
+                        self.gateway.drop_peer(peer, "revoked")
+            except MeshlinkError as e:
+                log.warning("link records: %s", e)
+            for st in self.gateway.status():
+                if st.rtt_ms is not None:
+                    self.metrics.rtt.labels(st.peer_site).set(st.rtt_ms / 1000)
+            self.metrics.links_up.set(sum(1 for st in self.gateway.status() if st.state == "up"))
+            await asyncio.sleep(STATE_POLL)
+
+    # -- status --------------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        return (self._ready_reason == "ok", self._ready_reason)
+
+    def status(self) -> dict[str, Any]:
+        sites = self.catalog.sites()
+        services = self.catalog.services()
+        return {
+            "site": self.site,
+            "version": __version__,
+            "mode": "local" if self.local is not None else "kubernetes",
+            "uptime_s": round(time.time() - self.started, 1),
+            "gateway": str(self.config.gateway_listen),
+            "grant": str(self.config.grant_address),
+            "dns": str(self.config.dns.listen) if self.dns is not None else None,
+            "zone": self.config.dns.zone,
+            "ca_pin": self.identity.pin,
+            "links": [
+                {
+                    "peer": st.peer_site,
+                    "direction": st.direction,
+                    "state": st.state,
+                    "rtt_ms": st.rtt_ms,
+                    "since": st.since,
+                    "flows": st.flows_open,
+                    "bytes_in": st.bytes_in,
+                    "bytes_out": st.bytes_out,
+                    "last_error": st.last_error,
+                }
+                for st in self.gateway.status()
+            ],
+            "sites": [
+                {"site": r.site, "hops": r.hops, "via": r.via, "path": list(r.path)}
+                for r in sorted(sites.values(), key=lambda r: (r.hops, r.site))
+            ],
+            "exports": [
+                {"service": str(k), "ports": [p.port for p in recs[0].ports]}
+                for k, recs in sorted(services.items())
+                for r in recs
+                if r.origin == self.site
+            ][:1000],
+            "imports": [
+                {
+                    "service": f"{i.namespace}/{i.name}",
+                    "name": f"{i.name}.{i.namespace}.svc.{self.config.dns.zone}",
+                    "type": i.type.value,
+                    "ips": list(i.ips),
+                    "ports": [p.port for p in i.ports],
+                    "clusters": [c.cluster for c in i.clusters],
+                    "reachable": [c.cluster for c in i.clusters if c.cluster in sites],
+                }
+                for i in self.imports
+            ][:1000],
+            "conflicts": self._conflicts(),
+        }
+
+    def _conflicts(self) -> list[dict[str, Any]]:
+        if self.local is None:
+            return []
+        return [
+            {"service": str(k), "reasons": list(m.conflicts), "winner": m.winner.origin}
+            for k, m in sorted(self.local.merged.items())
+            if m.conflicts
+        ]
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        cfg = self.config
+        grant_runner = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.gateway.run(), name="gateway")
+                await self.gateway.started()
+                if "grant" in self.components:
+                    server = links.GrantServer(
+                        self.identity, cfg.state_dir, [str(a) for a in cfg.advertise]
+                    )
+                    grant_runner = await links.start_grant_server(
+                        server, cfg.grant_listen.host, cfg.grant_listen.port
+                    )
+                if "dns" in self.components and cfg.dns.enabled:
+                    self.dns = DnsServer(
+                        build_snapshot((), zone=cfg.dns.zone, ttl=cfg.dns.ttl),
+                        host=cfg.dns.listen.host,
+                        port=cfg.dns.listen.port,
+                    )
+                    await self.dns.start()
+                if "ops" in self.components:
+                    self.ops = OpsServer(
+                        status=self.status, ready=self.ready, registry=self.metrics.registry
+                    )
+                    await self.ops.start(cfg.ops_listen.host, cfg.ops_listen.port)
+                tg.create_task(self._state_loop(), name="link-records")
+                tg.create_task(self._reconcile_loop(), name="reconcile")
+                if self.local is not None:
+                    self.publish(self.local.export_records())
+                elif "controller" in self.components:
+                    tg.create_task(self._run_controller(), name="controller")
+                self._ready_reason = "ok"
+                log.info(
+                    "site %s up: gateway %s, grant %s, dns %s, ops %s",
+                    self.site,
+                    cfg.gateway_listen,
+                    cfg.grant_listen if grant_runner else "off",
+                    cfg.dns.listen if self.dns else "off",
+                    cfg.ops_listen if self.ops else "off",
+                )
+        finally:
+            for listener in self._listeners.values():
+                await listener.close()
+            self._listeners.clear()
+            if self.dns is not None:
+                await self.dns.close()
+            if self.ops is not None:
+                await self.ops.close()
+            if grant_runner is not None:
+                await grant_runner.cleanup()
+
+    async def _run_controller(self) -> None:
+        from kubernetes_asyncio import config as kconfig
+
+        from meshlink.k8s import Controller
+
+        kube = self.config.kubernetes
+        assert kube is not None
+        if kube.kubeconfig is None:
+            kconfig.load_incluster_config()
+            from kubernetes_asyncio.client import ApiClient
+
+            api = ApiClient()
+        else:
+            api = await kconfig.new_client_from_config(str(kube.kubeconfig), context=kube.context)
+        async with api:
+            self.controller = Controller(
+                api, self.config, publish=self.publish, on_imports=self.on_controller_imports
+            )
+            site_id = await self.controller.resolve_cluster_id()
+            if site_id != self.site:
+                raise MeshlinkError(
+                    f"cluster id {site_id} (ClusterProperty) differs from site {self.site}"
+                )
+            await self.controller.run()
+
+
+async def run_site(config: SiteConfig, components: frozenset[str] = ALL_COMPONENTS) -> None:
+    """Run a site until SIGINT/SIGTERM."""
+    runtime = SiteRuntime(config, components)
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    assert task is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, task.cancel)
+    try:
+        await runtime.run()
+    except asyncio.CancelledError:
+        log.info("site %s stopped", config.site)
