@@ -78,8 +78,8 @@ async def _cli(*args: str, capture: bool = True) -> str:
     return (out.decode() + err.decode()).strip() if capture else ""
 
 
-async def _wait(what: str, check: Callable[[], Any], timeout: float = STEP_TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
+async def _wait(what: str, check: Callable[[], Any], limit: float = STEP_TIMEOUT) -> Any:
+    deadline = time.monotonic() + limit
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
@@ -90,7 +90,7 @@ async def _wait(what: str, check: Callable[[], Any], timeout: float = STEP_TIMEO
             last = e
         await asyncio.sleep(0.1)
     raise DemoFailed(
-        f"timed out after {timeout:.0f} s waiting for {what}" + (f" ({last})" if last else "")
+        f"timed out after {limit:.0f} s waiting for {what}" + (f" ({last})" if last else "")
     )
 
 
@@ -213,7 +213,7 @@ async def run(*, keep: bool = False, verbose: bool = False) -> int:
                 _write_config(s, echo_port if s is a else None)
             _say("[2/7] starting sites a, b, c (`meshlink run --config site.yaml`)")
             for s in (a, b, c):
-                log = None if verbose else open(s.dir / "meshlink.log", "wb")  # noqa: SIM115
+                log = None if verbose else (s.dir / "meshlink.log").open("wb")
                 s.proc = await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
@@ -283,7 +283,8 @@ async def run(*, keep: bool = False, verbose: bool = False) -> int:
                 sites_ = ", ".join(f"{x['site']}:{x['hops']}" for x in st["sites"])
                 imports = ", ".join(f"{i['service']}@{','.join(i['ips'])}" for i in st["imports"])
                 _say(
-                    f"      site {s.name}: links [{links}]  sites(hops) [{sites_}]  imports [{imports}]"
+                    f"      site {s.name}: links [{links}]  sites(hops) [{sites_}]  "
+                    f"imports [{imports}]"
                 )
             _say(f"demo OK in {time.perf_counter() - t_start:.1f} s")
             return 0
