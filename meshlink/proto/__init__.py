@@ -1,1 +1,47 @@
-"""The versioned sans-IO tunnel wire protocol: frames, streams, flow-control windows."""
+"""The versioned sans-IO tunnel wire protocol: frames, streams, flow-control windows.
+
+`Connection` is the protocol (bytes in, events out, bytes to send); the wire format is
+documented in `meshlink.proto.frames`. Nothing here does I/O.
+"""
+
+from meshlink.proto.connection import Connection
+from meshlink.proto.events import (
+    ControlReceived,
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    HelloReceived,
+    PingReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    WindowUpdated,
+)
+from meshlink.proto.frames import MAX_CONTROL, SUPPORTED_VERSIONS, VERSION, FrameType
+from meshlink.proto.state import StreamState
+from meshlink.proto.target import MAX_HOPS, FlowTarget
+
+__all__ = [
+    "MAX_CONTROL",
+    "MAX_HOPS",
+    "SUPPORTED_VERSIONS",
+    "VERSION",
+    "Connection",
+    "ControlReceived",
+    "DataReceived",
+    "Event",
+    "FlowTarget",
+    "FrameType",
+    "GoAwayReceived",
+    "HelloReceived",
+    "PingReceived",
+    "PongReceived",
+    "StreamAccepted",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamReset",
+    "StreamState",
+    "WindowUpdated",
+]

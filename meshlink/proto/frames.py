@@ -1,0 +1,199 @@
+"""The meshlink tunnel wire format, version 1: frame layout, types and payload codecs.
+
+Every frame is a 10-byte header followed by `length` payload bytes (network byte order)::
+
+    0       4      5       6               10
+    +-------+------+-------+----------------+-----------------------+
+    |length | type | flags |   stream id    |  payload (length B)   |
+    |  u32  |  u8  |  u8   |      u32       |                       |
+    +-------+------+-------+----------------+-----------------------+
+
+`flags` is reserved: sent as 0, ignored on receipt. `length` may not exceed the receiver's
+`max_frame` (from its HELLO; never more than 1 MiB), else FRAME_SIZE_ERROR.
+
+Frame types (stream 0 = the connection itself):
+
+====  ========  ======  ===========================================================
+type  name      stream  payload
+====  ========  ======  ===========================================================
+0     HELLO     0       magic ``b"MESHLINK"`` | version u16 | max_frame u32 |
+                        initial_window u32 (bytes a peer may send per stream
+                        before a WINDOW). Must be each side's first frame; extra
+                        trailing bytes are reserved for later versions.
+1     OPEN      new id  hops u8 | protocol, site, namespace, name as (u8 length,
+                        UTF-8 bytes) | port u16. Ids are odd when opened by the
+                        side that dialled the TLS connection, even otherwise, and
+                        increase per side.
+2     ACCEPT    id      empty: the receiver of OPEN reached the target.
+3     DATA      id      stream bytes; counted against the stream's window.
+4     FIN       id      empty: the sender half-closes (no more DATA from it).
+5     RST       id      code u32 (errors.ErrorCode): the stream is aborted.
+6     WINDOW    id      increment u32 > 0: more send credit for that stream.
+7     PING      0       8 opaque bytes, echoed in a PONG (RTT measurement).
+8     PONG      0       the 8 bytes of the PING it answers.
+9     CONTROL   0       opaque bytes (catalog sync), at most MAX_CONTROL bytes.
+10    GOAWAY    0       code u32 | UTF-8 text (at most 1024 bytes): the sender
+                        closes the connection after this frame.
+====  ========  ======  ===========================================================
+
+A version the receiver does not speak is answered by GOAWAY(UNSUPPORTED_VERSION) naming
+the versions it does. Frames for a stream that has already closed are ignored (they may
+cross an RST on the wire); frames for a stream that was never opened are a
+PROTOCOL_ERROR.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from meshlink.proto.target import MAX_HOPS, FlowTarget
+
+MAGIC: Final = b"MESHLINK"
+VERSION: Final = 1
+SUPPORTED_VERSIONS: Final = frozenset({1})
+
+HEADER: Final = struct.Struct("!IBBI")
+HEADER_SIZE: Final = HEADER.size  # 10
+HELLO_BODY: Final = struct.Struct("!8sHII")
+
+MAX_FRAME_LIMIT: Final = 1 << 20
+"""No frame payload is ever larger than this (1 MiB)."""
+MIN_FRAME_LIMIT: Final = 1 << 14
+DEFAULT_MAX_FRAME: Final = MAX_FRAME_LIMIT
+DEFAULT_WINDOW: Final = 1 << 20
+MAX_CONTROL: Final = MAX_FRAME_LIMIT
+MAX_GOAWAY_TEXT: Final = 1024
+
+_U32: Final = struct.Struct("!I")
+_U16: Final = struct.Struct("!H")
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 0
+    OPEN = 1
+    ACCEPT = 2
+    DATA = 3
+    FIN = 4
+    RST = 5
+    WINDOW = 6
+    PING = 7
+    PONG = 8
+    CONTROL = 9
+    GOAWAY = 10
+
+
+CONNECTION_FRAMES: Final = frozenset(
+    {FrameType.HELLO, FrameType.PING, FrameType.PONG, FrameType.CONTROL, FrameType.GOAWAY}
+)
+
+
+def header(length: int, ftype: int, stream_id: int) -> bytes:
+    return HEADER.pack(length, ftype, 0, stream_id)
+
+
+def frame(ftype: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(len(payload), ftype, 0, stream_id) + payload
+
+
+def encode_hello(version: int, max_frame: int, initial_window: int) -> bytes:
+    return HELLO_BODY.pack(MAGIC, version, max_frame, initial_window)
+
+
+def decode_hello(payload: bytes) -> tuple[int, int, int]:
+    """(version, max_frame, initial_window) of a HELLO payload; checks the magic only (the
+    version check is the connection's, so it can answer with the versions it speaks)."""
+    if len(payload) < HELLO_BODY.size or payload[:8] != MAGIC:
+        raise RemoteProtocolError("the peer does not speak the meshlink tunnel protocol")
+    _, version, max_frame, window = HELLO_BODY.unpack_from(payload)
+    return version, max_frame, window
+
+
+def check_hello_limits(max_frame: int, window: int) -> None:
+    if not MIN_FRAME_LIMIT <= max_frame <= MAX_FRAME_LIMIT:
+        raise RemoteProtocolError(
+            f"HELLO max_frame {max_frame} is outside {MIN_FRAME_LIMIT}..{MAX_FRAME_LIMIT}"
+        )
+    if not 1 <= window <= 2**31 - 1:
+        raise RemoteProtocolError(
+            f"HELLO initial_window {window} is out of range", ErrorCode.FLOW_CONTROL_ERROR
+        )
+
+
+def _put_str(out: bytearray, value: str) -> None:
+    raw = value.encode("utf-8")
+    out.append(len(raw))
+    out += raw
+
+
+def encode_open(target: FlowTarget, hops: int) -> bytes:
+    problem = target.problem()
+    if problem:
+        raise LocalProtocolError(f"cannot open a stream to {target!r}: {problem}")
+    if not 0 <= hops <= MAX_HOPS:
+        raise LocalProtocolError(f"hop count {hops} is outside 0..{MAX_HOPS}")
+    out = bytearray([hops])
+    for value in (target.protocol, target.site, target.namespace, target.name):
+        _put_str(out, value)
+    out += _U16.pack(target.port)
+    return bytes(out)
+
+
+def decode_open(payload: bytes) -> tuple[FlowTarget, int]:
+    """(target, hops) of an OPEN payload; any malformation is a PROTOCOL_ERROR."""
+    fields: list[str] = []
+    pos = 1
+    try:
+        for _ in range(4):
+            n = payload[pos]
+            raw = payload[pos + 1 : pos + 1 + n]
+            pos += 1 + n  # a short field leaves pos past the end: unpack_from fails below
+            fields.append(raw.decode("utf-8"))
+        (port,) = _U16.unpack_from(payload, pos)
+    except (IndexError, UnicodeDecodeError, struct.error):
+        raise RemoteProtocolError("malformed OPEN frame") from None
+    if len(payload) != pos + 2:
+        raise RemoteProtocolError("malformed OPEN frame (wrong length)")
+    hops = payload[0]
+    protocol, site, namespace, name = fields
+    target = FlowTarget(site=site, namespace=namespace, name=name, port=port, protocol=protocol)
+    problem = target.problem()
+    if problem:
+        raise RemoteProtocolError(f"OPEN frame names an invalid target: {problem}")
+    if hops > MAX_HOPS:
+        raise RemoteProtocolError(f"OPEN frame hop count {hops} exceeds {MAX_HOPS}")
+    return target, hops
+
+
+def encode_code(code: int) -> bytes:
+    return _U32.pack(code)
+
+
+def decode_code(payload: bytes, what: str) -> ErrorCode:
+    if len(payload) < 4:
+        raise RemoteProtocolError(f"{what} frame is too short", ErrorCode.FRAME_SIZE_ERROR)
+    (raw,) = _U32.unpack_from(payload)
+    try:
+        return ErrorCode(raw)
+    except ValueError:  # a code from a later version: the closest meaning we know
+        return ErrorCode.INTERNAL_ERROR
+
+
+def decode_u32(payload: bytes, what: str) -> int:
+    if len(payload) != 4:
+        raise RemoteProtocolError(f"{what} frame must carry 4 bytes", ErrorCode.FRAME_SIZE_ERROR)
+    value: int = _U32.unpack(payload)[0]
+    return value
+
+
+def encode_goaway(code: int, text: str) -> bytes:
+    raw = text.encode("utf-8")[:MAX_GOAWAY_TEXT]
+    return _U32.pack(code) + raw
+
+
+def decode_goaway(payload: bytes) -> tuple[ErrorCode, str]:
+    code = decode_code(payload, "GOAWAY")
+    text = payload[4 : 4 + MAX_GOAWAY_TEXT].decode("utf-8", "replace")
+    return code, text

@@ -1,0 +1,313 @@
+"""The sans-IO tunnel protocol: two Connections joined in memory, no sockets."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from meshlink.proto import (
+    Connection,
+    ControlReceived,
+    DataReceived,
+    Event,
+    FlowTarget,
+    GoAwayReceived,
+    HelloReceived,
+    PingReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamState,
+    WindowUpdated,
+)
+from meshlink.proto import frames as F
+
+TARGET = FlowTarget(site="site-a", namespace="default", name="web", port=80)
+
+
+def pump(src: Connection, dst: Connection) -> list[Event]:
+    return dst.receive_data(src.bytes_to_send())
+
+
+def pair(**kw: int) -> tuple[Connection, Connection]:
+    a = Connection(initiator=True, **kw)
+    b = Connection(initiator=False, **kw)
+    assert isinstance(pump(a, b)[0], HelloReceived)
+    assert isinstance(pump(b, a)[0], HelloReceived)
+    return a, b
+
+
+def data_of(events: list[Event], sid: int) -> bytes:
+    return b"".join(
+        bytes(e.data) for e in events if isinstance(e, DataReceived) and e.stream_id == sid
+    )
+
+
+def test_hello_exchange_reports_peer_limits() -> None:
+    a = Connection(initiator=True, max_frame=32768, initial_window=5000)
+    b = Connection(initiator=False)
+    (ev,) = pump(a, b)
+    assert ev == HelloReceived(version=1, max_frame=32768, initial_window=5000)
+    assert b.ready
+    assert not a.ready
+    pump(b, a)
+    assert a.ready
+
+
+def test_stream_open_accept_data_both_ways_and_half_close() -> None:
+    a, b = pair()
+    sid = a.open_stream(TARGET, hops=2)
+    assert sid % 2 == 1
+    a.send_data(sid, b"hello")
+    evs = pump(a, b)
+    assert evs[0] == StreamOpened(sid, TARGET, 2)
+    assert data_of(evs, sid) == b"hello"
+    b.accept_stream(sid)
+    b.send_data(sid, b"world")
+    b.send_eof(sid)
+    evs = pump(b, a)
+    assert evs[0] == StreamAccepted(sid)
+    assert data_of(evs, sid) == b"world"
+    assert evs[-1] == StreamEnded(sid)
+    assert a.stream_state(sid) is StreamState.REMOTE_CLOSED
+    # a may still send after b's FIN (half-close), then closes its side
+    a.send_data(sid, b"more")
+    a.send_eof(sid)
+    evs = pump(a, b)
+    assert data_of(evs, sid) == b"more"
+    assert evs[-1] == StreamEnded(sid)
+    assert a.open_streams == 0
+    assert b.open_streams == 0
+    with pytest.raises(LocalProtocolError):
+        a.send_data(sid, b"x")
+
+
+def test_both_sides_open_with_distinct_parity() -> None:
+    a, b = pair()
+    s1 = a.open_stream(TARGET)
+    s2 = b.open_stream(TARGET)
+    s3 = a.open_stream(TARGET)
+    assert (s1 % 2, s2 % 2, s3 % 2) == (1, 0, 1)
+    assert s3 > s1
+    assert [e.stream_id for e in pump(a, b) if isinstance(e, StreamOpened)] == [s1, s3]
+    assert [e.stream_id for e in pump(b, a) if isinstance(e, StreamOpened)] == [s2]
+
+
+def test_send_after_fin_and_data_after_peer_fin_are_errors() -> None:
+    a, b = pair()
+    sid = a.open_stream(TARGET)
+    a.send_eof(sid)
+    with pytest.raises(LocalProtocolError):
+        a.send_data(sid, b"x")
+    pump(a, b)
+    # a misbehaving peer that sends DATA after its FIN
+    with pytest.raises(RemoteProtocolError) as err:
+        b.receive_data(F.frame(F.FrameType.DATA, sid, b"late"))
+    assert err.value.code == ErrorCode.STREAM_CLOSED
+
+
+def test_reset_both_ways_and_late_frames_are_ignored() -> None:
+    a, b = pair()
+    sid = a.open_stream(TARGET)
+    pump(a, b)
+    b.reset_stream(sid, ErrorCode.NO_ROUTE)
+    assert b.open_streams == 0
+    # data a sent before seeing the reset is ignored by b, not an error
+    a.send_data(sid, b"in flight")
+    in_flight = a.bytes_to_send()
+    assert pump(b, a) == [StreamReset(sid, ErrorCode.NO_ROUTE)]
+    assert b.receive_data(in_flight) == []
+    assert a.open_streams == 0
+    a.reset_stream(sid)  # resetting a closed stream is a no-op
+    assert a.bytes_to_send() == b""
+    # and the other direction
+    s2 = b.open_stream(TARGET)
+    pump(b, a)
+    a.reset_stream(s2, ErrorCode.CONNECT_ERROR)
+    assert pump(a, b) == [StreamReset(s2, ErrorCode.CONNECT_ERROR)]
+
+
+def test_flow_control_credit_is_never_exceeded() -> None:
+    a, b = pair(initial_window=16384)
+    sid = a.open_stream(TARGET)
+    assert a.send_window(sid) == 16384
+    a.send_data(sid, b"x" * 16384)
+    assert a.send_window(sid) == 0
+    with pytest.raises(LocalProtocolError):
+        a.send_data(sid, b"y")
+    evs = pump(a, b)
+    got = sum(len(e.data) for e in evs if isinstance(e, DataReceived))
+    assert got == 16384
+    b.acknowledge_received(sid, 1000)  # the sender is stalled: credit goes back at once
+    assert pump(b, a) == [WindowUpdated(sid, 1000)]
+    assert a.send_window(sid) == 1000
+    with pytest.raises(LocalProtocolError):
+        b.acknowledge_received(sid, 20000)  # more than was ever received
+
+
+def test_window_updates_are_batched_to_a_quarter_window() -> None:
+    a, b = pair(initial_window=16384)
+    sid = a.open_stream(TARGET)
+    a.send_data(sid, b"x" * 8000)
+    pump(a, b)
+    b.acknowledge_received(sid, 1000)  # below a quarter window: no WINDOW yet
+    assert b.bytes_to_send() == b""
+    b.acknowledge_received(sid, 4000)
+    assert pump(b, a) == [WindowUpdated(sid, 5000)]
+    assert a.send_window(sid) == 16384 - 8000 + 5000
+
+
+def test_peer_exceeding_credit_is_a_flow_control_error() -> None:
+    a, b = pair(initial_window=16384)
+    sid = a.open_stream(TARGET)
+    pump(a, b)
+    with pytest.raises(RemoteProtocolError) as err:
+        b.receive_data(F.frame(F.FrameType.DATA, sid, b"z" * 16385))
+    assert err.value.code == ErrorCode.FLOW_CONTROL_ERROR
+    # the connection queued a GOAWAY with the code and stays failed
+    evs = a.receive_data(b.bytes_to_send())
+    assert isinstance(evs[-1], GoAwayReceived)
+    assert evs[-1].code == ErrorCode.FLOW_CONTROL_ERROR
+    with pytest.raises(RemoteProtocolError):
+        b.receive_data(b"")
+
+
+def test_window_overflow_is_a_flow_control_error() -> None:
+    a, b = pair()
+    sid = a.open_stream(TARGET)
+    pump(a, b)
+    with pytest.raises(RemoteProtocolError) as err:
+        a.receive_data(F.frame(F.FrameType.WINDOW, sid, struct.pack("!I", 2**31 - 1)))
+    assert err.value.code == ErrorCode.FLOW_CONTROL_ERROR
+
+
+def test_large_data_is_split_to_the_peer_frame_limit() -> None:
+    a, b = pair(max_frame=16384, initial_window=1 << 20)
+    sid = a.open_stream(TARGET)
+    payload = bytes(range(256)) * 400  # 102400 bytes
+    a.send_data(sid, payload)
+    wire = a.bytes_to_send()
+    assert data_of(b.receive_data(wire), sid) == payload
+    # every frame on the wire respects the limit
+    pos = 0
+    while pos < len(wire):
+        length, _t, _f, _s = F.HEADER.unpack_from(wire, pos)
+        assert length <= 16384
+        pos += F.HEADER_SIZE + length
+
+
+def test_ping_pong_echoes_payload() -> None:
+    a, b = pair()
+    token = a.ping()
+    assert len(token) == 8
+    assert pump(a, b) == [PingReceived(token)]
+    assert pump(b, a) == [PongReceived(token)]
+    assert a.ping(b"12345678") == b"12345678"
+    with pytest.raises(LocalProtocolError):
+        a.ping(b"short")
+
+
+def test_control_messages_and_size_bound() -> None:
+    a, b = pair()
+    a.send_control(b'{"snapshot": []}')
+    assert pump(a, b) == [ControlReceived(b'{"snapshot": []}')]
+    with pytest.raises(LocalProtocolError):
+        a.send_control(b"x" * (F.MAX_CONTROL + 1))
+
+
+def test_goaway_and_no_streams_after_it() -> None:
+    a, b = pair()
+    a.go_away(ErrorCode.NOT_AUTHORIZED, "site x is not linked")
+    assert pump(a, b) == [GoAwayReceived(ErrorCode.NOT_AUTHORIZED, "site x is not linked")]
+    assert a.closed
+    assert b.closed
+    with pytest.raises(LocalProtocolError):
+        a.open_stream(TARGET)
+
+
+def test_unsupported_version_answers_goaway() -> None:
+    future = Connection(initiator=True, version=7)
+    b = Connection(initiator=False)
+    with pytest.raises(RemoteProtocolError) as err:
+        pump(future, b)
+    assert err.value.code == ErrorCode.UNSUPPORTED_VERSION
+    evs = future.receive_data(b.bytes_to_send())
+    assert evs[0] == HelloReceived(1, F.DEFAULT_MAX_FRAME, F.DEFAULT_WINDOW)
+    assert isinstance(evs[1], GoAwayReceived)
+    assert evs[1].code == ErrorCode.UNSUPPORTED_VERSION
+    assert "speaks 1" in evs[1].text
+
+
+@pytest.mark.parametrize(
+    ("wire", "code"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", ErrorCode.FRAME_SIZE_ERROR),  # not meshlink at all
+        (F.frame(F.FrameType.PING, 0, b"12345678"), ErrorCode.PROTOCOL_ERROR),  # no HELLO
+        (F.frame(F.FrameType.HELLO, 0, b"NOTMESHL" + b"\0" * 10), ErrorCode.PROTOCOL_ERROR),
+    ],
+)
+def test_bad_first_frame(wire: bytes, code: ErrorCode) -> None:
+    b = Connection(initiator=False)
+    with pytest.raises(RemoteProtocolError) as err:
+        b.receive_data(wire)
+    assert err.value.code == code
+
+
+def _hello() -> bytes:
+    return F.frame(F.FrameType.HELLO, 0, F.encode_hello(1, F.DEFAULT_MAX_FRAME, 65536))
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        F.frame(F.FrameType.OPEN, 1, b"\x00\x03TCP"),  # truncated target
+        F.frame(F.FrameType.OPEN, 2, F.encode_open(TARGET, 0)),  # wrong parity
+        F.frame(F.FrameType.OPEN, 1, bytes([9]) + F.encode_open(TARGET, 0)[1:]),  # 9 hops
+        F.frame(F.FrameType.DATA, 5, b"x"),  # never opened
+        F.frame(F.FrameType.WINDOW, 0, b"\0\0\0\1"),  # stream frame on stream 0
+        F.frame(F.FrameType.PING, 3, b"12345678"),  # connection frame on a stream
+        F.frame(F.FrameType.PING, 0, b"1234"),  # wrong size
+        F.frame(F.FrameType.HELLO, 0, F.encode_hello(1, 1 << 20, 1000)),  # second HELLO
+        F.frame(99, 0, b""),  # unknown type
+        F.HEADER.pack(F.MAX_FRAME_LIMIT + 1, 3, 0, 1),  # oversized
+    ],
+)
+def test_malformed_frames_raise_remote_protocol_error(frame: bytes) -> None:
+    b = Connection(initiator=False)
+    b.receive_data(_hello())
+    with pytest.raises(RemoteProtocolError):
+        b.receive_data(frame)
+
+
+def test_stream_limit_refuses_with_rst() -> None:
+    a = Connection(initiator=True)
+    b = Connection(initiator=False, max_streams=1)
+    pump(a, b)
+    pump(b, a)
+    s1 = a.open_stream(TARGET)
+    s2 = a.open_stream(TARGET)
+    a.send_data(s2, b"optimistic")
+    evs = pump(a, b)
+    assert [e for e in evs if isinstance(e, StreamOpened)] == [StreamOpened(s1, TARGET, 0)]
+    assert data_of(evs, s2) == b""
+    assert pump(b, a) == [StreamReset(s2, ErrorCode.REFUSED_STREAM)]
+
+
+def test_api_misuse_is_local_protocol_error() -> None:
+    a = Connection(initiator=True)
+    with pytest.raises(LocalProtocolError):
+        a.open_stream(TARGET)  # before the peer's HELLO
+    a, _b = pair()
+    with pytest.raises(LocalProtocolError):
+        a.open_stream(FlowTarget("s", "ns", "n", 0))
+    with pytest.raises(LocalProtocolError):
+        a.open_stream(TARGET, hops=9)
+    sid = a.open_stream(TARGET)
+    with pytest.raises(LocalProtocolError):
+        a.accept_stream(sid)  # only the receiver of OPEN accepts
+    with pytest.raises(LocalProtocolError):
+        Connection(initiator=True, max_frame=10)
