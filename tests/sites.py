@@ -1,0 +1,198 @@
+"""Real meshlink sites for tests: `meshlink run` processes on loopback, driven by the CLI.
+
+Each SiteProc writes a config into its own directory, starts `python -m meshlink run`, and
+waits on its /readyz. Links are made with `meshlink token create` / `meshlink link create`,
+as a user would. Everything is bounded in time; helpers wait on conditions, never sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(
+    what: str, fn: Callable[[], T | None], timeout: float = 20.0, every: float = 0.05
+) -> T:
+    """Poll ``fn`` until it returns something truthy; fail saying what was awaited."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except (OSError, ValueError, KeyError, AssertionError) as e:
+            last = e
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
+
+
+def cli(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "meshlink", *args], capture_output=True, text=True, timeout=timeout
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"meshlink {' '.join(args)} failed ({out.returncode}): {out.stderr}")
+    return out
+
+
+_POOL = iter(range(100, 250))
+
+
+@dataclass
+class SiteProc:
+    name: str
+    root: Path
+    exports: list[dict[str, Any]] = field(default_factory=list)
+    heartbeat: float = 0.3
+    extra: dict[str, Any] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.dir = self.root / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.ports = {k: free_port() for k in ("gateway", "grant", "dns", "ops")}
+        self.pool = f"127.{next(_POOL)}.0.0/24"
+        self.write_config()
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "site.yaml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    def write_config(self) -> None:
+        cfg: dict[str, Any] = {
+            "site": self.name,
+            "stateDir": str(self.state_dir),
+            "gateway": {"listen": f"127.0.0.1:{self.ports['gateway']}"},
+            "grant": {"listen": f"127.0.0.1:{self.ports['grant']}"},
+            "dns": {"listen": f"127.0.0.1:{self.ports['dns']}"},
+            "ops": {"listen": f"127.0.0.1:{self.ports['ops']}"},
+            "imports": {"pool": self.pool},
+            "heartbeatInterval": self.heartbeat,
+            "exports": self.exports,
+            **self.extra,
+        }
+        self.config.write_text(yaml.safe_dump(cfg))
+
+    def start(self) -> SiteProc:
+        log = (self.dir / "meshlink.log").open("ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meshlink",
+                "run",
+                "--config",
+                str(self.config),
+                "--log-level",
+                "debug" if os.environ.get("MESHLINK_TEST_DEBUG") else "info",
+            ],
+            stdout=log,
+            stderr=log,
+        )
+        log.close()
+        wait_until(f"site {self.name} ready", self._ready, timeout=20)
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(
+                f"site {self.name} exited {self.proc.returncode}:\n{self.log_tail()}"
+            )
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['ops']}/readyz", timeout=1) as r:
+            return bool(r.status == 200)
+
+    def log_tail(self, n: int = 30) -> str:
+        p = self.dir / "meshlink.log"
+        return "\n".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else ""
+
+    def status(self) -> dict[str, Any]:
+        url = f"http://127.0.0.1:{self.ports['ops']}/api/status"
+        with urllib.request.urlopen(url, timeout=2) as r:
+            data: dict[str, Any] = json.load(r)
+            return data
+
+    def import_addr(self, service: str, reachable: bool = True) -> tuple[str, list[str]] | None:
+        for i in self.status()["imports"]:
+            if i["service"] == service and i["ips"] and (i["reachable"] or not reachable):
+                return i["ips"][0], i["reachable"]
+        return None
+
+    def link_state(self, peer: str) -> str | None:
+        for link in self.status()["links"]:
+            if link["peer"] == peer:
+                return str(link["state"])
+        return None
+
+    def token(self, *args: str) -> Path:
+        path = self.dir / f"token-{time.monotonic_ns()}"
+        cli("token", "create", "--config", str(self.config), "-o", str(path), *args)
+        return path
+
+    def redeem(self, token: Path, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return cli("link", "create", str(token), "--config", str(self.config), check=check)
+
+    def link_to(self, issuer: SiteProc) -> None:
+        self.redeem(issuer.token())
+        wait_until(
+            f"link {self.name}->{issuer.name} up", lambda: self.link_state(issuer.name) == "up"
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@contextmanager
+def sites(
+    root: Path, *specs: tuple[str, list[dict[str, Any]]], **kw: Any
+) -> Iterator[list[SiteProc]]:
+    procs = [SiteProc(name, root, exports, **kw) for name, exports in specs]
+    try:
+        for p in procs:
+            p.start()
+        yield procs
+    except BaseException:
+        for p in procs:
+            print(f"--- log of site {p.name}:\n{p.log_tail(60)}", file=sys.stderr)
+        raise
+    finally:
+        for p in procs:
+            p.stop()
