@@ -1,0 +1,304 @@
+"""A small raw-JSON client over one kubernetes_asyncio ``ApiClient``.
+
+The controller works on plain dicts (the API's JSON), not on the generated models: model
+deserialisation costs more than the rest of a reconcile, and custom resources are dicts
+anyway. Every request goes through ``ApiClient.call_api`` (so authentication, TLS and the
+connection pool are the library's) with an explicit timeout; no request is ever unbounded.
+Server-side apply goes through ``apply()``, the one place that sets the apply content type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import aiohttp
+from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from meshlink.errors import KubeError
+
+FIELD_MANAGER: Final = "meshlink"
+APPLY_CONTENT_TYPE: Final = "application/apply-patch+yaml"
+MERGE_CONTENT_TYPE: Final = "application/merge-patch+json"
+LIST_PAGE: Final = 500
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One API resource: where it lives and what it is called."""
+
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(
+        self, namespace: str | None = None, name: str | None = None, sub: str | None = None
+    ) -> str:
+        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        if self.namespaced and namespace is not None:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{name}"
+            if sub:
+                base += f"/{sub}"
+        return base
+
+
+MCS: Final = "multicluster.x-k8s.io"
+SERVICE_EXPORT: Final = Resource(MCS, "v1beta1", "serviceexports", "ServiceExport")
+SERVICE_IMPORT: Final = Resource(MCS, "v1beta1", "serviceimports", "ServiceImport")
+SERVICE: Final = Resource("", "v1", "services", "Service")
+ENDPOINT_SLICE: Final = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
+NAMESPACE: Final = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
+POD: Final = Resource("", "v1", "pods", "Pod")
+CLUSTER_PROPERTY: Final = Resource(
+    "about.k8s.io", "v1alpha1", "clusterproperties", "ClusterProperty", namespaced=False
+)
+
+
+class Gone(KubeError):
+    """410: the resourceVersion we watched from is too old; relist."""
+
+
+class NotFound(KubeError):
+    """404."""
+
+
+class Invalid(KubeError):
+    """422 (or 400): the API server refused the object; the message says why."""
+
+
+class Unavailable(KubeError):
+    """The API server could not be reached or did not answer in time."""
+
+
+def _api_error(e: ApiException, what: str) -> KubeError:
+    message = what
+    raw: object = e.body
+    body = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if isinstance(body, str) and body:
+        try:
+            message = f"{what}: {json.loads(body).get('message', body)}"
+        except (ValueError, AttributeError):
+            message = f"{what}: {body[:300]}"
+    elif e.reason:
+        message = f"{what}: {e.reason}"
+    status = e.status or 0
+    if status == 410:
+        return Gone(message)
+    if status == 404:
+        return NotFound(message)
+    if status in (400, 422):
+        return Invalid(message)
+    if status in (0, 429) or status >= 500:
+        return Unavailable(f"{message} (HTTP {status})")
+    return KubeError(f"{message} (HTTP {status})")
+
+
+_TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+class Kube:
+    """Raw JSON access to one API server, every request bounded by ``timeout`` seconds."""
+
+    def __init__(self, api: ApiClient, timeout: float):
+        self.api = api
+        self.timeout = timeout
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        what: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: object = None,
+        content_type: str | None = None,
+        limits: float | aiohttp.ClientTimeout | None = None,
+        stream: bool = False,
+    ) -> Any:
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        try:
+            resp = await self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=limits if limits is not None else self.timeout,
+            )
+        except ApiException as e:
+            raise _api_error(e, what) from None
+        except _TRANSPORT_ERRORS as e:
+            raise Unavailable(f"{what}: {type(e).__name__}: {e}") from None
+        if stream:
+            return resp
+        try:
+            if not 200 <= resp.status <= 299:
+                text = await resp.text()
+                raise _api_error(ApiException(status=resp.status, reason=text), what)
+            data = await resp.read()
+        except _TRANSPORT_ERRORS as e:
+            raise Unavailable(f"{what}: {type(e).__name__}: {e}") from None
+        finally:
+            resp.release()
+        return json.loads(data) if data else None
+
+    async def get(self, res: Resource, name: str, namespace: str | None = None) -> Obj:
+        return cast(
+            Obj, await self._call("GET", res.path(namespace, name), f"get {res.kind} {name}")
+        )
+
+    async def list(
+        self, res: Resource, namespace: str | None = None, label_selector: str | None = None
+    ) -> tuple[list[Obj], str]:
+        """Every object (paged), and the list's resourceVersion to watch from."""
+        items: list[Obj] = []
+        cont = ""
+        while True:
+            query = [("limit", str(LIST_PAGE))]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if cont:
+                query.append(("continue", cont))
+            page = await self._call("GET", res.path(namespace), f"list {res.plural}", query=query)
+            items.extend(page.get("items") or [])
+            meta = page.get("metadata") or {}
+            cont = meta.get("continue") or ""
+            if not cont:
+                return items, str(meta.get("resourceVersion", ""))
+
+    async def watch(
+        self,
+        res: Resource,
+        resource_version: str,
+        timeout_seconds: int,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> AsyncGenerator[Obj, None]:
+        """Watch events (dicts with type and object) until the server ends the watch.
+
+        An ERROR event raises (``Gone`` for 410). Reads are bounded: the server sends a
+        bookmark or ends the watch within ``timeout_seconds``.
+        """
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        if label_selector:
+            query.append(("labelSelector", label_selector))
+        what = f"watch {res.plural}"
+        limits = aiohttp.ClientTimeout(
+            sock_connect=self.timeout,
+            connect=self.timeout,
+            sock_read=timeout_seconds + self.timeout,
+        )
+        resp = await self._call(
+            "GET", res.path(namespace), what, query=query, limits=limits, stream=True
+        )
+        try:
+            if not 200 <= resp.status <= 299:
+                text = await resp.text()
+                raise _api_error(ApiException(status=resp.status, reason=text), what)
+            while True:
+                try:
+                    line = await resp.content.readline()
+                except _TRANSPORT_ERRORS as e:
+                    raise Unavailable(f"{what}: {type(e).__name__}: {e}") from None
+                if not line:
+                    return
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    raise Unavailable(f"{what}: undecodable event {line[:80]!r}") from None
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    raise _api_error(
+                        ApiException(status=status.get("code", 500), reason=status.get("message")),
+                        what,
+                    )
+                yield event
+        finally:
+            resp.close()  # an unfinished watch cannot go back to the pool
+
+    async def apply(self, res: Resource, obj: Obj, sub: str | None = None) -> Obj:
+        """Server-side apply as field manager ``meshlink``, forcing ownership."""
+        meta = obj["metadata"]
+        name = meta["name"]
+        return cast(
+            Obj,
+            await self._call(
+                "PATCH",
+                res.path(meta.get("namespace"), name, sub),
+                f"apply {res.kind} {meta.get('namespace', '')}/{name}",
+                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                body=obj,
+                content_type=APPLY_CONTENT_TYPE,
+            ),
+        )
+
+    async def merge_patch(
+        self, res: Resource, name: str, namespace: str | None, patch: Obj, sub: str | None = None
+    ) -> Obj:
+        return cast(
+            Obj,
+            await self._call(
+                "PATCH",
+                res.path(namespace, name, sub),
+                f"patch {res.kind} {namespace}/{name}",
+                body=patch,
+                content_type=MERGE_CONTENT_TYPE,
+            ),
+        )
+
+    async def create(self, res: Resource, obj: Obj) -> Obj:
+        meta = obj["metadata"]
+        return cast(
+            Obj,
+            await self._call(
+                "POST",
+                res.path(meta.get("namespace")),
+                f"create {res.kind} {meta.get('namespace', '')}/{meta['name']}",
+                body=obj,
+            ),
+        )
+
+    async def delete(
+        self, res: Resource, name: str, namespace: str | None = None, uid: str | None = None
+    ) -> bool:
+        """Delete; False if it was already gone. ``uid`` guards against deleting a newer
+        object of the same name."""
+        body: Obj | None = {"preconditions": {"uid": uid}} if uid else None
+        try:
+            await self._call(
+                "DELETE",
+                res.path(namespace, name),
+                f"delete {res.kind} {namespace}/{name}",
+                body=body,
+            )
+        except NotFound:
+            return False
+        except KubeError as e:
+            if "Precondition failed" in str(e) or "UID in precondition" in str(e):
+                return False
+            raise
+        return True
