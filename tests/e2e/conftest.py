@@ -1,0 +1,49 @@
+"""Fixtures for end-to-end tests against real kube-apiservers (see tests/kube.py).
+
+- `kube_bin` (session): the binaries of hack/kube-bin.sh, built on first use. A failed build
+  fails the test with the build's output; it never skips.
+- `kube_clusters` (factory): `clusters = kube_clusters(2)` starts two independent clusters in
+  parallel and stops them at the end of the test; later calls continue the numbering (c3...).
+- `kube_cluster`: one cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kube import KubeBinaries, KubeCluster, KubeControlPlane, KubeError, kube_binaries
+
+
+@pytest.fixture(scope="session")
+def kube_bin() -> KubeBinaries:
+    try:
+        return kube_binaries()
+    except KubeError as e:
+        pytest.fail(f"cannot provide the test control plane: {e}", pytrace=False)
+
+
+@pytest.fixture
+def kube_clusters(
+    kube_bin: KubeBinaries, tmp_path: Path
+) -> Iterator[Callable[[int], list[KubeCluster]]]:
+    planes: list[KubeControlPlane] = []
+    count = 0
+
+    def start(n: int) -> list[KubeCluster]:
+        nonlocal count
+        cp = KubeControlPlane(n, tmp_path / "kube", first_index=count, binaries=kube_bin)
+        planes.append(cp)
+        count += n
+        return cp.start()
+
+    yield start
+    for cp in reversed(planes):
+        cp.close()
+
+
+@pytest.fixture
+def kube_cluster(kube_clusters: Callable[[int], list[KubeCluster]]) -> KubeCluster:
+    return kube_clusters(1)[0]
