@@ -30,7 +30,6 @@ from meshlink.dns.snapshot import Rdata, Snapshot
 log = logging.getLogger(__name__)
 
 MIN_UDP: Final = 512
-MAX_UDP_CAP: Final = 4096
 TCP_LIMIT: Final = 65535
 MAX_CACHED_QUERY: Final = 512
 """Longer queries are answered but never cached (legit queries are far shorter)."""

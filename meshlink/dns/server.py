@@ -17,7 +17,7 @@ import contextlib
 import errno
 import logging
 import socket
-from typing import Final
+from typing import Final, cast
 
 from meshlink.dns.answer import answer
 from meshlink.dns.snapshot import Snapshot
@@ -37,8 +37,8 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio's: cast, do not assert.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         # The hot path: one dict lookup and the id patched (the rest of answer() inlined).
@@ -73,7 +73,7 @@ class _Tcp(asyncio.Protocol):
         self.paused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         if len(self.server.connections) >= self.server.max_connections:
             log.debug("dns: tcp connection refused, %d open", len(self.server.connections))
@@ -190,7 +190,6 @@ class DnsServer:
                     raise
                 last = e
                 continue
-            assert isinstance(udp, asyncio.DatagramTransport)
             self._udp = udp
             self.bound_port = port
             sock = udp.get_extra_info("socket")
