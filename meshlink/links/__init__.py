@@ -1,1 +1,98 @@
-"""Links between sites: link tokens, the grant endpoint, link and peer records on disk."""
+"""Links between sites: link tokens, the grant endpoint, link and peer records on disk.
+
+Modules: ``tokens`` (token text, pure), ``records`` (files under the state directory),
+``issuer`` (token creation and the grant decision, no network), ``grant`` (the HTTPS grant
+endpoint), ``redeem`` (the redeeming client), ``renewal`` (link certificate renewal pieces),
+``contexts`` (gateway TLS contexts from records), ``commands`` (CLI text).
+"""
+
+from meshlink.links.commands import (
+    acmd_link_create,
+    cmd_link_create,
+    cmd_link_delete,
+    cmd_link_list,
+    cmd_peer_list,
+    cmd_peer_revoke,
+    cmd_token_create,
+    cmd_token_list,
+    cmd_token_revoke,
+    read_token_arg,
+)
+from meshlink.links.contexts import gateway_server_context, link_client_context
+from meshlink.links.grant import REDEEM_PATH, GrantServer, RunningGrant, start_grant_server
+from meshlink.links.issuer import REFUSALS, GrantRefused, create_token, decide_redeem, sign_renewal
+from meshlink.links.records import (
+    LinkRecord,
+    PeerRecord,
+    RecordNotFound,
+    TokenRecord,
+    delete_link,
+    find_link_to,
+    is_peer_allowed,
+    link_cert_path,
+    list_links,
+    list_peers,
+    list_tokens,
+    load_link,
+    load_peer,
+    load_token_record,
+    revoke_peer,
+    revoke_token,
+)
+from meshlink.links.redeem import redeem
+from meshlink.links.renewal import (
+    link_renewal_due,
+    renewal_csr,
+    renewal_due,
+    store_renewed_cert,
+)
+from meshlink.links.tokens import TOKEN_PREFIX, Token, decode_token, encode_token
+
+__all__ = [
+    "REDEEM_PATH",
+    "REFUSALS",
+    "TOKEN_PREFIX",
+    "GrantRefused",
+    "GrantServer",
+    "LinkRecord",
+    "PeerRecord",
+    "RecordNotFound",
+    "RunningGrant",
+    "Token",
+    "TokenRecord",
+    "acmd_link_create",
+    "cmd_link_create",
+    "cmd_link_delete",
+    "cmd_link_list",
+    "cmd_peer_list",
+    "cmd_peer_revoke",
+    "cmd_token_create",
+    "cmd_token_list",
+    "cmd_token_revoke",
+    "create_token",
+    "decide_redeem",
+    "decode_token",
+    "delete_link",
+    "encode_token",
+    "find_link_to",
+    "gateway_server_context",
+    "is_peer_allowed",
+    "link_cert_path",
+    "link_client_context",
+    "link_renewal_due",
+    "list_links",
+    "list_peers",
+    "list_tokens",
+    "load_link",
+    "load_peer",
+    "load_token_record",
+    "read_token_arg",
+    "redeem",
+    "renewal_csr",
+    "renewal_due",
+    "revoke_peer",
+    "revoke_token",
+    "sign_renewal",
+    "start_grant_server",
+    "store_renewed_cert",
+]

@@ -85,6 +85,11 @@ class SiteIdentity:
     gateway: CertKey
 
     @property
+    def state_dir(self) -> Path:
+        """The state directory this identity lives in (``pki_dir``'s parent)."""
+        return self.pki_dir.parent
+
+    @property
     def ca_key_path(self) -> Path:
         return self.pki_dir / "ca.key"
 

@@ -1,0 +1,133 @@
+"""The link commands of the CLI: each takes the site config and returns the text to print.
+
+Nothing here prints; errors are MeshlinkError subclasses whose message is the line to show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from meshlink.config import SiteConfig
+from meshlink.errors import ConfigError, PkiError
+from meshlink.links.issuer import create_token
+from meshlink.links.records import (
+    delete_link,
+    link_cert_path,
+    list_links,
+    list_peers,
+    list_tokens,
+    revoke_peer,
+    revoke_token,
+)
+from meshlink.links.redeem import redeem
+from meshlink.links.tokens import TOKEN_PREFIX
+from meshlink.pki import SiteIdentity, atomic_write, load_cert
+
+
+def _ts(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if unix else "-"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def _identity(cfg: SiteConfig) -> SiteIdentity:
+    return SiteIdentity.load_or_create(cfg.state_dir, cfg.site)
+
+
+def read_token_arg(arg: str) -> str:
+    """The token itself, ``-`` for standard input, or a file holding it."""
+    if arg.startswith(TOKEN_PREFIX[: len("meshlink-token-")]):
+        return arg
+    if arg == "-":
+        return sys.stdin.read().strip()
+    try:
+        return Path(arg).read_text(encoding="utf-8", errors="replace").strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read token file {arg}: {e.strerror}") from None
+
+
+def cmd_token_create(
+    cfg: SiteConfig,
+    *,
+    expiry: timedelta = timedelta(minutes=15),
+    uses: int = 1,
+    output: Path | None = None,
+) -> str:
+    """Create a token; with ``output`` write it there (0600) and say so, else return it."""
+    token = create_token(_identity(cfg), str(cfg.grant_address), expiry=expiry, uses=uses)
+    if output is None:
+        return token
+    try:
+        atomic_write(Path(output), (token + "\n").encode(), 0o600)
+    except PkiError as e:
+        raise ConfigError(str(e), key="-o") from None
+    return (
+        f"token written to {output} (valid {expiry}, {uses} use(s)); "
+        f"on the other site run: meshlink link create {output}"
+    )
+
+
+def cmd_token_list(cfg: SiteConfig) -> str:
+    now = time.time()
+    rows = [("TOKEN", "USES LEFT", "EXPIRES", "STATE")]
+    for t in list_tokens(cfg.state_dir):
+        state = "expired" if now >= t.expires else ("used up" if t.uses_left <= 0 else "valid")
+        rows.append((t.id, f"{t.uses_left}/{t.uses}", _ts(t.expires), state))
+    return _table(rows)
+
+
+def cmd_token_revoke(cfg: SiteConfig, token_id: str) -> str:
+    revoke_token(cfg.state_dir, token_id)
+    return f"token {token_id} revoked"
+
+
+async def acmd_link_create(cfg: SiteConfig, token_arg: str, *, name: str | None = None) -> str:
+    rec = await redeem(_identity(cfg), cfg.state_dir, read_token_arg(token_arg), name=name)
+    return f"linked to site {rec.peer_site} as {rec.name!r} via {', '.join(rec.endpoints)}"
+
+
+def cmd_link_create(cfg: SiteConfig, token_arg: str, *, name: str | None = None) -> str:
+    """Redeem a token (runs its own event loop; from async code use ``acmd_link_create``)."""
+    return asyncio.run(acmd_link_create(cfg, token_arg, name=name))
+
+
+def cmd_link_list(cfg: SiteConfig) -> str:
+    rows = [("NAME", "PEER", "ENDPOINTS", "CERT EXPIRES", "CREATED")]
+    for r in list_links(cfg.state_dir):
+        try:
+            expires = _ts(
+                load_cert(link_cert_path(cfg.state_dir, r.name)).not_valid_after_utc.timestamp()
+            )
+        except PkiError:
+            expires = "missing"
+        rows.append((r.name, r.peer_site, ",".join(r.endpoints), expires, _ts(r.created)))
+    return _table(rows)
+
+
+def cmd_link_delete(cfg: SiteConfig, name: str) -> str:
+    rec = delete_link(cfg.state_dir, name)
+    return f"link {name} to site {rec.peer_site} deleted"
+
+
+def cmd_peer_list(cfg: SiteConfig) -> str:
+    rows = [("PEER", "LINKED AT", "TOKEN", "CERT EXPIRES")]
+    rows += [
+        (p.site, _ts(p.linked_at), p.token_id, _ts(p.cert_not_after))
+        for p in list_peers(cfg.state_dir)
+    ]
+    return _table(rows)
+
+
+def cmd_peer_revoke(cfg: SiteConfig, site: str) -> str:
+    revoke_peer(cfg.state_dir, site)
+    return f"peer {site} revoked: its gateway is refused from now on"

@@ -1,0 +1,27 @@
+"""TLS contexts for the gateway, built from this site's identity and its link records.
+
+Who trusts what: an issuer signs the client certificate of every site that redeems one of its
+tokens, so its listener trusts only its own CA for clients and then authorizes the peer's
+site id against its peer records (``is_peer_allowed``). A redeemer dials with the client
+certificate of the link and trusts only the peer's CA recorded in the link.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+from meshlink.links.records import LinkRecord
+from meshlink.pki import SiteIdentity, client_context, server_context
+
+
+def gateway_server_context(identity: SiteIdentity) -> ssl.SSLContext:
+    """The link listener's context: our gateway certificate, clients signed by our CA."""
+    return server_context(identity.gateway_cert_path, identity.gateway_key_path, [identity.ca_pem])
+
+
+def link_client_context(identity: SiteIdentity, link: LinkRecord) -> ssl.SSLContext:
+    """The dialer's context for one link: its client certificate, the peer's CA only."""
+    return client_context(
+        Path(link.cert_path), identity.gateway_key_path, link.peer_ca_pem.encode("ascii")
+    )

@@ -1,0 +1,129 @@
+"""The grant endpoint: HTTPS (TLS 1.3, server certificate from the site CA, no client
+certificate) with one route, ``POST /v1/redeem``, carrying ``issuer.decide_redeem``.
+
+Request: ``{token_id, secret, site, ca_pem, csr_pem}``. Success (200):
+``{site, ca_pem, cert_pem, endpoints}``. Refusal: ``{error: <code>, message: <one line>}``
+with the status of ``issuer.REFUSALS``. Decisions are serialised by one asyncio lock, so a
+token's uses are consumed exactly once each; file writes are atomic renames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from meshlink.errors import MeshlinkError
+from meshlink.links.issuer import GrantRefused, decide_redeem
+from meshlink.links.tokens import split_hostport
+from meshlink.pki import LINK_CERT_LIFETIME, SiteIdentity, grant_server_context
+
+log = logging.getLogger(__name__)
+
+REDEEM_PATH: Final = "/v1/redeem"
+MAX_BODY: Final = 64 * 1024
+
+
+def _refusal(code: str, status: int, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+class GrantServer:
+    """The aiohttp application of the grant endpoint for one site."""
+
+    def __init__(
+        self,
+        identity: SiteIdentity,
+        state_dir: Path,
+        gateway_endpoints: Sequence[str],
+        *,
+        cert_lifetime: timedelta = LINK_CERT_LIFETIME,
+        clock: Callable[[], float] = time.time,
+    ):
+        for ep in gateway_endpoints:
+            split_hostport(ep)  # ValueError here is a programming error of the caller
+        self.identity = identity
+        self.state_dir = Path(state_dir)
+        self.gateway_endpoints = tuple(gateway_endpoints)
+        self.cert_lifetime = cert_lifetime
+        self.clock = clock
+        self._lock = asyncio.Lock()
+
+    def make_app(self, middlewares: Iterable[Middleware] = ()) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=list(middlewares))
+        app.router.add_post(REDEEM_PATH, self._redeem)
+        return app
+
+    async def _redeem(self, request: web.Request) -> web.Response:
+        peer = request.remote or "?"
+        try:
+            body = await request.json(loads=json.loads)
+        except web.HTTPRequestEntityTooLarge:
+            return _refusal("malformed_request", 400, f"the request is over {MAX_BODY} bytes")
+        except (ValueError, UnicodeDecodeError):
+            return _refusal("malformed_request", 400, "the request body is not JSON")
+        async with self._lock:
+            try:
+                answer = decide_redeem(
+                    self.identity,
+                    self.state_dir,
+                    body,
+                    endpoints=self.gateway_endpoints,
+                    cert_lifetime=self.cert_lifetime,
+                    now=self.clock(),
+                )
+            except GrantRefused as e:
+                log.info("grant refused to %s: %s", peer, e.code)
+                return _refusal(e.code, e.status, str(e))
+            except MeshlinkError as e:  # e.g. a damaged record file: our side, say so
+                log.warning("grant failed for %s: %s", peer, e)
+                return _refusal("internal", 500, f"the issuing site failed: {e}")
+        return web.json_response(answer)
+
+
+@dataclass
+class RunningGrant:
+    """A started grant endpoint; ``await close()`` stops it."""
+
+    runner: web.AppRunner
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_grant_server(
+    server: GrantServer,
+    host: str,
+    port: int,
+    *,
+    middlewares: Iterable[Middleware] = (),
+) -> RunningGrant:
+    """Serve ``server`` over TLS on ``host:port`` (port 0: any free port)."""
+    ident = server.identity
+    ctx = grant_server_context(ident.gateway_chain_path, ident.gateway_key_path)
+    runner = web.AppRunner(server.make_app(middlewares), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, shutdown_timeout=2.0)
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        raise MeshlinkError(f"cannot listen for grants on {host}:{port}: {e.strerror}") from None
+    bound = runner.addresses[0]
+    log.info("grant endpoint listening on %s:%s", host, bound[1])
+    return RunningGrant(runner=runner, host=host, port=int(bound[1]))

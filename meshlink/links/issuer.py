@@ -1,0 +1,305 @@
+"""The issuing side of a link: creating tokens and deciding a redemption (no network I/O).
+
+``decide_redeem`` is the whole grant decision as a function of the files in the state
+directory and one request body; ``grant.py`` only carries it over HTTPS. Checks, in order:
+malformed request; unknown token id or wrong secret (the same answer for both, and the
+secret's hash is compared in constant time even for unknown ids, so a caller without the
+secret learns nothing about an id); expired; used up; site id clash; bad CA or CSR. The
+secret is checked before expiry and uses on purpose: otherwise "expired" or "used up" would
+tell a caller without the secret that the id exists. A use is consumed only when a
+certificate is signed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from cryptography import x509
+
+from meshlink.errors import (
+    MeshlinkError,
+    PkiError,
+    SiteIdClash,
+    TokenError,
+    TokenExpired,
+    TokenMalformed,
+    TokenUnknown,
+    TokenUsedUp,
+)
+from meshlink.links.records import (
+    PeerRecord,
+    TokenRecord,
+    find_link_to,
+    is_peer_allowed,
+    load_peer,
+    load_token_record,
+    prune_tokens,
+    secret_hash,
+    write_peer,
+    write_token_record,
+)
+from meshlink.links.tokens import (
+    Token,
+    encode_token,
+    is_token_id,
+    new_secret,
+    new_token_id,
+    split_hostport,
+)
+from meshlink.pki import (
+    LINK_CERT_LIFETIME,
+    SiteIdentity,
+    cert_from_pem,
+    cert_to_pem,
+    csr_from_pem,
+    is_site_id,
+    sign_csr,
+    site_id_of,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_TOKEN_EXPIRY: Final = timedelta(days=30)
+MAX_TOKEN_USES: Final = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: str
+    status: int
+    error: type[TokenError]
+
+
+REFUSALS: Final[Mapping[str, Refusal]] = {
+    r.code: r
+    for r in (
+        Refusal("malformed_request", 400, TokenMalformed),
+        Refusal("unknown_token", 404, TokenUnknown),
+        Refusal("token_expired", 410, TokenExpired),
+        Refusal("token_used_up", 403, TokenUsedUp),
+        Refusal("site_id_clash", 409, SiteIdClash),
+        Refusal("bad_csr", 422, TokenError),
+    )
+}
+"""Every way the grant endpoint refuses: JSON ``error`` code, HTTP status, redeemer's error."""
+
+
+class GrantRefused(MeshlinkError):
+    """A redemption was refused; ``code`` is a key of REFUSALS."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.status = REFUSALS[code].status
+
+
+def _ts(unix: float) -> str:
+    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def create_token(
+    identity: SiteIdentity,
+    grant_address: str,
+    *,
+    expiry: timedelta = timedelta(minutes=15),
+    uses: int = 1,
+    now: float | None = None,
+) -> str:
+    """Make a token for ``identity``'s site, store its hash, and return the token text."""
+    if not timedelta(seconds=1) <= expiry <= MAX_TOKEN_EXPIRY:
+        raise TokenError(f"token expiry {expiry} must be between 1 second and 30 days")
+    if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= MAX_TOKEN_USES:
+        raise TokenError(f"token uses {uses!r} must be between 1 and {MAX_TOKEN_USES}")
+    try:
+        split_hostport(grant_address)
+    except ValueError as e:
+        raise TokenError(f"grant address: {e}; set grant.advertise in the site config") from None
+    now = time.time() if now is None else now
+    state_dir = identity.state_dir
+    prune_tokens(state_dir, now=now)
+    token = Token(
+        id=new_token_id(),
+        secret=new_secret(),
+        grant=grant_address,
+        pin=identity.pin,
+        site=identity.site_id,
+        exp=int(now + expiry.total_seconds()),
+    )
+    text = encode_token(token)
+    write_token_record(
+        state_dir,
+        TokenRecord(
+            id=token.id,
+            secret_sha256=secret_hash(token.secret),
+            uses=uses,
+            uses_left=uses,
+            expires=token.exp,
+            created=int(now),
+        ),
+    )
+    log.info("token %s created (%d use(s), expires %s)", token.id, uses, _ts(token.exp))
+    return text
+
+
+_FIELDS: Final = ("token_id", "secret", "site", "ca_pem", "csr_pem")
+_DUMMY_HASH: Final = "0" * 64
+
+
+def _parse_request(body: object) -> dict[str, str]:
+    if not isinstance(body, dict):
+        raise GrantRefused("malformed_request", "the request body must be a JSON object")
+    out = {}
+    for name in _FIELDS:
+        value = body.get(name)
+        if not isinstance(value, str) or not value:
+            raise GrantRefused("malformed_request", f"the request lacks the text field {name!r}")
+        out[name] = value
+    if not is_site_id(out["site"]):
+        raise GrantRefused("malformed_request", f"the site id {out['site']!r} is not a DNS label")
+    return out
+
+
+def _check_peer_ca(ca_pem: str, site: str) -> x509.Certificate:
+    try:
+        ca = cert_from_pem(ca_pem, "the CA certificate")
+        owner = site_id_of(ca)
+        is_ca = ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except (PkiError, x509.ExtensionNotFound, ValueError) as e:
+        raise GrantRefused(
+            "bad_csr", f"the redeeming site's CA certificate is unusable: {e}"
+        ) from None
+    if not is_ca or owner != site:
+        raise GrantRefused(
+            "bad_csr", f"the CA certificate sent is not a meshlink CA for site {site!r}"
+        )
+    return ca
+
+
+def decide_redeem(
+    identity: SiteIdentity,
+    state_dir: Path,
+    body: object,
+    *,
+    endpoints: Sequence[str],
+    cert_lifetime: timedelta = LINK_CERT_LIFETIME,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """Decide one redemption against the records in ``state_dir``.
+
+    Returns the success answer, or raises GrantRefused. Not safe to run concurrently for
+    one state directory: the caller serialises (the grant server holds a lock).
+    """
+    now = time.time() if now is None else now
+    req = _parse_request(body)
+    tid = req["token_id"]
+    rec = load_token_record(state_dir, tid) if is_token_id(tid) else None
+    # Constant-time comparison, made even when the id is unknown.
+    ok = hmac.compare_digest(secret_hash(req["secret"]), rec.secret_sha256 if rec else _DUMMY_HASH)
+    if rec is None or not ok:
+        raise GrantRefused(
+            "unknown_token",
+            f"site {identity.site_id} has no such token (never issued, revoked, or its "
+            "secret was changed): ask its operator for a new token",
+        )
+    if now >= rec.expires:
+        raise GrantRefused(
+            "token_expired",
+            f"the token expired at {_ts(rec.expires)}: ask site {identity.site_id} "
+            "for a new one (`meshlink token create`)",
+        )
+    if rec.uses_left <= 0:
+        raise GrantRefused(
+            "token_used_up",
+            f"the token was already used ({rec.uses} use(s) allowed): ask site "
+            f"{identity.site_id} for a new one (`meshlink token create --uses N`)",
+        )
+    site = req["site"]
+    if site == identity.site_id:
+        raise GrantRefused(
+            "site_id_clash",
+            f"the redeeming site has the issuer's own site id {site!r}: "
+            "every site needs its own id",
+        )
+    if is_peer_allowed(state_dir, site):
+        raise GrantRefused(
+            "site_id_clash",
+            f"a site with id {site!r} is already linked to {identity.site_id}: if it is the "
+            f"same site there is nothing to do; otherwise revoke it there first "
+            f"(`meshlink peer revoke {site}`) or give the new site another id",
+        )
+    if find_link_to(state_dir, site) is not None:
+        raise GrantRefused(
+            "site_id_clash",
+            f"site {identity.site_id} already has a link to {site!r} (it redeemed a token of "
+            "yours): one link per pair of sites is enough",
+        )
+    ca = _check_peer_ca(req["ca_pem"], site)
+    try:
+        csr = csr_from_pem(req["csr_pem"])
+        cert = sign_csr(identity.ca, csr, expected_site_id=site, lifetime=cert_lifetime)
+    except PkiError as e:
+        raise GrantRefused("bad_csr", str(e)) from None
+    write_token_record(
+        state_dir,
+        TokenRecord(
+            id=rec.id,
+            secret_sha256=rec.secret_sha256,
+            uses=rec.uses,
+            uses_left=rec.uses_left - 1,
+            expires=rec.expires,
+            created=rec.created,
+        ),
+    )
+    write_peer(
+        state_dir,
+        PeerRecord(
+            site=site,
+            ca_pem=cert_to_pem(ca).decode(),
+            linked_at=now,
+            token_id=rec.id,
+            cert_not_after=cert.not_valid_after_utc.timestamp(),
+        ),
+    )
+    log.info("site %s linked with token %s", site, rec.id)
+    return {
+        "site": identity.site_id,
+        "ca_pem": identity.ca_pem.decode(),
+        "cert_pem": cert_to_pem(cert).decode(),
+        "endpoints": list(endpoints),
+    }
+
+
+def sign_renewal(
+    identity: SiteIdentity,
+    state_dir: Path,
+    peer_site: str,
+    csr_pem: str,
+    *,
+    lifetime: timedelta = LINK_CERT_LIFETIME,
+) -> str:
+    """Issuer side of renewal over a live link: a fresh client certificate for a current peer."""
+    peer = load_peer(state_dir, peer_site) if is_site_id(peer_site) else None
+    if peer is None:
+        raise PkiError(f"site {peer_site!r} is not a peer (revoked?): its renewal is refused")
+    cert = sign_csr(
+        identity.ca, csr_from_pem(csr_pem), expected_site_id=peer_site, lifetime=lifetime
+    )
+    write_peer(
+        state_dir,
+        PeerRecord(
+            site=peer.site,
+            ca_pem=peer.ca_pem,
+            linked_at=peer.linked_at,
+            token_id=peer.token_id,
+            cert_not_after=cert.not_valid_after_utc.timestamp(),
+        ),
+    )
+    log.info("renewed the link certificate of site %s", peer_site)
+    return cert_to_pem(cert).decode()
