@@ -80,6 +80,7 @@ class _Tcp(asyncio.Protocol):
             transport.abort()
             return
         self.server.connections.add(self)
+        self.server.tcp_accepted += 1
         self._arm()
 
     def _arm(self) -> None:
@@ -158,6 +159,8 @@ class DnsServer:
         self.snapshot = snapshot
         self.udp_cache = snapshot.cache(max_udp, False)
         self.connections: set[_Tcp] = set()
+        self.tcp_accepted = 0
+        """TCP connections accepted so far (for status and tests)."""
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self.bound_port = 0
