@@ -240,8 +240,10 @@ class Kube:
         finally:
             resp.close()  # an unfinished watch cannot go back to the pool
 
-    async def apply(self, res: Resource, obj: Obj, sub: str | None = None) -> Obj:
-        """Server-side apply as field manager ``meshlink``, forcing ownership."""
+    async def apply(
+        self, res: Resource, obj: Obj, sub: str | None = None, manager: str = FIELD_MANAGER
+    ) -> Obj:
+        """Server-side apply as field manager ``manager`` (meshlink), forcing ownership."""
         meta = obj["metadata"]
         name = meta["name"]
         return cast(
@@ -250,7 +252,7 @@ class Kube:
                 "PATCH",
                 res.path(meta.get("namespace"), name, sub),
                 f"apply {res.kind} {meta.get('namespace', '')}/{name}",
-                query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+                query=[("fieldManager", manager), ("force", "true")],
                 body=obj,
                 content_type=APPLY_CONTENT_TYPE,
             ),
