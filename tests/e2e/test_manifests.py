@@ -1,0 +1,391 @@
+"""manifests/ renders, applies to a real API server (server-side apply), and means what it says:
+CRD versions, least-privilege RBAC, the admission policy, and a restricted-compliant pod."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from meshlink.config import parse
+from tests.kube import (
+    MCS_CRDS,
+    REPO,
+    KubeBinaries,
+    KubeCluster,
+    KubectlError,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+MANIFESTS = REPO / "manifests"
+SA = "system:serviceaccount:meshlink-system:meshlink"
+
+
+def _render(kubectl: Path) -> list[dict[str, Any]]:
+    import subprocess
+
+    out = subprocess.run(
+        [str(kubectl), "kustomize", str(MANIFESTS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def rendered(kube_bin: KubeBinaries) -> list[dict[str, Any]]:
+    return _render(kube_bin.kubectl)
+
+
+@pytest.fixture
+def applied(kube_cluster: KubeCluster) -> KubeCluster:
+    c = kube_cluster
+    c.kubectl("apply", "--server-side", "--field-manager=meshlink-tests", "-k", str(MANIFESTS))
+    c.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        *(f"crd/{n}" for n in MCS_CRDS),
+        timeout=40,
+    )
+    return c
+
+
+def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
+    kinds = sorted({d["kind"] for d in rendered})
+    assert kinds == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Namespace",
+        "PersistentVolumeClaim",
+        "Service",
+        "ServiceAccount",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    ]
+    crds = {d["metadata"]["name"] for d in rendered if d["kind"] == "CustomResourceDefinition"}
+    assert crds == set(MCS_CRDS)
+    for d in rendered:
+        assert d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "meshlink"
+        if d["kind"] in {
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "PersistentVolumeClaim",
+        }:
+            assert d["metadata"]["namespace"] == "meshlink-system", d["metadata"]["name"]
+
+    dep = _one(rendered, "Deployment", "meshlink")
+    pod = dep["spec"]["template"]["spec"]
+    (ctr,) = pod["containers"]
+    assert ctr["image"] == "ghcr.io/meshlink/meshlink:0.1.0"
+    assert ctr["args"][0] == "run"
+    assert "--components=gateway,controller,dns,ops,grant" in ctr["args"]
+    assert pod["serviceAccountName"] == "meshlink"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    sc = ctr["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert dep["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_site_config_matches_the_pod_and_services(rendered: list[dict[str, Any]]) -> None:
+    """The shipped config parses with meshlink's own parser, and its ports are the ones the
+    container, the probes and the Services use."""
+    cm = _one(rendered, "ConfigMap", "meshlink-config")
+    cfg = parse(yaml.safe_load(cm["data"]["config.yaml"]), source="manifests/config.yaml")
+    assert cfg.kubernetes is not None
+    assert cfg.kubernetes.namespace == "meshlink-system"
+    assert cfg.kubernetes.kubeconfig is None  # in-cluster service account
+    assert str(cfg.state_dir) == "/var/lib/meshlink"
+
+    dep = _one(rendered, "Deployment", "meshlink")
+    pod = dep["spec"]["template"]["spec"]
+    (ctr,) = pod["containers"]
+    ports = {p["name"]: (p["containerPort"], p["protocol"]) for p in ctr["ports"]}
+    assert ports["tunnel"] == (cfg.gateway_listen.port, "TCP")
+    assert ports["grant"] == (cfg.grant_listen.port, "TCP")
+    assert ports["ops"] == (cfg.ops_listen.port, "TCP")
+    assert ports["dns-udp"] == (cfg.dns.listen.port, "UDP")
+    assert ports["dns-tcp"] == (cfg.dns.listen.port, "TCP")
+    assert ctr["readinessProbe"]["httpGet"]["port"] == "ops"
+    # Derived Services select the gateway pods by the configured selector.
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dict(cfg.kubernetes.gateway_selector).items() <= pod_labels.items()
+    mounts = {m["mountPath"] for m in ctr["volumeMounts"]}
+    assert {"/etc/meshlink", str(cfg.state_dir), "/tmp"} <= mounts
+
+    dns = _one(rendered, "Service", "meshlink-dns")
+    assert sorted((p["port"], p["protocol"], p["targetPort"]) for p in dns["spec"]["ports"]) == [
+        (53, "TCP", "dns-tcp"),
+        (53, "UDP", "dns-udp"),
+    ]
+    gw = _one(rendered, "Service", "meshlink-gateway")
+    assert {p["targetPort"] for p in gw["spec"]["ports"]} == {"tunnel", "grant"}
+    for svc in (dns, gw):
+        assert svc["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_applies_server_side_and_objects_exist(
+    applied: KubeCluster, rendered: list[dict[str, Any]]
+) -> None:
+    c = applied
+    for d in rendered:
+        ns = d["metadata"].get("namespace")
+        args = [d["kind"].lower(), d["metadata"]["name"]] + (["-n", ns] if ns else [])
+        if d["kind"].startswith("ValidatingAdmissionPolicy"):
+            args[0] = f"{d['kind'].lower()}.admissionregistration.k8s.io"
+        assert c.exists(*args), f"{d['kind']}/{d['metadata']['name']} missing after apply"
+        live = c.get_json(*args, "--show-managed-fields")
+        managers = {m["manager"] for m in live["metadata"]["managedFields"]}
+        assert "meshlink-tests" in managers, (d["kind"], managers)
+
+    # Applying again is a no-op, not a conflict.
+    c.kubectl("apply", "--server-side", "--field-manager=meshlink-tests", "-k", str(MANIFESTS))
+
+    for name in MCS_CRDS:
+        crd = c.get_json("crd", name)
+        versions = {v["name"]: (v["served"], v["storage"]) for v in crd["spec"]["versions"]}
+        assert versions == {"v1alpha1": (True, False), "v1beta1": (True, True)}, name
+        assert crd["status"]["storedVersions"] == ["v1beta1"], name
+        established = [x for x in crd["status"]["conditions"] if x["type"] == "Established"]
+        assert established[0]["status"] == "True", name
+        if name.endswith("multicluster.x-k8s.io"):
+            assert crd["spec"]["versions"][1]["subresources"] == {"status": {}}
+
+    # Short names work.
+    c.kubectl("get", "svcex", "-A")
+    c.kubectl("get", "svcim", "-A")
+
+
+def test_v1alpha1_export_reads_back_as_v1beta1(applied: KubeCluster) -> None:
+    c = applied
+    c.kubectl("create", "namespace", "demo")
+    c.apply(
+        json.dumps(
+            {
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport",
+                "metadata": {"name": "web", "namespace": "demo"},
+                "spec": {"exportedLabels": {"tier": "front"}},
+            }
+        )
+    )
+    beta = c.get_json("serviceexports.v1beta1.multicluster.x-k8s.io", "web", "-n", "demo")
+    assert beta["apiVersion"] == "multicluster.x-k8s.io/v1beta1"
+    assert beta["spec"]["exportedLabels"] == {"tier": "front"}
+    alpha = c.get_json("serviceexports.v1alpha1.multicluster.x-k8s.io", "web", "-n", "demo")
+    assert alpha["apiVersion"] == "multicluster.x-k8s.io/v1alpha1"
+    assert alpha["metadata"]["uid"] == beta["metadata"]["uid"]
+
+    # The status subresource takes conditions (reasons may be comma-joined, as the KEP's are).
+    cond = {
+        "type": "Conflict",
+        "status": "True",
+        "reason": "PortConflict,TypeConflict",
+        "message": "demo",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    c.kubectl(
+        "patch",
+        "svcex",
+        "web",
+        "-n",
+        "demo",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"conditions": [cond]}}),
+    )
+    got = c.get_json("svcex", "web", "-n", "demo")["status"]["conditions"]
+    assert [(x["type"], x["reason"]) for x in got] == [("Conflict", "PortConflict,TypeConflict")]
+
+    # A ServiceImport with three IPs is refused by the schema (one per family, at most two).
+    with pytest.raises(KubectlError, match="ips"):
+        c.apply(
+            json.dumps(
+                {
+                    "apiVersion": "multicluster.x-k8s.io/v1beta1",
+                    "kind": "ServiceImport",
+                    "metadata": {"name": "web", "namespace": "demo"},
+                    "spec": {
+                        "type": "ClusterSetIP",
+                        "ports": [{"port": 80, "protocol": "TCP"}],
+                        "ips": ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+                    },
+                }
+            )
+        )
+
+
+def _can(c: KubeCluster, who: str, *args: str) -> bool:
+    proc = c.kubectl("auth", "can-i", *args, f"--as={who}", check=False)
+    answer = proc.stdout.strip()
+    assert answer in {"yes", "no"}, f"can-i {args}: {proc.stdout!r} {proc.stderr!r}"
+    return answer == "yes"
+
+
+def test_rbac_is_least_privilege(applied: KubeCluster) -> None:
+    c = applied
+    allowed = [
+        ("list", "services", "-A"),
+        ("watch", "endpointslices.discovery.k8s.io", "-A"),
+        ("list", "namespaces"),
+        ("watch", "namespaces"),
+        ("get", "clusterproperties.about.k8s.io"),
+        ("watch", "serviceexports.multicluster.x-k8s.io", "-A"),
+        ("create", "serviceexports.multicluster.x-k8s.io", "-n", "demo"),
+        ("delete", "serviceexports.multicluster.x-k8s.io", "-n", "demo"),
+        ("patch", "serviceexports.multicluster.x-k8s.io", "--subresource=status", "-n", "d"),
+        ("create", "serviceimports.multicluster.x-k8s.io", "-n", "demo"),
+        ("patch", "serviceimports.multicluster.x-k8s.io", "-n", "demo"),
+        ("patch", "serviceimports.multicluster.x-k8s.io", "--subresource=status", "-n", "d"),
+        ("delete", "serviceimports.multicluster.x-k8s.io", "-n", "demo"),
+        ("create", "services", "-n", "demo"),
+        ("patch", "services", "-n", "demo"),
+        ("delete", "services", "-n", "demo"),
+        ("create", "endpointslices.discovery.k8s.io", "-n", "demo"),
+        ("delete", "endpointslices.discovery.k8s.io", "-n", "demo"),
+        ("create", "events", "-n", "demo"),
+        ("create", "events.events.k8s.io", "-n", "demo"),
+    ]
+    denied = [
+        ("delete", "namespaces"),
+        ("create", "namespaces"),
+        ("patch", "namespaces"),
+        ("get", "secrets", "-n", "meshlink-system"),
+        ("list", "secrets", "-A"),
+        ("get", "configmaps", "-n", "kube-system"),
+        ("create", "pods", "-n", "demo"),
+        ("list", "pods", "-A"),
+        ("create", "clusterrolebindings"),
+        ("create", "clusterproperties.about.k8s.io"),
+        ("delete", "customresourcedefinitions.apiextensions.k8s.io"),
+        ("patch", "services", "--subresource=status", "-n", "demo"),
+        ("create", "serviceaccounts/token", "-n", "meshlink-system"),
+        ("impersonate", "users"),
+    ]
+    assert [a for a in allowed if not _can(c, SA, *a)] == []
+    assert [d for d in denied if _can(c, SA, *d)] == []
+
+
+def test_users_may_export_but_never_write_imports(applied: KubeCluster) -> None:
+    """The aggregated roles (bound directly here: no controller-manager aggregates them)."""
+    c = applied
+    c.kubectl("create", "namespace", "team")
+    for role in ("meshlink-mcs-view", "meshlink-mcs-export"):
+        c.kubectl(
+            "create", "rolebinding", f"alice-{role}", f"--clusterrole={role}", "--user=alice",
+            "-n", "team",
+        )  # fmt: skip
+    assert _can(c, "alice", "create", "serviceexports.multicluster.x-k8s.io", "-n", "team")
+    assert _can(c, "alice", "list", "serviceimports.multicluster.x-k8s.io", "-n", "team")
+    for verb in ("create", "patch", "update", "delete"):
+        assert not _can(c, "alice", verb, "serviceimports.multicluster.x-k8s.io", "-n", "team")
+    assert not _can(
+        c, "alice", "patch", "serviceexports.multicluster.x-k8s.io", "--subresource=status",
+        "-n", "team",
+    )  # fmt: skip
+    assert not _can(c, "alice", "create", "serviceexports.multicluster.x-k8s.io", "-n", "other")
+
+
+def _service(name: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "demo"},
+            "spec": {"ports": [{"port": 80, "protocol": "TCP"}]},
+        }
+    )
+
+
+def _slice(name: str, managed_by: str) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": name,
+                "namespace": "demo",
+                "labels": {
+                    "kubernetes.io/service-name": "derived-abc",
+                    "endpointslice.kubernetes.io/managed-by": managed_by,
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.2.3"]}],
+            "ports": [{"port": 80, "protocol": "TCP"}],
+        }
+    )
+
+
+def test_admission_policy_confines_meshlink_to_its_imports(applied: KubeCluster) -> None:
+    c = applied
+    c.kubectl("create", "namespace", "demo")
+    c.apply(_service("web"))  # a user's own Service, written by the admin
+
+    def as_meshlink(*args: str, input: str | None = None) -> str:
+        proc = c.kubectl(*args, f"--as={SA}", input=input, check=False)
+        return "ok" if proc.returncode == 0 else proc.stderr
+
+    # The policy is enforced once the API server has loaded it: wait for the first denial.
+    denial = wait_until(
+        lambda: (lambda r: r if "derived-*" in r else None)(
+            as_meshlink("apply", "--server-side", "-f", "-", input=_service("web2"))
+        ),
+        30,
+        "the admission policy to deny meshlink a non-derived Service",
+    )
+    assert "meshlink may only write derived-* Services" in denial
+    assert "derived-*" in as_meshlink("delete", "service", "web", "-n", "demo")
+    assert as_meshlink("apply", "--server-side", "-f", "-", input=_service("derived-abc")) == "ok"
+    assert as_meshlink("delete", "service", "derived-abc", "-n", "demo") == "ok"
+
+    refused = as_meshlink("apply", "--server-side", "-f", "-", input=_slice("s1", "someone"))
+    assert "managed by meshlink.io" in refused
+    assert (
+        as_meshlink("apply", "--server-side", "-f", "-", input=_slice("s2", "meshlink.io")) == "ok"
+    )
+    # Other subjects are untouched by the policy.
+    c.apply(_service("web3"))
+    assert c.exists("service", "web3", "-n", "demo")
+
+
+def test_pod_template_passes_restricted_pod_security(
+    applied: KubeCluster, rendered: list[dict[str, Any]]
+) -> None:
+    """meshlink-system enforces Pod Security "restricted"; a pod built from the Deployment's
+    template is admitted (server-side dry run), a privileged variant is refused."""
+    c = applied
+    dep = _one(rendered, "Deployment", "meshlink")
+    tmpl = dep["spec"]["template"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "meshlink-probe", "namespace": "meshlink-system", **tmpl["metadata"]},
+        "spec": tmpl["spec"],
+    }
+    c.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod))
+    bad = json.loads(json.dumps(pod))
+    bad["spec"]["containers"][0]["securityContext"]["capabilities"] = {"add": ["NET_ADMIN"]}
+    with pytest.raises(KubectlError, match="restricted"):
+        c.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(bad))
