@@ -450,7 +450,8 @@ async def test_headless_import_carries_remote_endpoints(env: Env) -> None:
     assert not si["spec"].get("ips")
     assert si["spec"]["ipFamilies"] == ["IPv4"]
     derived = await env.derived(1, ns, "db")
-    assert derived is not None and derived["spec"]["clusterIP"] == "None"
+    assert derived is not None
+    assert derived["spec"]["clusterIP"] == "None"
 
     async def slice_with_endpoints() -> Obj | None:
         sl = await env.mcs_slices(1, ns, "db")
@@ -530,7 +531,8 @@ async def test_controller_restart_rebuilds_state_without_orphans(env: Env) -> No
         await eventually(lambda: first.idle(), WAIT, "c2 controller idle")
     keep_before = await env.derived(1, ns, "keep")
     si_before = await env.si(1, ns, "keep")
-    assert keep_before is not None and si_before is not None
+    assert keep_before is not None
+    assert si_before is not None
 
     # While c2's controller is down: one export goes, one comes, and a stray import appears.
     await env.unexport(0, ns, "drop")
@@ -569,7 +571,8 @@ async def test_controller_restart_rebuilds_state_without_orphans(env: Env) -> No
         # Unchanged imports were not re-applied (hashes live on the objects).
         keep_after = await env.derived(1, ns, "keep")
         si_after = await env.si(1, ns, "keep")
-        assert keep_after is not None and si_after is not None
+        assert keep_after is not None
+        assert si_after is not None
         assert (
             keep_after["metadata"]["resourceVersion"] == keep_before["metadata"]["resourceVersion"]
         )

@@ -1,5 +1,5 @@
-"""No tests here: helpers for the controller's end-to-end tests and benchmark: real API servers, real
-controllers, and the in-process carrying of export records between them.
+"""No tests here: helpers for the controller's end-to-end tests and benchmark (real API
+servers, real controllers, and the in-process carrying of export records between them).
 
 ``InProcessClusterset`` stands where the gateway links stand in a deployment: each
 controller's ``publish()`` lands here and every controller's ``update_catalog()`` receives
