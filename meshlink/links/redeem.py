@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -129,7 +130,8 @@ async def _post(
             f"({detail}); nothing was sent to it"
         ) from None
     except aiohttp.ClientConnectorError as e:
-        reason = e.os_error.strerror or _clean(e.os_error)
+        err = e.os_error
+        reason = os.strerror(err.errno) if err.errno else _clean(err) or type(err).__name__
         raise GrantUnreachable(
             f"cannot reach the grant endpoint of site {site} at {address}: {reason}"
         ) from None

@@ -1,0 +1,291 @@
+"""After a real redemption on loopback: the two sites' gateway contexts complete a TLS 1.3
+mutual handshake over real sockets, and a client with a certificate from another CA, with
+no certificate, or forcing TLS 1.2 is refused, with a clear failure on both sides. Also the
+CLI command functions and certificate renewal over the records."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from meshlink import links, pki
+from meshlink.config import HostPort, SiteConfig
+from meshlink.errors import PeerNotAuthorized, PkiError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@dataclass
+class Pair:
+    a: pki.SiteIdentity
+    b: pki.SiteIdentity
+    link: links.LinkRecord  # b's link to a
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> Pair:
+    a = pki.SiteIdentity.load_or_create(tmp_path / "a", "site-a")
+    b = pki.SiteIdentity.load_or_create(tmp_path / "b", "site-b")
+    grant = await links.start_grant_server(
+        links.GrantServer(a, a.state_dir, ["127.0.0.1:1"]), "127.0.0.1", 0
+    )
+    try:
+        rec = await links.redeem(b, b.state_dir, links.create_token(a, grant.address))
+    finally:
+        await grant.close()
+    return Pair(a, b, rec)
+
+
+@dataclass
+class Outcome:
+    site: str | None = None
+    error: BaseException | None = None
+
+
+class Listener:
+    """A TCP listener whose TLS handshakes are awaited by the test's own code
+    (``connect_accepted_socket``), so a failed handshake on the server side reaches the
+    test as an exception instead of a log line."""
+
+    def __init__(self, ctx: ssl.SSLContext, state_dir: Path):
+        self.ctx = ctx
+        self.state_dir = state_dir
+        self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
+        self.sock = socket.socket()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self.sock)
+            task = asyncio.create_task(self._handle(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _handle(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: proto, conn, ssl=self.ctx, ssl_handshake_timeout=5
+            )
+        except (ssl.SSLError, OSError) as e:
+            conn.close()
+            await self.outcomes.put(Outcome(error=e))
+            return
+        writer = asyncio.StreamWriter(transport, proto, reader, loop)
+        try:
+            site = pki.authorize_peer(writer.get_extra_info("ssl_object"))
+            if not links.is_peer_allowed(self.state_dir, site):
+                raise PeerNotAuthorized(f"site {site} is not a peer")
+            data = await asyncio.wait_for(reader.readexactly(4), 5)
+            writer.write(b"pong" if data == b"ping" else b"????")
+            await writer.drain()
+            await self.outcomes.put(Outcome(site=site))
+        except (ssl.SSLError, OSError, PeerNotAuthorized, asyncio.IncompleteReadError) as e:
+            await self.outcomes.put(Outcome(error=e))
+        finally:
+            writer.close()
+
+    async def __aenter__(self) -> tuple[Listener, int]:
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.sock.setblocking(False)
+        self.accepter = asyncio.create_task(self._accept())
+        return self, int(self.sock.getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        for t in (self.accepter, *self.tasks):
+            t.cancel()
+        await asyncio.gather(self.accepter, *self.tasks, return_exceptions=True)
+        self.sock.close()
+
+
+async def ping(port: int, ctx: ssl.SSLContext) -> tuple[str, bytes]:
+    """Dial with ``ctx``, check the server is site-a, send ping; return (site, reply)."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="site-a"), 5
+    )
+    try:
+        site = pki.authorize_peer(writer.get_extra_info("ssl_object"), "site-a")
+        writer.write(b"ping")
+        await writer.drain()
+        return site, await asyncio.wait_for(reader.read(4), 5)
+    finally:
+        writer.close()
+
+
+async def test_mtls_between_linked_sites(pair: Pair) -> None:
+    server_ctx = links.gateway_server_context(pair.a)
+    async with Listener(server_ctx, pair.a.state_dir) as (lst, port):
+        site, reply = await ping(port, links.link_client_context(pair.b, pair.link))
+        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    assert site == "site-a"
+    assert reply == b"pong"
+    assert out.error is None
+    assert out.site == "site-b"
+
+
+async def test_revoked_peer_refused_after_handshake(pair: Pair) -> None:
+    links.revoke_peer(pair.a.state_dir, "site-b")
+    async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
+        _site, reply = await ping(port, links.link_client_context(pair.b, pair.link))
+        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    assert reply == b""  # closed without an answer
+    assert isinstance(out.error, PeerNotAuthorized)
+    assert "site site-b is not a peer" in str(out.error)
+
+
+async def client_failure(port: int, ctx: ssl.SSLContext) -> tuple[str, BaseException | bytes]:
+    """Where and how the client fails: ("connect", error) when the handshake fails, or
+    ("read", error or bytes read) when it completes but the server then refuses."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="site-a"), 5
+        )
+    except (ssl.SSLError, OSError) as e:
+        return "connect", e
+    try:
+        writer.write(b"ping")
+        await writer.drain()
+        return "read", await asyncio.wait_for(reader.read(4), 5)
+    except (ssl.SSLError, OSError) as e:
+        return "read", e
+    finally:
+        writer.close()
+
+
+def refused_after_handshake(seen: tuple[str, BaseException | bytes]) -> bool:
+    """TLS 1.3: the client finishes its handshake before the server checks its certificate,
+    so a refusal shows up at its first read, as EOF or as the server's alert."""
+    stage, what = seen
+    return stage == "read" and (what == b"" or isinstance(what, (ssl.SSLError, OSError)))
+
+
+async def test_client_cert_from_other_ca_refused(pair: Pair) -> None:
+    # site-b presents its own gateway certificate, signed by its own CA, not by site-a's
+    ctx = pki.client_context(pair.b.gateway_cert_path, pair.b.gateway_key_path, pair.a.ca_pem)
+    async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
+        seen = await client_failure(port, ctx)
+        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    assert isinstance(out.error, ssl.SSLError)
+    assert "certificate verify failed" in str(out.error)
+    assert refused_after_handshake(seen), seen
+
+
+async def test_no_client_cert_refused(pair: Pair) -> None:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=pair.a.ca_pem.decode())
+    ctx.set_alpn_protocols([pki.ALPN_LINK])
+    async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
+        seen = await client_failure(port, ctx)
+        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    assert isinstance(out.error, ssl.SSLError)
+    assert "peer did not return a certificate" in str(out.error)
+    assert refused_after_handshake(seen), seen
+
+
+async def test_tls12_client_refused(pair: Pair) -> None:
+    ctx = links.link_client_context(pair.b, pair.link)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
+        seen = await client_failure(port, ctx)
+        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    assert isinstance(out.error, ssl.SSLError)
+    assert "unsupported protocol" in str(out.error)
+    # the server refuses the ClientHello: the client fails in its handshake
+    stage, what = seen
+    assert stage == "connect"
+    assert isinstance(what, (ssl.SSLError, ConnectionResetError)), what
+
+
+async def test_server_of_other_site_refused_by_dialer(pair: Pair, tmp_path: Path) -> None:
+    # an impostor listener with a certificate from another CA: the dialer refuses it
+    evil = pki.SiteIdentity.load_or_create(tmp_path / "evil", "site-a")
+    async with Listener(
+        pki.server_context(evil.gateway_cert_path, evil.gateway_key_path, [pair.a.ca_pem]),
+        pair.a.state_dir,
+    ) as (lst, port):
+        seen = await client_failure(port, links.link_client_context(pair.b, pair.link))
+        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    stage, what = seen
+    assert stage == "connect"
+    assert isinstance(what, ssl.SSLCertVerificationError)
+    assert "unable to get local issuer certificate" in str(what)
+    assert out.error is not None
+
+
+# -- records, renewal and CLI command text ---------------------------------------------
+
+
+async def test_renewal_over_records(pair: Pair) -> None:
+    assert not links.link_renewal_due(pair.b.state_dir, pair.link.name)
+    later = pki.utcnow() + timedelta(hours=17)
+    assert links.link_renewal_due(pair.b.state_dir, pair.link.name, later)
+    old = pki.load_cert(Path(pair.link.cert_path))
+    pem = links.sign_renewal(pair.a, pair.a.state_dir, "site-b", links.renewal_csr(pair.b))
+    new = links.store_renewed_cert(pair.b, pair.b.state_dir, pair.link.name, pem)
+    assert new.serial_number != old.serial_number
+    assert pki.load_cert(Path(pair.link.cert_path)) == new
+    # a certificate for another key is not stored
+    stranger = pki.issue_cert(
+        pair.a.ca, "site-b", pki.new_key().public_key(), lifetime=timedelta(hours=1)
+    )
+    with pytest.raises(PkiError, match="another key"):
+        links.store_renewed_cert(
+            pair.b, pair.b.state_dir, pair.link.name, pki.cert_to_pem(stranger).decode()
+        )
+    # and the renewed certificate still opens the link
+    async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
+        _site, reply = await ping(port, links.link_client_context(pair.b, pair.link))
+        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    assert reply == b"pong"
+    assert out.site == "site-b"
+
+
+async def test_commands(tmp_path: Path) -> None:
+    a = SiteConfig(site="site-a", state_dir=tmp_path / "a", grant_listen=HostPort("127.0.0.1", 0))
+    b = SiteConfig(site="site-b", state_dir=tmp_path / "b")
+    ident_a = pki.SiteIdentity.load_or_create(a.state_dir, a.site)
+    grant = await links.start_grant_server(
+        links.GrantServer(ident_a, a.state_dir, ["127.0.0.1:7443"]), "127.0.0.1", 0
+    )
+    try:
+        a = SiteConfig(
+            site="site-a", state_dir=a.state_dir, grant_listen=HostPort("127.0.0.1", grant.port)
+        )
+        out_file = tmp_path / "tok.txt"
+        said = links.cmd_token_create(a, output=out_file, uses=1)
+        assert f"meshlink link create {out_file}" in said
+        assert out_file.stat().st_mode & 0o077 == 0
+        assert "valid" in links.cmd_token_list(a)
+        said = await links.acmd_link_create(b, str(out_file), name="to-a")
+        assert said == "linked to site site-a as 'to-a' via 127.0.0.1:7443"
+    finally:
+        await grant.close()
+    assert "used up" in links.cmd_token_list(a)
+    listing = links.cmd_link_list(b).splitlines()
+    assert listing[0].split()[:3] == ["NAME", "PEER", "ENDPOINTS"]
+    assert listing[1].split()[:3] == ["to-a", "site-a", "127.0.0.1:7443"]
+    peers = links.cmd_peer_list(a).splitlines()
+    assert peers[1].split()[0] == "site-b"
+    assert (
+        links.cmd_peer_revoke(a, "site-b")
+        == "peer site-b revoked: its gateway is refused from now on"
+    )
+    assert len(links.cmd_peer_list(a).splitlines()) == 1
+    assert links.cmd_link_delete(b, "to-a") == "link to-a to site site-a deleted"
+    assert links.list_links(b.state_dir) == []
+    assert not (b.state_dir / "links" / "to-a.crt").exists()
+    with pytest.raises(links.RecordNotFound, match="no link named 'to-a'"):
+        links.cmd_link_delete(b, "to-a")
