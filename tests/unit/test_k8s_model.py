@@ -1,0 +1,325 @@
+"""Pure helpers of the Kubernetes controller: names, conditions, records, import bodies."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from meshlink.catalog.merge import merge
+from meshlink.catalog.records import Endpoint, ExportRecord, Port, ServiceType
+from meshlink.k8s import model
+from meshlink.k8s.model import Condition
+from meshlink.k8s.workqueue import WorkQueue
+
+# Computed with the reference Go code (sha256 + base32.HexEncoding, no padding, lowercase).
+GO_DERIVED = {
+    ("default", "web"): "derived-gapqrqeg1j",
+    ("t-basic", "web"): "derived-ghbb7g3dqk",
+    ("demo", "nginx"): "derived-kaa23d902o",
+}
+
+
+@pytest.mark.parametrize(("key", "want"), GO_DERIVED.items())
+def test_derived_name_matches_the_reference_controller(key: tuple[str, str], want: str) -> None:
+    assert model.derived_name(*key) == want
+
+
+def svcex(
+    ns: str = "demo", name: str = "web", spec: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "creationTimestamp": "2026-01-02T03:04:05Z",
+            "generation": 3,
+        },
+        "spec": spec or {},
+    }
+
+
+def service(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "clusterIP": "10.0.0.5",
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "appProtocol": "http"}],
+        "ipFamilies": ["IPv4"],
+    }
+    base.update(spec)
+    return {
+        "metadata": {"name": "web", "namespace": "demo", "labels": {"secret": "x"}},
+        "spec": base,
+    }
+
+
+def slice_(*eps: tuple[str, bool, str], uid_prefix: str = "p") -> dict[str, Any]:
+    return {
+        "endpoints": [
+            {
+                "addresses": [a],
+                "conditions": {"ready": ready},
+                "hostname": host,
+                "targetRef": {"uid": f"{uid_prefix}{i}"},
+            }
+            for i, (a, ready, host) in enumerate(eps)
+        ]
+    }
+
+
+def test_record_from_service_and_slices() -> None:
+    ev = model.evaluate_export(
+        svcex(spec={"exportedLabels": {"tier": "web"}, "exportedAnnotations": {"a": "b"}}),
+        service(
+            sessionAffinity="ClientIP",
+            internalTrafficPolicy="Local",
+            trafficDistribution="PreferClose",
+        ),
+        [slice_(("10.1.0.1", True, ""), ("10.1.0.2", False, ""), ("10.1.0.3", True, ""))],
+        origin="c1",
+    )
+    assert ev.valid == Condition("Valid", "True", "Valid", "")
+    r = ev.record
+    assert r is not None
+    assert r.type == ServiceType.CLUSTERSET_IP
+    assert r.ports == (Port(80, "TCP", "http", "http"),)
+    assert r.ready_endpoints == 2
+    assert r.endpoints == ()  # ClusterSetIP: addresses are not replicated
+    assert r.created == 1767323045.0
+    assert r.labels == (("tier", "web"),)  # from the ServiceExport spec, never the Service
+    assert r.annotations == (("a", "b"),)
+    assert r.session_affinity == "ClientIP"
+    assert r.session_affinity_timeout == 10800
+    assert r.internal_traffic_policy == "Local"
+    assert r.traffic_distribution == "PreferClose"
+
+
+def test_headless_record_carries_ready_endpoints_merged_across_families() -> None:
+    v4 = slice_(("10.1.0.1", True, "db-0"), ("10.1.0.2", False, "db-1"))
+    v6 = {
+        "endpoints": [
+            {"addresses": ["fd00::1"], "hostname": "db-0", "targetRef": {"uid": "p0"}},
+        ]
+    }
+    ev = model.evaluate_export(
+        svcex(), service(clusterIP="None", ipFamilies=["IPv4", "IPv6"]), [v4, v6], origin="c1"
+    )
+    r = ev.record
+    assert r is not None
+    assert r.type == ServiceType.HEADLESS
+    assert r.ready_endpoints == 1
+    assert r.endpoints == (Endpoint(("10.1.0.1", "fd00::1"), "db-0"),)
+    assert r.ip_families == ("IPv4", "IPv6")
+
+
+@pytest.mark.parametrize(
+    ("ns", "svc", "reason"),
+    [
+        ("demo", None, "NoService"),
+        ("demo", service(type="ExternalName", externalName="example.com"), "InvalidServiceType"),
+        ("kube-system", service(), "NamespaceNotAllowed"),
+    ],
+)
+def test_refusals(ns: str, svc: dict[str, Any] | None, reason: str) -> None:
+    ev = model.evaluate_export(svcex(ns=ns), svc, [], origin="c1")
+    assert ev.record is None
+    assert (ev.valid.status, ev.valid.reason) == ("False", reason)
+    conds = model.export_conditions(ev, False, None)
+    assert [(c.type, c.status) for c in conds] == [
+        ("Valid", "False"),
+        ("Ready", "False"),
+        ("Conflict", "False"),
+    ]
+
+
+def test_kube_system_allowed_when_configured() -> None:
+    ev = model.evaluate_export(
+        svcex(ns="kube-system"), service(), [], origin="c1", export_kube_system=True
+    )
+    assert ev.record is not None
+
+
+def test_condition_transition_time_moves_only_with_status() -> None:
+    desired = [Condition("Ready", "False", "Pending", "waiting")]
+    first = model.next_conditions([], desired, 1, "T1")
+    assert first is not None
+    assert first[0]["lastTransitionTime"] == "T1"
+    assert model.next_conditions(first, desired, 1, "T2") is None  # nothing changed
+    reason_only = model.next_conditions(
+        first, [Condition("Ready", "False", "Failed", "x")], 1, "T3"
+    )
+    assert reason_only is not None
+    assert reason_only[0]["lastTransitionTime"] == "T1"
+    flipped = model.next_conditions(first, [Condition("Ready", "True", "Exported")], 2, "T4")
+    assert flipped is not None
+    assert flipped[0]["lastTransitionTime"] == "T4"
+    assert flipped[0]["observedGeneration"] == 2
+
+
+def test_foreign_conditions_are_kept() -> None:
+    other = {
+        "type": "Audited",
+        "status": "True",
+        "reason": "Yes",
+        "message": "",
+        "lastTransitionTime": "T0",
+    }
+    out = model.next_conditions([other], [Condition("Valid", "True", "Valid")], 1, "T1")
+    assert out is not None
+    assert other in out
+
+
+def rec(origin: str, created: float, **kw: Any) -> ExportRecord:
+    base: dict[str, Any] = {
+        "origin": origin,
+        "namespace": "demo",
+        "name": "web",
+        "type": ServiceType.CLUSTERSET_IP,
+        "ports": (Port(80, "TCP", "http"),),
+        "created": created,
+        "version": 1,
+        "ready_endpoints": 1,
+    }
+    base.update(kw)
+    return ExportRecord(**base)
+
+
+def test_conflict_condition_on_every_participant() -> None:
+    merged = merge([rec("c1", 1.0), rec("c2", 2.0, ports=(Port(8080, "TCP", "http"),))])
+    ev = model.ExportEvaluation(rec("c2", 2.0), Condition("Valid", "True", "Valid"))
+    conds = {c.type: c for c in model.export_conditions(ev, True, merged)}
+    assert conds["Conflict"].status == "True"
+    assert conds["Conflict"].reason == "PortConflict"
+    assert conds["Ready"].reason == "Exported"
+
+
+def test_import_bodies() -> None:
+    merged = merge(
+        [
+            rec(
+                "c1",
+                1.0,
+                labels=(("tier", "web"),),
+                ports=(Port(80, "TCP", "http"), Port(53, "UDP")),
+            ),
+            rec("c2", 2.0, ports=(Port(80, "TCP", "http"),), ready_endpoints=0),
+        ]
+    )
+    derived = model.derived_service_body(merged, {"app": "gw"})
+    assert derived["metadata"]["name"] == model.derived_name("demo", "web")
+    assert derived["spec"]["selector"] == {"app": "gw"}
+    # Every port of a multi-port Service needs a name; slices use the same names.
+    assert [(p["name"], p["port"]) for p in derived["spec"]["ports"]] == [
+        ("http", 80),
+        ("udp-53", 53),
+    ]
+    si = model.service_import_body(merged, ["10.0.0.9"], ["IPv4"])
+    assert si["spec"]["ips"] == ["10.0.0.9"]
+    assert si["spec"]["ipFamilies"] == ["IPv4"]
+    assert si["metadata"]["labels"]["tier"] == "web"
+    assert si["metadata"]["annotations"][model.DERIVED_ANNOTATION] == derived["metadata"]["name"]
+    slices = model.endpoint_slice_bodies(merged, [("10.244.0.5", True)])
+    by_cluster = {s["metadata"]["labels"][model.MCS_SOURCE_CLUSTER]: s for s in slices}
+    assert sorted(by_cluster) == ["c1", "c2"]
+    assert [p["port"] for p in by_cluster["c1"]["ports"]] == [80, 53]
+    assert [p["port"] for p in by_cluster["c2"]["ports"]] == [80]
+    assert by_cluster["c1"]["endpoints"] == [
+        {"addresses": ["10.244.0.5"], "conditions": {"ready": True}}
+    ]
+    # c2 has no ready endpoint: the gateway endpoint is listed but not ready for it.
+    assert by_cluster["c2"]["endpoints"][0]["conditions"]["ready"] is False
+    # Same input, same hash; a change moves it.
+    again = model.service_import_body(merged, ["10.0.0.9"], ["IPv4"])
+    assert (
+        again["metadata"]["annotations"][model.SPEC_HASH_ANNOTATION]
+        == si["metadata"]["annotations"][model.SPEC_HASH_ANNOTATION]
+    )
+    other = model.service_import_body(merged, ["10.0.0.10"], ["IPv4"])
+    assert (
+        other["metadata"]["annotations"][model.SPEC_HASH_ANNOTATION]
+        != si["metadata"]["annotations"][model.SPEC_HASH_ANNOTATION]
+    )
+
+
+def test_service_import_status_is_none_when_current() -> None:
+    merged = merge([rec("c1", 1.0)])
+    ready = model.import_ready(merged, ["10.0.0.9"])
+    status = model.service_import_status(merged, ready, None, 1, "T1")
+    assert status is not None
+    assert status["status"]["clusters"] == [{"cluster": "c1"}]
+    assert model.service_import_status(merged, ready, {"status": status["status"]}, 1, "T2") is None
+
+
+def test_gateway_endpoints() -> None:
+    pods = [
+        {
+            "metadata": {},
+            "status": {
+                "podIPs": [{"ip": "10.244.0.5"}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+            },
+        },
+        {"metadata": {}, "status": {"podIP": "10.244.0.6"}},
+        {"metadata": {"deletionTimestamp": "x"}, "status": {"podIP": "10.244.0.7"}},
+        {"metadata": {}, "status": {}},
+    ]
+    assert model.gateway_endpoints_of(pods) == (("10.244.0.5", True), ("10.244.0.6", False))
+
+
+async def test_workqueue_coalesces_and_never_runs_a_key_twice_at_once() -> None:
+    running: set[str] = set()
+    seen: list[str] = []
+    overlap = False
+    gate = asyncio.Event()
+
+    async def process(key: str) -> None:
+        nonlocal overlap
+        overlap |= key in running
+        running.add(key)
+        seen.append(key)
+        await gate.wait()
+        running.discard(key)
+
+    q: WorkQueue[str] = WorkQueue("t", process, workers=4)
+    task = asyncio.create_task(q.run())
+    try:
+        for _ in range(5):
+            q.add("a")
+        q.add("b")
+        await asyncio.sleep(0.01)
+        q.add("a")  # dirtied while running: runs once more afterwards
+        q.add("a")
+        gate.set()
+        await asyncio.wait_for(q.wait_idle(), 2)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert not overlap
+    assert sorted(seen) == ["a", "a", "b"]
+
+
+async def test_workqueue_retries_failures() -> None:
+    calls = 0
+
+    async def process(key: str) -> None:
+        nonlocal calls
+        calls += 1
+        if calls < 3:
+            raise model_error()
+
+    q: WorkQueue[str] = WorkQueue("t", process, workers=1)
+    task = asyncio.create_task(q.run())
+    try:
+        q.add("x")
+        await asyncio.wait_for(q.wait_idle(), 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert calls == 3
+    assert q.errors == 2
+
+
+def model_error() -> Exception:
+    from meshlink.errors import KubeError
+
+    return KubeError("API server said no")
