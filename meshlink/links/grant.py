@@ -105,6 +105,10 @@ class RunningGrant:
     async def close(self) -> None:
         await self.runner.cleanup()
 
+    async def cleanup(self) -> None:
+        """The same as ``close`` (the name aiohttp's runners use)."""
+        await self.runner.cleanup()
+
 
 async def start_grant_server(
     server: GrantServer,

@@ -20,6 +20,7 @@ is written. The verified CA is then available as ``ssl_object.pinned_ca``.
 from __future__ import annotations
 
 import _ssl
+import os
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from cryptography import x509
 from meshlink.errors import PeerNotAuthorized, PkiError
 from meshlink.pki.certs import ca_pin, is_issued_by, is_pin, peer_site_id, pins_equal, utcnow
 from meshlink.pki.files import check_key_file
+
+StrPath = str | os.PathLike[str]
 
 ALPN_LINK: Final = "meshlink/1"
 ALPN_GRANT: Final = "http/1.1"
@@ -52,7 +55,7 @@ def _tls13_only(ctx: ssl.SSLContext) -> None:
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
 
 
-def _load_chain(ctx: ssl.SSLContext, cert_path: Path, key_path: Path) -> None:
+def _load_chain(ctx: ssl.SSLContext, cert_path: StrPath, key_path: StrPath) -> None:
     check_key_file(Path(key_path))
     try:
         ctx.load_cert_chain(str(cert_path), str(key_path))
@@ -75,7 +78,7 @@ def _trust(ctx: ssl.SSLContext, pems: Sequence[bytes]) -> None:
 
 
 def server_context(
-    cert_path: Path, key_path: Path, trusted_ca_pems: Sequence[bytes]
+    cert_path: StrPath, key_path: StrPath, trusted_ca_pems: Sequence[bytes]
 ) -> ssl.SSLContext:
     """Link listener: our gateway certificate; clients must present one from a trusted CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -88,7 +91,7 @@ def server_context(
     return ctx
 
 
-def client_context(cert_path: Path, key_path: Path, trusted_ca_pem: bytes) -> ssl.SSLContext:
+def client_context(cert_path: StrPath, key_path: StrPath, trusted_ca_pem: bytes) -> ssl.SSLContext:
     """Link dialer: our client certificate; the server must chain to ``trusted_ca_pem``.
 
     No host name check: authorize the peer's site id with ``authorize_peer`` after connecting.
@@ -104,7 +107,7 @@ def client_context(cert_path: Path, key_path: Path, trusted_ca_pem: bytes) -> ss
     return ctx
 
 
-def grant_server_context(chain_path: Path, key_path: Path) -> ssl.SSLContext:
+def grant_server_context(chain_path: StrPath, key_path: StrPath) -> ssl.SSLContext:
     """Grant endpoint: serves ``chain_path`` (gateway cert then CA cert), no client cert asked."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _tls13_only(ctx)
