@@ -400,6 +400,26 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
         proc.wait(5)
 
 
+def _stop_all(procs: Sequence[_Procs], grace: float = 10.0) -> None:
+    """Terminate API servers, then etcds, each group in parallel; kill what outlives `grace`."""
+    for attr in ("apiserver", "etcd"):
+        running: list[subprocess.Popen[bytes]] = []
+        for p in procs:
+            with p.lock:
+                proc: subprocess.Popen[bytes] | None = getattr(p, attr)
+                setattr(p, attr, None)
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                running.append(proc)
+        deadline = time.monotonic() + grace
+        for proc in running:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
 def _port_clash(log: Path) -> bool:
     return "address already in use" in _log_tail(log, 80)
 
@@ -466,7 +486,10 @@ class _Procs:
             conn.close()
 
     def wait_etcd(self) -> None:
-        wait_until(self.etcd_healthy, ETCD_READY_TIMEOUT, f"etcd at {self.etcd_url} healthy")
+        try:
+            wait_until(self.etcd_healthy, ETCD_READY_TIMEOUT, f"etcd at {self.etcd_url} healthy")
+        except AssertionError as e:
+            raise KubeError(f"{e}\n{_log_tail(self.etcd_log)}") from None
 
     def wait_apiserver(self) -> None:
         try:
@@ -575,11 +598,8 @@ class KubeCluster:
             self._procs.wait_apiserver()
 
     def stop(self) -> None:
-        with self._procs.lock:
-            _stop(self._procs.apiserver)
-            self._procs.apiserver = None
-            _stop(self._procs.etcd)
-            self._procs.etcd = None
+        """Stop kube-apiserver and etcd (the data directory stays until the workdir goes)."""
+        _stop_all([self._procs])
 
 
 def _prepare(bins: KubeBinaries, name: str, index: int, root: Path, taken: set[int]) -> KubeCluster:
@@ -672,16 +692,23 @@ class KubeControlPlane:
         self.first_index = first_index
         self._binaries = binaries
         self.clusters: list[KubeCluster] = []
+        self.started = False
         self.startup_seconds = 0.0
+        """Wall time from launching the first etcd to the last /readyz answering 200."""
 
     def __enter__(self) -> KubeControlPlane:
-        self.start()
+        if not self.started:
+            self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def start(self) -> list[KubeCluster]:
+        """Start every cluster (in parallel) and wait until each API server is ready."""
+        if self.started:
+            raise KubeError("this control plane is already started")
+        self.started = True
         bins = self._binaries or kube_binaries()
         t0 = time.monotonic()
         try:
@@ -711,7 +738,7 @@ class KubeControlPlane:
             for c in batch:
                 try:
                     c._procs.wait_etcd()
-                except (KubeError, AssertionError):
+                except KubeError:
                     if last or not _port_clash(c._procs.etcd_log):
                         raise
                     c.stop()
@@ -735,19 +762,18 @@ class KubeControlPlane:
         return ready
 
     def close(self) -> None:
-        errors: list[BaseException] = []
-        for c in self.clusters:
-            try:
-                c.stop()
-            except Exception as e:  # keep stopping the others
-                errors.append(e)
-        if errors:
-            raise KubeError(f"teardown failed: {errors[0]}") from errors[0]
+        """Stop every process (API servers first, then etcd), all in parallel. Idempotent."""
+        _stop_all([c._procs for c in self.clusters])
 
 
 def start_clusters(n: int, workdir: Path, *, first_index: int = 0) -> KubeControlPlane:
-    """A not-yet-started control plane of `n` clusters named c{first_index+1}...; use `with`."""
-    return KubeControlPlane(n, workdir, first_index=first_index)
+    """Start `n` clusters named c{first_index+1}... and return their (started) control plane.
+
+    Use it as a context manager so the processes always go: `with start_clusters(2, p) as cp:`.
+    """
+    cp = KubeControlPlane(n, workdir, first_index=first_index)
+    cp.start()
+    return cp
 
 
 @contextlib.contextmanager
