@@ -4,10 +4,13 @@ sites, success and every refusal with its own exception and message."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
+import ssl
 import stat
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -30,6 +33,7 @@ from meshlink.errors import (
     TokenUsedUp,
 )
 from meshlink.links.tokens import b64url_encode
+from meshlink.pki.tls import PinnedSSLSocket
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -343,3 +347,38 @@ def test_pinned_redeem_under_uvloop(tmp_path: Path) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+def test_pinned_context_with_blocking_sockets(tmp_path: Path) -> None:
+    """``wrap_socket`` (not asyncio) enforces the pin too."""
+    a = site(tmp_path, "site-a")
+    server_ctx = pki.grant_server_context(a.gateway_chain_path, a.gateway_key_path)
+
+    def serve(sock: socket.socket) -> None:
+        with (
+            contextlib.suppress(ssl.SSLError, OSError),
+            server_ctx.wrap_socket(sock, server_side=True) as tls,
+        ):
+            tls.sendall(b"hello")
+        sock.close()
+
+    for pin, ok in ((a.pin, True), (pki.ca_pin(pki.create_ca("other").cert), False)):
+        c, s = socket.socketpair()
+        c.settimeout(5)
+        s.settimeout(5)
+        t = threading.Thread(target=serve, args=(s,))
+        t.start()
+        try:
+            ctx = pki.pinned_client_context(pin)
+            if ok:
+                with ctx.wrap_socket(c) as tls:
+                    assert isinstance(tls, PinnedSSLSocket)
+                    assert tls.pinned_ca == a.ca.cert
+                    assert tls.recv(5) == b"hello"
+            else:
+                with pytest.raises(pki.CaPinMismatch, match="the token expects"):
+                    ctx.wrap_socket(c)
+        finally:
+            c.close()
+            t.join(5)
+        assert not t.is_alive()

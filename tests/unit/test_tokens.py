@@ -12,6 +12,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshlink import links, pki
 from meshlink.errors import PkiError, TokenError, TokenMalformed
@@ -343,3 +345,47 @@ def test_is_peer_allowed_rejects_odd_names(issuer: pki.SiteIdentity) -> None:
     assert not links.is_peer_allowed(issuer.state_dir, "../pki/ca")
     assert not links.is_peer_allowed(issuer.state_dir, "")
     assert not links.is_peer_allowed(issuer.state_dir, "site-z")
+
+
+# -- fuzzing: decoding never fails with anything but TokenMalformed ---------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_fuzz_any_text(text: str) -> None:
+    message = ""
+    try:
+        links.decode_token(text)
+    except TokenMalformed as e:
+        message = str(e)
+    assert "\n" not in message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_any_body(body: bytes) -> None:
+    message = ""
+    try:
+        links.decode_token(TOKEN_PREFIX + b64url_encode(body))
+    except TokenMalformed as e:
+        message = str(e)
+    assert "\n" not in message
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(list(good_body())),
+        st.none()
+        | st.integers()
+        | st.text(max_size=40)
+        | st.booleans()
+        | st.lists(st.integers(), max_size=2),
+    )
+)
+def test_fuzz_field_values(change: dict[str, object]) -> None:
+    try:
+        tok = links.decode_token(raw_token(good_body() | change))
+    except TokenMalformed:
+        return
+    assert links.decode_token(links.encode_token(tok)) == tok
