@@ -209,11 +209,14 @@ class Connection:
         self._local_stream(stream_id, Action.SEND_FIN)
         self._queue(F.FrameType.FIN, stream_id)
 
-    def reset_stream(self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL) -> None:
-        """Abort the stream. Resetting a stream that is already closed does nothing."""
+    def reset_stream(
+        self, stream_id: int, code: ErrorCode = ErrorCode.CANCEL, text: str = ""
+    ) -> None:
+        """Abort the stream (with an optional short reason for the peer's logs and errors).
+        Resetting a stream that is already closed does nothing."""
         st = self._streams.pop(stream_id, None)
         if st is not None and self._error is None and not self._goaway_sent:
-            self._queue(F.FrameType.RST, stream_id, F.encode_code(code))
+            self._queue(F.FrameType.RST, stream_id, F.encode_rst(code, text))
 
     def acknowledge_received(self, stream_id: int, n: int) -> None:
         """`n` bytes of the stream were consumed: grant the peer more credit (batched)."""
@@ -392,9 +395,9 @@ class Connection:
             if self._remote_stream(sid, Action.RECV_FIN) is not None:
                 events.append(StreamEnded(sid))
         elif ftype == T.RST:
-            code = F.decode_code(payload, "RST")
+            code, text = F.decode_rst(payload)
             if self._remote_stream(sid, Action.RECV_RST) is not None:
-                events.append(StreamReset(sid, code))
+                events.append(StreamReset(sid, code, text))
         elif ftype == T.WINDOW:
             inc = F.decode_u32(payload, "WINDOW")
             st = self._streams.get(sid)
@@ -447,7 +450,9 @@ class Connection:
         target, hops = F.decode_open(payload)
         self._last_remote = sid
         if self._goaway_sent or len(self._streams) >= self.max_streams:
-            self._queue(F.FrameType.RST, sid, F.encode_code(ErrorCode.REFUSED_STREAM))
+            self._queue(
+                F.FrameType.RST, sid, F.encode_rst(ErrorCode.REFUSED_STREAM, "too many streams")
+            )
             return
         self._streams[sid] = _Stream(
             FlowWindow(send_initial=self.peer_window, recv_initial=self.initial_window),

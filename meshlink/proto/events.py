@@ -62,6 +62,8 @@ class StreamReset(Event):
 
     stream_id: int
     code: ErrorCode
+    text: str = ""
+    """The peer's reason, if it gave one (for logs and error messages only)."""
 
 
 @dataclass(frozen=True, slots=True)

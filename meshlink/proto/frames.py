@@ -27,7 +27,8 @@ type  name      stream  payload
 2     ACCEPT    id      empty: the receiver of OPEN reached the target.
 3     DATA      id      stream bytes; counted against the stream's window.
 4     FIN       id      empty: the sender half-closes (no more DATA from it).
-5     RST       id      code u32 (errors.ErrorCode): the stream is aborted.
+5     RST       id      code u32 (errors.ErrorCode) | optional UTF-8 reason (at
+                        most 256 bytes): the stream is aborted.
 6     WINDOW    id      increment u32 > 0: more send credit for that stream.
 7     PING      0       8 opaque bytes, echoed in a PONG (RTT measurement).
 8     PONG      0       the 8 bytes of the PING it answers.
@@ -66,6 +67,7 @@ DEFAULT_MAX_FRAME: Final = MAX_FRAME_LIMIT
 DEFAULT_WINDOW: Final = 1 << 20
 MAX_CONTROL: Final = MAX_FRAME_LIMIT
 MAX_GOAWAY_TEXT: Final = 1024
+MAX_RST_TEXT: Final = 256
 
 _U32: Final = struct.Struct("!I")
 _U16: Final = struct.Struct("!H")
@@ -186,6 +188,17 @@ def decode_u32(payload: bytes, what: str) -> int:
         raise RemoteProtocolError(f"{what} frame must carry 4 bytes", ErrorCode.FRAME_SIZE_ERROR)
     value: int = _U32.unpack(payload)[0]
     return value
+
+
+def encode_rst(code: int, text: str = "") -> bytes:
+    return _U32.pack(code) + text.encode("utf-8")[:MAX_RST_TEXT]
+
+
+def decode_rst(payload: bytes) -> tuple[ErrorCode, str]:
+    code = decode_code(payload, "RST")
+    if len(payload) > 4 + MAX_RST_TEXT:
+        raise RemoteProtocolError("RST reason is too long", ErrorCode.FRAME_SIZE_ERROR)
+    return code, payload[4:].decode("utf-8", "replace")
 
 
 def encode_goaway(code: int, text: str) -> bytes:

@@ -127,8 +127,8 @@ def test_reset_both_ways_and_late_frames_are_ignored() -> None:
     # and the other direction
     s2 = b.open_stream(TARGET)
     pump(b, a)
-    a.reset_stream(s2, ErrorCode.CONNECT_ERROR)
-    assert pump(a, b) == [StreamReset(s2, ErrorCode.CONNECT_ERROR)]
+    a.reset_stream(s2, ErrorCode.CONNECT_ERROR, "connection refused")
+    assert pump(a, b) == [StreamReset(s2, ErrorCode.CONNECT_ERROR, "connection refused")]
 
 
 def test_flow_control_credit_is_never_exceeded() -> None:
@@ -294,7 +294,7 @@ def test_stream_limit_refuses_with_rst() -> None:
     evs = pump(a, b)
     assert [e for e in evs if isinstance(e, StreamOpened)] == [StreamOpened(s1, TARGET, 0)]
     assert data_of(evs, s2) == b""
-    assert pump(b, a) == [StreamReset(s2, ErrorCode.REFUSED_STREAM)]
+    assert pump(b, a) == [StreamReset(s2, ErrorCode.REFUSED_STREAM, "too many streams")]
 
 
 def test_api_misuse_is_local_protocol_error() -> None:

@@ -1,0 +1,119 @@
+"""Import listeners: a local TCP listener per imported service port; every accepted
+connection becomes a flow through the gateway to one of the service's exporting sites.
+
+`choose()` returns the candidate targets best first (the runtime orders them by hops and
+RTT); a target that refuses (no route, connect error) is skipped for the next one before
+any client byte is forwarded, so failover needs no replay. When all refuse, the client
+connection is reset and one line is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from meshlink.errors import ErrorCode
+from meshlink.proto import FlowTarget
+from meshlink.tunnel.gateway import Gateway, _start
+from meshlink.tunnel.splice import TcpEnd, join
+from meshlink.tunnel.types import FlowError
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT: Final = 5.0
+
+
+class _ClientEnd(TcpEnd):
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: ImportListener) -> None:
+        super().__init__()
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # reading stays paused until the flow is joined
+        self.listener._clients.add(self)
+        self.listener._spawn(self.listener._serve(self))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener._clients.discard(self)
+        super().connection_lost(exc)
+
+
+class ImportListener:
+    """A local listener forwarding each connection through the gateway."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        bind: tuple[str, int],
+        choose: Callable[[], Sequence[FlowTarget]],
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.gateway = gateway
+        self.bind = bind
+        self.choose = choose
+        self.connect_timeout = connect_timeout
+        self._server: asyncio.Server | None = None
+        self._clients: set[_ClientEnd] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.bound_address: tuple[str, int] | None = None
+        self._last_refusal: str | None = None
+
+    async def start(self) -> None:
+        """Bind and start accepting (raises OSError when the address is unavailable)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _ClientEnd(self), self.bind[0], self.bind[1], reuse_address=True
+        )
+        name = self._server.sockets[0].getsockname()
+        self.bound_address = (name[0], name[1])
+
+    async def close(self) -> None:
+        """Stop listening and reset the flows still open."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for c in list(self._clients):
+            c.feed_abort(ErrorCode.CANCEL)
+        self._clients.clear()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client: _ClientEnd) -> None:
+        try:
+            targets = list(self.choose())
+        except Exception:
+            log.exception("import %s:%d: choosing a target failed", *self.bind)
+            targets = []
+        errors = []
+        for target in targets:
+            try:
+                end = await self.gateway.connect_end(target, timeout=self.connect_timeout)
+            except FlowError as e:
+                errors.append(str(e))
+                continue
+            if client._closed:
+                end.feed_abort(ErrorCode.CANCEL)
+                _start(end)
+                return
+            join(client, end)
+            _start(end)
+            client.start()
+            self._last_refusal = None
+            return
+        why = "; ".join(errors) or "no site exports it right now"
+        if why != self._last_refusal:  # one line per distinct cause, not per connection
+            log.warning("import %s:%d: connection refused: %s", self.bind[0], self.bind[1], why)
+            self._last_refusal = why
+        client.feed_abort(ErrorCode.NO_ROUTE, why)

@@ -1,0 +1,516 @@
+"""One link: a TLS connection to a peer gateway running the tunnel protocol, and the streams
+multiplexed on it.
+
+`Link` is an asyncio Protocol over the TLS transport: `data_received` feeds the sans-IO
+`Connection` and dispatches its events to `StreamEnd`s; writes are batched (frames queued
+during one loop iteration go out in one `writelines`). Fairness and head-of-line blocking:
+the TLS write buffer is kept small; when it is full, streams park their data in their own
+bounded queue, pause their source, and are drained round-robin when the transport asks
+for more, so a bulk flow cannot starve a small one of link capacity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from meshlink.proto import (
+    Connection,
+    ControlReceived,
+    DataReceived,
+    GoAwayReceived,
+    HelloReceived,
+    PongReceived,
+    StreamAccepted,
+    StreamEnded,
+    StreamOpened,
+    StreamReset,
+    StreamState,
+    WindowUpdated,
+)
+from meshlink.proto.target import FlowTarget
+from meshlink.tunnel.splice import End
+from meshlink.tunnel.types import FlowRefused, NoRouteError, describe_code
+
+log = logging.getLogger(__name__)
+
+LINK_HIGH_WATER: Final = 1024 * 1024
+LINK_LOW_WATER: Final = 256 * 1024
+STREAM_WINDOW: Final = 1 << 20
+"""Per-stream credit: the most a peer may have in flight (and we may buffer) per stream."""
+
+
+class StreamEnd(End):
+    """A stream on a link, as one end of a flow."""
+
+    __slots__ = (
+        "_abort_code",
+        "_abort_text",
+        "_held",
+        "_input_paused",
+        "_parked",
+        "_pending",
+        "_pending_bytes",
+        "_pre",
+        "_want_eof",
+        "accepted",
+        "closed",
+        "link",
+        "on_accepted",
+        "sid",
+    )
+
+    def __init__(self, link: Link, sid: int) -> None:
+        super().__init__()
+        self.link = link
+        self.sid = sid
+        self.closed = False
+        self.accepted: asyncio.Future[None] | None = None
+        self.on_accepted: Callable[[], None] | None = None
+        self._pending: collections.deque[bytes | memoryview] = collections.deque()
+        self._pending_bytes = 0
+        self._want_eof = False
+        self._held = 0  # bytes received but not yet acknowledged (peer output paused)
+        self._input_paused = False  # our peer asked us to stop (we hold credit)
+        self._parked = False  # we paused our peer's input because we have pending data
+        self._pre: list[bytes | memoryview] | None = []  # data before join / eof marker
+        self._abort_code: ErrorCode | None = None  # reset before join
+        self._abort_text = ""
+
+    # -- link -> flow ------------------------------------------------------------------
+    def on_data(self, data: memoryview | bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            assert self._pre is not None
+            self._pre.append(data)
+            self._held += len(data)
+            return
+        peer.feed(data)
+        if self._input_paused:
+            self._held += len(data)
+        else:
+            self.link.conn.acknowledge_received(self.sid, len(data))
+            self.link.kick()
+
+    def on_eof(self) -> None:
+        if self.peer is None:
+            assert self._pre is not None
+            self._pre.append(b"")  # eof marker
+        else:
+            self.peer.feed_eof()
+        self._maybe_done()
+
+    def on_reset(self, code: ErrorCode, text: str | None = None) -> None:
+        if self.closed:
+            return
+        self._finish()
+        if self.accepted is not None and not self.accepted.done():
+            self.accepted.set_exception(_reset_error(code, text))
+        if self.peer is not None:
+            self.peer.feed_abort(code, text or "")
+        else:
+            self._abort_code = code
+            self._abort_text = text or ""
+
+    def on_window(self) -> None:
+        if self._pending:
+            self._drain()
+
+    def start(self) -> None:
+        """Replay what arrived before the join."""
+        pre, self._pre = self._pre, None
+        for chunk in pre or ():
+            if chunk == b"" and isinstance(chunk, bytes):
+                if self.peer is not None:
+                    self.peer.feed_eof()
+            elif self.peer is not None:
+                self.peer.feed(chunk)
+        if self._abort_code is not None and self.peer is not None:
+            self.peer.feed_abort(self._abort_code, self._abort_text)
+        elif not self._input_paused:
+            self._release_held()
+
+    # -- flow -> link ------------------------------------------------------------------
+    def feed(self, data: bytes | memoryview) -> None:
+        if self.closed:
+            return
+        if self._pending or not self.link.writable:
+            self._park(data)
+            return
+        conn = self.link.conn
+        n = len(data)
+        credit = conn.send_window(self.sid)
+        if n <= credit:
+            conn.send_data(self.sid, data)
+        else:
+            if credit:
+                view = memoryview(data)
+                conn.send_data(self.sid, view[:credit])
+                data = view[credit:]
+            self._park(data)
+        self.link.kick()
+
+    def _park(self, data: bytes | memoryview) -> None:
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if not self.link.writable:
+            self.link.blocked[self] = None
+        if not self._parked and self.peer is not None:
+            self._parked = True
+            self.peer.pause_input()
+
+    def _drain(self) -> None:
+        """Send parked data as far as credit and the link allow."""
+        conn = self.link.conn
+        pending = self._pending
+        while pending and self.link.writable:
+            credit = conn.send_window(self.sid)
+            if not credit:
+                break
+            chunk = pending[0]
+            if len(chunk) <= credit:
+                pending.popleft()
+                conn.send_data(self.sid, chunk)
+                self._pending_bytes -= len(chunk)
+            else:
+                view = memoryview(chunk)
+                conn.send_data(self.sid, view[:credit])
+                pending[0] = view[credit:]
+                self._pending_bytes -= credit
+        if pending and not self.link.writable:
+            self.link.blocked[self] = None
+        self.link.kick()
+        if not pending:
+            if self._want_eof:
+                self._want_eof = False
+                self._send_eof()
+            if self._parked and self.peer is not None:
+                self._parked = False
+                self.peer.resume_input()
+
+    def feed_eof(self) -> None:
+        if self.closed:
+            return
+        if self._pending:
+            self._want_eof = True
+        else:
+            self._send_eof()
+
+    def _send_eof(self) -> None:
+        try:
+            self.link.conn.send_eof(self.sid)
+        except LocalProtocolError:
+            return
+        self.link.kick()
+        self._maybe_done()
+
+    def feed_abort(self, code: ErrorCode, text: str = "") -> None:
+        if self.closed:
+            return
+        self._finish()
+        try:
+            self.link.conn.reset_stream(self.sid, code, text)
+        except LocalProtocolError:
+            return
+        self.link.kick()
+
+    def pause_input(self) -> None:
+        self._input_paused = True
+
+    def resume_input(self) -> None:
+        self._input_paused = False
+        self._release_held()
+
+    def _release_held(self) -> None:
+        if self._held and not self.closed:
+            held, self._held = self._held, 0
+            self.link.conn.acknowledge_received(self.sid, held)
+            self.link.kick()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def _maybe_done(self) -> None:
+        if self.link.conn.stream_state(self.sid) is StreamState.CLOSED:
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._pending.clear()
+            self.link.blocked.pop(self, None)
+            self.link.streams.pop(self.sid, None)
+
+    def link_lost(self) -> None:
+        self.on_reset(ErrorCode.CANCEL, "the link went down")
+
+
+def _reset_error(code: ErrorCode, text: str | None = None) -> Exception:
+    msg = text or describe_code(code)
+    if code is ErrorCode.NO_ROUTE:
+        return NoRouteError(msg)
+    return FlowRefused(msg, code)
+
+
+class LinkOwner:
+    """What a link reports to (the gateway)."""
+
+    def link_ready(self, link: Link) -> None: ...
+    def link_closed(self, link: Link, reason: str) -> None: ...
+    def stream_opened(
+        self, link: Link, stream: StreamEnd, target: FlowTarget, hops: int
+    ) -> None: ...
+    def control(self, link: Link, payload: bytes) -> None: ...
+
+
+class Link(asyncio.Protocol):
+    """A TLS link to one peer gateway (see the module docstring)."""
+
+    def __init__(
+        self,
+        owner: LinkOwner,
+        *,
+        local_site: str,
+        direction: str,
+        expected_peer: str | None = None,
+        endpoint: str | None = None,
+        dial_name: str | None = None,
+    ) -> None:
+        self.owner = owner
+        self.local_site = local_site
+        self.direction = direction
+        self.expected_peer = expected_peer
+        self.endpoint = endpoint
+        self.dial_name = dial_name
+        self.peer_site: str | None = None
+        self.conn = Connection(initiator=direction == "dial", initial_window=STREAM_WINDOW)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, StreamEnd] = {}
+        self.blocked: dict[StreamEnd, None] = {}  # insertion-ordered set: round robin
+        self.writable = True
+        self.ready = False
+        self.closed = False
+        self.close_reason = ""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.since = time.time()
+        self.last_rx = time.monotonic()
+        self.rtt_ms: float | None = None
+        self.rtt_ewma_ms: float | None = None
+        self._pings: dict[bytes, float] = {}
+        self._kicked = False
+        self._pre: list[bytes] | None = []  # bytes read before attach()
+        self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    # -- setup -----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # dialer: called once the TLS handshake is done; acceptor: not called (start_tls)
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def attach(self, transport: asyncio.Transport, peer_site: str) -> None:
+        """Start the protocol once the peer's identity is known and checked."""
+        self.transport = transport
+        self.peer_site = peer_site
+        transport.set_write_buffer_limits(high=LINK_HIGH_WATER, low=LINK_LOW_WATER)
+        self.last_rx = time.monotonic()
+        self._flush()
+        pre, self._pre = self._pre, None
+        for chunk in pre or ():
+            self.data_received(chunk)
+
+    def refuse(self, transport: asyncio.Transport, code: ErrorCode, text: str) -> None:
+        """Send HELLO + GOAWAY(code, text) and close: the peer learns why."""
+        self.transport = transport
+        self._pre = None
+        self.conn.go_away(code, text)
+        self._flush()
+        self.close(text, send_goaway=False)
+
+    # -- input -----------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._pre is not None:
+            self._pre.append(data)
+            return
+        if self.closed:
+            return
+        self.bytes_in += len(data)
+        self.last_rx = time.monotonic()
+        try:
+            events = self.conn.receive_data(data)
+        except RemoteProtocolError as exc:
+            log.warning("link %s: protocol error from peer: %s", self.peer_site, exc)
+            self._flush()
+            self.close(f"protocol error: {exc}", send_goaway=False)
+            return
+        streams = self.streams
+        for ev in events:
+            if isinstance(ev, DataReceived):
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.on_data(ev.data)
+            elif isinstance(ev, WindowUpdated):
+                st = streams.get(ev.stream_id)
+                if st is not None:
+                    st.on_window()
+            else:
+                self._on_event(ev)
+                if self.is_closed():
+                    return
+        self.kick()
+
+    def _on_event(self, ev: object) -> None:
+        st: StreamEnd | None
+        if isinstance(ev, StreamOpened):
+            st = StreamEnd(self, ev.stream_id)
+            self.streams[ev.stream_id] = st
+            self.owner.stream_opened(self, st, ev.target, ev.hops)
+        elif isinstance(ev, StreamAccepted):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                if st.accepted is not None and not st.accepted.done():
+                    st.accepted.set_result(None)
+                if st.on_accepted is not None:
+                    st.on_accepted()
+        elif isinstance(ev, StreamEnded):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st.on_eof()
+        elif isinstance(ev, StreamReset):
+            st = self.streams.get(ev.stream_id)
+            if st is not None:
+                st.on_reset(ev.code, ev.text)
+        elif isinstance(ev, PongReceived):
+            sent = self._pings.pop(ev.payload, None)
+            if sent is not None:
+                rtt = (time.monotonic() - sent) * 1000
+                self.rtt_ms = rtt
+                self.rtt_ewma_ms = (
+                    rtt if self.rtt_ewma_ms is None else (0.8 * self.rtt_ewma_ms + 0.2 * rtt)
+                )
+        elif isinstance(ev, ControlReceived):
+            if self.ready:
+                self.owner.control(self, ev.payload)
+        elif isinstance(ev, HelloReceived):
+            self.ready = True
+            self.since = time.time()
+            self.owner.link_ready(self)
+        elif isinstance(ev, GoAwayReceived):
+            why = f"peer closed the link: {ev.code.name}" + (f" ({ev.text})" if ev.text else "")
+            if ev.code in (ErrorCode.NO_ERROR,):
+                log.info("link %s: %s", self.peer_site, why)
+            else:
+                log.warning("link %s: %s", self.peer_site, why)
+            self.close(why, send_goaway=False)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._teardown(self.close_reason or (f"connection lost: {exc}" if exc else "peer closed"))
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    # -- output ----------------------------------------------------------------------
+    def kick(self) -> None:
+        """Schedule a flush of queued frames at the end of this loop iteration."""
+        if not self._kicked and not self.closed:
+            self._kicked = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._kicked = False
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        out = self.conn.data_to_send()
+        if out:
+            self.bytes_out += sum(map(len, out))
+            t.writelines(out)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        blocked = self.blocked
+        while blocked and self.writable:
+            st = next(iter(blocked))
+            del blocked[st]
+            st._drain()
+            self._flush()  # may pause us again: the rest wait for their turn
+
+    # -- API -------------------------------------------------------------------------
+    def open_stream(self, target: FlowTarget, hops: int) -> StreamEnd:
+        sid = self.conn.open_stream(target, hops=hops)
+        st = StreamEnd(self, sid)
+        self.streams[sid] = st
+        self.kick()
+        return st
+
+    def accept(self, st: StreamEnd) -> None:
+        if not st.closed:
+            self.conn.accept_stream(st.sid)
+            self.kick()
+
+    def send_control(self, payload: bytes) -> None:
+        self.conn.send_control(payload)
+        self.kick()
+
+    def heartbeat(self, dead_after: float) -> bool:
+        """Send a PING; returns False (and closes) when the peer has been silent too long."""
+        if self.closed:
+            return False
+        silent = time.monotonic() - self.last_rx
+        if silent > dead_after:
+            log.warning("link %s: no frames for %.1f s: declaring it dead", self.peer_site, silent)
+            self.close(f"no heartbeat for {silent:.1f} s", send_goaway=False, abort=True)
+            return False
+        if self.ready:
+            if len(self._pings) > 16:
+                self._pings.clear()
+            token = self.conn.ping()
+            self._pings[token] = time.monotonic()
+            self.kick()
+        return True
+
+    def close(
+        self,
+        reason: str,
+        *,
+        code: ErrorCode = ErrorCode.NO_ERROR,
+        send_goaway: bool = True,
+        abort: bool = False,
+    ) -> None:
+        if self.closed:
+            return
+        if not self.close_reason:
+            self.close_reason = reason
+        if send_goaway and not self.conn.closed:
+            self.conn.go_away(code, reason)
+        self._flush()
+        t = self.transport
+        self._teardown(reason)
+        if t is not None:
+            if abort:
+                t.abort()
+            else:
+                t.close()
+
+    def _teardown(self, reason: str) -> None:
+        if self.closed and self.done.done():
+            return
+        self.closed = True
+        if not self.close_reason:
+            self.close_reason = reason
+        for st in list(self.streams.values()):
+            st.link_lost()
+        self.streams.clear()
+        self.blocked.clear()
+        if not self.done.done():
+            self.done.set_result(self.close_reason)
+            self.owner.link_closed(self, self.close_reason)
