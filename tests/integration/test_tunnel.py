@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import socket
 import ssl
@@ -698,3 +699,99 @@ async def test_gateway_shutdown_tells_peer(sites: Callable[[str], Awaitable[Site
     await b.stop()
     await until(lambda: bool(a.handler.downs), what="a sees the link down")
     assert "shutting down" in a.handler.downs[0][1]
+
+
+def last_error(site: Site, peer: str) -> str:
+    return next((s.last_error or "" for s in site.gateway.status() if s.peer_site == peer), "")
+
+
+async def dial_error(site: Site, peer: str, what: str) -> str:
+    await until(lambda: bool(last_error(site, peer)), what=what)
+    return last_error(site, peer)
+
+
+async def test_peer_with_cert_from_another_ca_is_refused(
+    sites: Callable[[str], Awaitable[Site]],
+) -> None:
+    b = await sites("b")
+    c = await sites("c")
+    b.allowed.add("c")  # authorized by name, but b does not trust c's CA
+    c.gateway.set_dials([DialSpec("to-b", "b", (b.endpoint,), c.client_context_for(b))])
+    err = await dial_error(c, "b", "c's dial refused")
+    assert "b" in err
+    assert not b.handler.ups
+    assert not c.handler.ups
+
+
+async def raw_tls(site: Site, ctx: ssl.SSLContext) -> bytes:
+    """Connect with `ctx`, and read what the gateway says (b"" on a clean close)."""
+    assert site.gateway.bound_address is not None
+    reader, writer = await asyncio.open_connection(*site.gateway.bound_address, ssl=ctx)
+    try:
+        return await asyncio.wait_for(reader.read(1000), 10)
+    finally:
+        writer.transport.abort()
+
+
+async def tls_outcome(site: Site, ctx: ssl.SSLContext) -> str:
+    try:
+        data = await raw_tls(site, ctx)
+    except ssl.SSLError:
+        return "alert"
+    except ConnectionResetError:
+        return "reset"
+    return "eof" if data == b"" else f"data: {data!r}"
+
+
+async def test_client_without_certificate_is_refused(
+    sites: Callable[[str], Awaitable[Site]],
+) -> None:
+    b = await sites("b")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata=b.ident.ca_pem.decode())
+    ctx.set_alpn_protocols([pki.ALPN_LINK])
+    # TLS 1.3: the client finishes its side, then sees the server's alert, a reset or EOF
+    assert await tls_outcome(b, ctx) in ("alert", "reset", "eof")
+    assert not b.handler.ups
+    assert b.gateway.status() == []
+
+
+async def test_tls_12_client_is_refused(
+    sites: Callable[[str], Awaitable[Site]], caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await sites("a")
+    b = await sites("b")
+    link(a, b)  # make a trusted and authorized: only the TLS version is wrong
+    ctx = a.client_context_for(b)()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with caplog.at_level(logging.WARNING, logger="meshlink.tunnel.gateway"):
+        assert await tls_outcome(b, ctx) in ("alert", "reset")
+    assert "TLS 1.3 is required" in caplog.text
+    await until(lambda: a.up("b"), what="the proper TLS 1.3 dial still works")
+    assert b.handler.ups == ["a"]
+
+
+async def test_unauthorized_site_gets_goaway_not_authorized(
+    sites: Callable[[str], Awaitable[Site]],
+) -> None:
+    b = await sites("b")
+    c = await sites("c")
+    b.trusted.append(c.ident.ca_pem)  # the CA is trusted, but site c is not linked
+    c.gateway.set_dials([DialSpec("to-b", "b", (b.endpoint,), c.client_context_for(b))])
+    err = await dial_error(c, "b", "c's dial refused")
+    assert "NOT_AUTHORIZED" in err
+    assert "site c is not linked to b" in err
+    assert not b.handler.ups
+
+
+async def test_dialer_checks_the_servers_site_id(sites: Callable[[str], Awaitable[Site]]) -> None:
+    a = await sites("a")
+    b = await sites("b")
+    link(a, b)
+    await until(lambda: a.up("b"), what="link up")
+    # the same endpoint, but we claim to expect site "x": b's certificate says "b"
+    a.gateway.set_dials([DialSpec("to-x", "x", (b.endpoint,), a.client_context_for(b))])
+    err = await dial_error(a, "x", "mismatch reported")
+    assert "expected 'x'" in err
