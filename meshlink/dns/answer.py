@@ -25,7 +25,7 @@ from typing import Final
 
 from dnslib import EDNS0, QTYPE, RR, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
-from meshlink.dns.snapshot import Rdata, Snapshot
+from meshlink.dns.snapshot import Snapshot, Value
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +122,11 @@ def compute(
     ttl = snapshot.ttl
     if by_type is not None:
         if q.qtype == _ANY:
-            found = [(t, rd) for t, rds in by_type.items() for rd in rds]
+            found = [(t, v) for t, values in by_type.items() for v in values]
         else:
-            found = [(q.qtype, rd) for rd in by_type.get(q.qtype, ())]
+            found = [(q.qtype, v) for v in by_type.get(q.qtype, ())]
         if found:
-            answers = [RR(q.qname, t, ttl=ttl, rdata=rd) for t, rd in found]
+            answers = [RR(q.qname, t, ttl=ttl, rdata=snapshot.rdata(t, v)) for t, v in found]
             extra = _glue(snapshot, found)
             return _fit(qid, base | _AA, q, answers, extra, edns, max_udp, limit), True
     rcode = NOERROR if name is not None and name in snapshot.existing else NXDOMAIN
@@ -139,23 +139,25 @@ def _apex(snapshot: Snapshot) -> DNSLabel:
     return DNSLabel(snapshot.zone + ".")
 
 
-def _glue(snapshot: Snapshot, found: list[tuple[int, Rdata]]) -> list[RR]:
+def _glue(snapshot: Snapshot, found: list[tuple[int, Value]]) -> list[RR]:
     """Addresses of SRV targets that live in the zone (optional additional data)."""
     out: list[RR] = []
-    seen: set[bytes] = set()
-    for t, rd in found:
-        if t != QTYPE.SRV:
+    seen: set[str] = set()
+    for t, value in found:
+        if t != QTYPE.SRV or not isinstance(value, tuple):
             continue
-        target = b".".join(rd.target.label).lower()
+        target = value[1]
         if target in seen:
             continue
         seen.add(target)
-        by_type = snapshot.records.get(target)
+        by_type = snapshot.records.get(target.encode("ascii"))
         if not by_type:
             continue
+        owner = DNSLabel(target + ".")
         for at in (QTYPE.A, QTYPE.AAAA):
             out.extend(
-                RR(rd.target, at, ttl=snapshot.ttl, rdata=ard) for ard in by_type.get(at, ())
+                RR(owner, at, ttl=snapshot.ttl, rdata=snapshot.rdata(at, v))
+                for v in by_type.get(at, ())
             )
     return out
 

@@ -20,17 +20,21 @@ replaces the caches: a reply never mixes two snapshots.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
+import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
 from dnslib import AAAA, NS, QTYPE, RD, SOA, SRV, TXT, A
 
-from meshlink.catalog.records import Endpoint, ServiceType
+from meshlink.catalog.records import DNS_LABEL, PROTOCOLS, Endpoint, ServiceType
 from meshlink.catalog.view import ImportedService
+
+log = logging.getLogger(__name__)
 
 DNS_SCHEMA_VERSION: Final = "1.0.0"
 SRV_PRIORITY: Final = 0
@@ -105,6 +109,27 @@ class ReplyCache:
 Rdata: TypeAlias = RD
 """dnslib record data (A, AAAA, SRV, TXT, SOA, NS); dnslib ships no type hints."""
 
+Value: TypeAlias = str | tuple[int, str]
+"""A record's data, kept as plain values and turned into dnslib rdata only when a reply is
+built (on a cache miss): building a 1,000-service snapshot stays in the tens of ms.
+A/AAAA/NS/TXT: the text; SRV: (port, target without the trailing dot)."""
+
+
+def to_rdata(qtype: int, value: Value, soa: Rdata) -> Rdata:
+    """The dnslib rdata of one stored value."""
+    if qtype == _T_A:
+        return A(value)
+    if qtype == _T_AAAA:
+        return AAAA(value)
+    if qtype == _T_SRV:
+        assert isinstance(value, tuple)
+        return SRV(priority=SRV_PRIORITY, weight=SRV_WEIGHT, port=value[0], target=value[1] + ".")
+    if qtype == _T_TXT:
+        return TXT(value)
+    if qtype == _T_NS:
+        return NS(value)
+    return soa
+
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Snapshot:
@@ -115,8 +140,8 @@ class Snapshot:
     zone: str
     ttl: int
     serial: int
-    records: Mapping[bytes, Mapping[int, tuple[Rdata, ...]]]
-    """name -> qtype -> rdata. Every owner name of a record."""
+    records: Mapping[bytes, Mapping[int, tuple[Value, ...]]]
+    """name -> qtype -> values. Every owner name of a record."""
     existing: frozenset[bytes]
     """Every name that exists: owners of records and empty non-terminals (NODATA)."""
     soa: Rdata
@@ -136,6 +161,9 @@ class Snapshot:
         caches = list(self._caches.values())
         return sum(len(c) for c in caches), sum(c.nbytes for c in caches)
 
+    def rdata(self, qtype: int, value: Value) -> Rdata:
+        return to_rdata(qtype, value, self.soa)
+
     @property
     def names(self) -> int:
         return len(self.records)
@@ -143,42 +171,65 @@ class Snapshot:
 
 def dashed_ip(address: str) -> str:
     """The per-endpoint label for an endpoint without hostname: ``10-1-2-3``, ``fd00--1``."""
+    version, text = _address(address)
+    return text.replace("." if version == 4 else ":", "-")
+
+
+@functools.lru_cache(maxsize=65536)
+def _address(address: str) -> tuple[int, str]:
+    """(IP version, canonical text); ValueError if it is not an IP address."""
     ip = ipaddress.ip_address(address)
-    sep = "." if ip.version == 4 else ":"
-    return ip.compressed.replace(sep, "-")
+    return ip.version, ip.compressed
 
 
 class _Builder:
     def __init__(self, zone: str, ttl: int) -> None:
         self.zone = zone
         self.ttl = ttl
-        # name -> qtype -> dedup key -> rdata (dicts keep insertion order).
-        self.records: dict[bytes, dict[int, dict[object, Rdata]]] = {}
+        # name -> qtype -> values (a dict as an ordered set: dedup, insertion order kept).
+        self.records: dict[bytes, dict[int, dict[Value, None]]] = {}
 
-    def add(self, name: str, qtype: int, key: object, make: Callable[[], Rdata]) -> None:
-        rrs = self.records.setdefault(name.lower().encode("ascii"), {}).setdefault(qtype, {})
-        if key not in rrs:
-            rrs[key] = make()
+    def add(self, name: str, qtype: int, value: Value) -> None:
+        by_type = self.records.get(key := name.encode("ascii"))
+        if by_type is None:
+            by_type = self.records[key] = {}
+        values = by_type.get(qtype)
+        if values is None:
+            values = by_type[qtype] = {}
+        values[value] = None
 
     def add_address(self, name: str, address: str) -> None:
-        ip = ipaddress.ip_address(address)
-        text = str(ip)
-        if ip.version == 4:
-            self.add(name, _T_A, text, lambda: A(text))
-        else:
-            self.add(name, _T_AAAA, text, lambda: AAAA(text))
+        version, text = _address(address)
+        self.add(name, _T_A if version == 4 else _T_AAAA, text)
 
     def srv(self, name: str, port: int, target: str) -> None:
-        self.add(
-            name,
-            _T_SRV,
-            (port, target),
-            lambda: SRV(priority=SRV_PRIORITY, weight=SRV_WEIGHT, port=port, target=target + "."),
-        )
+        self.add(name, _T_SRV, (port, target))
 
 
 def _ready(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
     return [e for e in endpoints if e.ready and e.addresses]
+
+
+def _invalid(svc: ImportedService) -> str | None:
+    """Why ``svc`` cannot be served (producers validate; this keeps a bug there from
+    crashing the DNS server), or None."""
+    if not (DNS_LABEL.match(svc.name) and DNS_LABEL.match(svc.namespace)):
+        return "name or namespace is not a DNS label"
+    for p in svc.ports:
+        if p.protocol not in PROTOCOLS or (p.name and not DNS_LABEL.match(p.name)):
+            return f"port {p.port} has a bad protocol or name"
+    for ce in svc.clusters:
+        if not DNS_LABEL.match(ce.cluster):
+            return f"cluster id {ce.cluster!r} is not a DNS label"
+        for ep in ce.endpoints:
+            if ep.hostname and not DNS_LABEL.match(ep.hostname):
+                return f"endpoint hostname {ep.hostname!r} is not a DNS label"
+    for addr in (*svc.ips, *(a for ce in svc.clusters for e in ce.endpoints for a in e.addresses)):
+        try:
+            _address(addr)
+        except ValueError:
+            return f"{addr!r} is not an IP address"
+    return None
 
 
 def _add_service(b: _Builder, svc: ImportedService) -> None:
@@ -228,6 +279,10 @@ def build_snapshot(
     zone = zone.strip(".").lower()
     b = _Builder(zone, ttl)
     for svc in services:
+        why = _invalid(svc)
+        if why is not None:
+            log.warning("dns: not serving %s/%s: %s", svc.namespace, svc.name, why)
+            continue
         _add_service(b, svc)
     mname = f"ns.dns.{zone}."
     soa = SOA(
@@ -235,9 +290,9 @@ def build_snapshot(
         rname=f"hostmaster.{zone}.",
         times=(serial if serial is not None else next(_serials), 7200, 1800, 86400, ttl),
     )
-    b.add(zone, _T_SOA, "soa", lambda: soa)
-    b.add(zone, _T_NS, mname, lambda: NS(mname))
-    b.add(f"dns-version.{zone}", _T_TXT, "v", lambda: TXT(DNS_SCHEMA_VERSION))
+    b.add(zone, _T_SOA, "")
+    b.add(zone, _T_NS, mname)
+    b.add(f"dns-version.{zone}", _T_TXT, DNS_SCHEMA_VERSION)
     b.records.setdefault(f"ns.dns.{zone}".encode("ascii"), {})
     for addr in ns_addresses:
         b.add_address(f"ns.dns.{zone}", addr)
@@ -252,8 +307,7 @@ def build_snapshot(
         existing.add(zone_key)
     assert all(n == zone_key or n.endswith(suffix) for n in existing)
     records = {
-        name: {t: tuple(v.values()) for t, v in by_type.items()}
-        for name, by_type in b.records.items()
+        name: {t: tuple(v) for t, v in by_type.items()} for name, by_type in b.records.items()
     }
     return Snapshot(
         zone=zone,

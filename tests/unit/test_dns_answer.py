@@ -577,3 +577,37 @@ def test_long_queries_are_answered_but_not_cached(snap: Snapshot) -> None:
     r = answer(padded, s)
     assert r is not None
     assert s.cache_stats()[0] == 0
+
+
+def test_clients_must_use_the_full_name(snap: Snapshot) -> None:
+    # clusterset.local is not in pods' search path: short forms and search-path expansions
+    # are not ours to answer.
+    for name in (
+        "web",
+        "web.default",
+        "web.default.svc",
+        f"web.default.svc.{Z}.default.svc.cluster.local",
+        f"web.default.svc.{Z}.svc.cluster.local",
+    ):
+        assert rcode(ask(snap, name)) == "REFUSED", name
+
+
+def test_a_bad_service_in_the_view_is_skipped_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [
+        ImportedService("default", "Bad_Name", ServiceType.CLUSTERSET_IP, ("10.0.0.5",), (), ()),
+        ImportedService("default", "badip", ServiceType.CLUSTERSET_IP, ("10.0.0.300",), (), ()),
+        ImportedService(
+            "default",
+            "badhost",
+            ServiceType.HEADLESS,
+            (),
+            (),
+            (ClusterEndpoints("c", (Endpoint(("10.0.0.6",), "Not A Label"),)),),
+        ),
+    ]
+    with caplog.at_level("WARNING", logger="meshlink.dns.snapshot"):
+        s = build_snapshot([*bad, *services()])
+    assert len([r for r in caplog.records if "not serving" in r.getMessage()]) == 3
+    assert rdatas(ask(s, f"web.default.svc.{Z}"), "A") == ["10.0.0.1"]
+    assert rcode(ask(s, f"badip.default.svc.{Z}")) == "NXDOMAIN"
+    assert rcode(ask(s, f"badhost.default.svc.{Z}")) == "NXDOMAIN"
