@@ -66,7 +66,12 @@ def answer(
     hit = cache.get(key)
     if hit is not None:
         return query[:2] + hit
-    reply, positive = compute(query, snapshot, max_udp=max_udp, tcp=tcp)
+    try:
+        reply, positive = compute(query, snapshot, max_udp=max_udp, tcp=tcp)
+    except Exception:  # a name dnslib parsed but cannot pack, or a bug: not a crash
+        log.debug("cannot answer query %r", query[:64], exc_info=True)
+        qid, flags = _HEADER.unpack_from(query)[:2]
+        return _header_only(qid, _QR | (flags & (0x7800 | _RD | _CD)) | SERVFAIL)
     if reply is not None and len(query) <= MAX_CACHED_QUERY:
         cache.put(key, reply[2:], positive=positive)
     return reply
@@ -96,6 +101,8 @@ def compute(
     if len(opts) > 1 or (opts and opts[0].rname.label != ()):
         return _header_only(qid, base | FORMERR), False
     q = rec.q
+    if sum(len(label) + 1 for label in q.qname.label) + 1 > 255:
+        return _header_only(qid, base | FORMERR), False  # RFC 1035 2.3.4: names <= 255
     edns = bool(opts)
     if tcp:
         limit = TCP_LIMIT

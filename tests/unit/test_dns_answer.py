@@ -391,6 +391,16 @@ def test_formerr_when_the_header_is_readable_but_the_rest_is_junk(snap: Snapshot
     assert r.header.rd == 1
 
 
+def test_formerr_for_a_name_longer_than_255_bytes(snap: Snapshot) -> None:
+    # dnslib parses it but refuses to pack it: we must not echo it, nor fail.
+    name = b"".join(b"\x3f" + b"a" * 63 for _ in range(5)) + b"\x0aclusterset\x05local\x00"
+    raw = answer(_header(9, 0x0100, 1) + name + b"\x00\x01\x00\x01", snap)
+    assert raw is not None
+    r = DNSRecord.parse(raw)
+    assert rcode(r) == "FORMERR"
+    assert r.header.id == 9
+
+
 def test_formerr_for_zero_or_several_questions(snap: Snapshot) -> None:
     assert rcode(DNSRecord.parse(answer(_header(1, 0, 0), snap) or b"")) == "FORMERR"
     two = DNSRecord(
