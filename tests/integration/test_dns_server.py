@@ -335,6 +335,23 @@ async def test_tcp_idle_timeout_and_connection_cap() -> None:
         await srv.close()
 
 
+async def test_tcp_frames_split_across_writes(server: DnsServer) -> None:
+    reader, writer = await asyncio.open_connection(HOST, server.bound_port)
+    try:
+        wire = dns.message.make_query(f"web.default.svc.{Z}", "AAAA").to_wire()
+        framed = len(wire).to_bytes(2, "big") + wire
+        for i in range(len(framed)):  # one byte per segment
+            writer.write(framed[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+        size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
+        r = dns.message.from_wire(await reader.readexactly(size))
+        assert r.answer[0][0].address == "fd00::1"
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
 async def test_tcp_unreadable_header_closes_the_connection(server: DnsServer) -> None:
     reader, writer = await asyncio.open_connection(HOST, server.bound_port)
     writer.write(b"\x00\x05hello")
