@@ -252,6 +252,9 @@ async def test_dnspython_udp_and_tcp(server: DnsServer) -> None:
     r = await dns.asyncquery.tcp(q, HOST, port=p, timeout=2)
     assert not r.flags & dns.flags.TC
     assert len(r.answer[0]) == 120
+    r, used_tcp = await dns.asyncquery.udp_with_fallback(q, HOST, port=p, timeout=2)
+    assert used_tcp
+    assert len(r.answer[0]) == 120
     q = dns.message.make_query(f"nope.default.svc.{Z}", "A")
     r = await dns.asyncquery.udp(q, HOST, port=p, timeout=2)
     assert r.rcode() == dns.rcode.NXDOMAIN
