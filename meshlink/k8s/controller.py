@@ -44,6 +44,7 @@ from meshlink.k8s.api import (
     NotFound,
     Obj,
     Resource,
+    Unavailable,
 )
 from meshlink.k8s.model import Condition
 from meshlink.k8s.watch import ApiHealth, ObjKey, Watcher
@@ -54,6 +55,9 @@ log = logging.getLogger(__name__)
 CLUSTER_ID_PROPERTY: Final = "cluster.clusterset.k8s.io"
 COALESCE_SECONDS: Final = 0.02
 """Publishing and the imports feed run at most this often: bursts become one call."""
+
+PENDING_GRACE: Final = 1.0
+"""Seconds an export may wait for the catalog before Ready=Pending is written."""
 
 ConditionsHook = Callable[[ServiceKey, tuple[Condition, ...]], None]
 
@@ -131,6 +135,7 @@ class Controller:
         self._version = time.time_ns()
         self._local_slices: dict[ServiceKey, dict[str, Obj]] = {}
         self._publish_wanted = asyncio.Event()
+        self._pending_since: dict[ServiceKey, float] = {}
         self.export_queue: WorkQueue[ServiceKey] = WorkQueue(
             "export", self._reconcile_export, workers
         )
@@ -236,8 +241,14 @@ class Controller:
 
     async def run(self) -> None:
         """Watch and reconcile until cancelled."""
-        if self.cluster_id is None:
-            await self.resolve_cluster_id()
+        delay = 0.2
+        while self.cluster_id is None:
+            try:
+                await self.resolve_cluster_id()
+            except Unavailable as e:
+                self.health.failed(e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
         log.info(
             "controller for cluster %s starting (API server %s)", self.cluster_id, self.health.name
         )
@@ -318,9 +329,13 @@ class Controller:
         obj = new or old or {}
         if model.is_managed(obj):
             ikey = self._import_key_of(obj)
-            if new is None and ikey is not None:
+            if ikey is None:
+                return
+            if new is None:
                 self._applied.pop((SERVICE.plural, *key), None)
                 self._derived_ips.pop(ikey, None)
+                self._kick_import(ikey)
+            elif old is None and not self._wanted(ikey):
                 self._kick_import(ikey)
             return
         skey = ServiceKey(*key)
@@ -347,6 +362,8 @@ class Controller:
                     self._kick_import(ikey)
                 else:
                     names.add(key[1])
+                    if old is None and not self._wanted(ikey, lab.get(model.MCS_SOURCE_CLUSTER)):
+                        self._kick_import(ikey)
             return
         svc = lab.get(model.K8S_SERVICE_NAME)
         if not svc:
@@ -380,6 +397,22 @@ class Controller:
             self._applied.pop((SERVICE_IMPORT.plural, *key), None)
             self._applied.pop((SERVICE_IMPORT.plural + "/status", *key), None)
             self._kick_import(ServiceKey(*key))
+        elif (
+            old is None
+            and new is not None
+            and model.is_managed(new)
+            and not self._wanted(ServiceKey(*key))
+        ):
+            self._kick_import(ServiceKey(*key))
+
+    def _wanted(self, key: ServiceKey, source: str | None = None) -> bool:
+        """Whether an import (or its slice from ``source``) should exist, as far as the
+        catalog and namespaces say; a managed object that appears unwanted (it was being
+        applied while its export went away) is reconciled, hence deleted."""
+        merged = self._merged.get(key)
+        if merged is None or not self._namespace_usable(key.namespace):
+            return False
+        return source is None or any(r.origin == source for r in merged.serving)
 
     def _on_pod_event(self, key: ObjKey, old: Obj | None, new: Obj | None) -> None:
         gateway = model.gateway_endpoints_of(self.pods_w.cache.values())
@@ -410,9 +443,12 @@ class Controller:
         svcex = self.exports_w.cache.get(ck)
         if svcex is None or model.meta(svcex).get("deletionTimestamp"):
             self._evals.pop(key, None)
+            self._pending_since.pop(key, None)
             if self._records.pop(key, None) is not None:
                 log.info("export %s withdrawn", key)
                 self._publish_wanted.set()
+            if model.wants_export(self.services_w.cache.get(ck)):
+                self.export_queue.add(key)  # the annotation still asks for it
             return
         ev = model.evaluate_export(
             svcex,
@@ -456,6 +492,17 @@ class Controller:
         in_catalog = rec is not None and any(
             r.origin == rec.origin for r in self._catalog.get(key, ())
         )
+        if rec is not None and not in_catalog:
+            # The catalog normally confirms within milliseconds: write Ready=Pending only
+            # if it does not, so a new export costs one status write, not two.
+            now = time.monotonic()
+            since = self._pending_since.setdefault(key, now)
+            if now - since < PENDING_GRACE:
+                loop = asyncio.get_running_loop()
+                loop.call_later(PENDING_GRACE, self.export_queue.add, key)
+                return
+        else:
+            self._pending_since.pop(key, None)
         conds = model.export_conditions(ev, in_catalog, self._merged.get(key))
         if self._on_conditions is not None:
             self._on_conditions(key, conds)

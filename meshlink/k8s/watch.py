@@ -17,7 +17,7 @@ from contextlib import aclosing
 from typing import Final
 
 from meshlink.errors import KubeError
-from meshlink.k8s.api import Gone, Kube, Obj, Resource
+from meshlink.k8s.api import Gone, Kube, NotFound, Obj, Resource
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class Watcher:
         self.resource_version = ""
         self.synced = asyncio.Event()
         self.relists = 0
+        self.missing = False
 
     def _emit(self, key: ObjKey, old: Obj | None, new: Obj | None) -> None:
         try:
@@ -143,6 +144,7 @@ class Watcher:
             try:
                 if not self.resource_version:
                     await self._relist()
+                    self.missing = False
                     self.synced.set()
                     self.health.ok()
                     backoff = BACKOFF_MIN
@@ -162,6 +164,17 @@ class Watcher:
             except Gone:
                 log.info("%s watch expired (410); relisting", what)
                 self.resource_version = ""
+            except NotFound as e:
+                # The API itself is missing (CRD not installed): say so once, keep trying.
+                if not self.missing:
+                    self.missing = True
+                    log.warning(
+                        "%s is not served by the API server (%s): install the CRDs in "
+                        "manifests/crds; retrying",
+                        what,
+                        e,
+                    )
+                await asyncio.sleep(BACKOFF_MAX)
             except KubeError as e:
                 self.health.failed(e)
                 await asyncio.sleep(backoff * (0.5 + random.random()))  # noqa: S311
