@@ -74,14 +74,18 @@ class _Dialer:
             self.since = time.time()
 
 
-class _Acceptor(asyncio.Protocol):
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+class _AcceptSSLObject(ssl.SSLObject):
+    """Server-side TLS object that logs why a handshake was refused (asyncio and uvloop
+    only log that at debug level): one line per refused peer."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()  # the TLS layer takes over; nothing may be read before
-        self.gateway._spawn(self.gateway._accept(transport), "accept")
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as e:
+            log.warning("refused a link: TLS handshake failed: %s", _tls_reason(e))
+            raise
 
 
 class Gateway(LinkOwner):
@@ -139,9 +143,11 @@ class Gateway(LinkOwner):
             if self._listen is not None:
                 try:
                     self._server = await loop.create_server(
-                        lambda: _Acceptor(self),
+                        self._new_accepted_link,
                         self._listen[0],
                         self._listen[1],
+                        ssl=self._listener_context(),
+                        ssl_handshake_timeout=self.handshake_timeout,
                         reuse_address=True,
                     )
                 except OSError as e:
@@ -197,42 +203,52 @@ class Gateway(LinkOwner):
                 link.heartbeat(limit)
 
     # ------------------------------------------------------------------ accepting
-    async def _accept(self, transport: asyncio.Transport) -> None:
+    def _listener_context(self) -> ssl.SSLContext:
+        """The listener's context. Each handshake switches to a freshly built context (in
+        the SNI callback, which OpenSSL runs for every ClientHello), so rotated
+        certificates and newly trusted CAs apply to new links without a restart."""
+        assert self._server_context is not None
+        base = self._server_context()
+        base.sni_callback = self._pick_context
+        base.sslobject_class = _AcceptSSLObject
+        return base
+
+    def _pick_context(
+        self, obj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext
+    ) -> int | None:
+        assert self._server_context is not None
+        try:
+            obj.context = self._server_context()
+        except (MeshlinkError, OSError, ssl.SSLError, ValueError) as e:
+            log.error("cannot build the link server TLS context: %s", e)
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        return None
+
+    def _new_accepted_link(self) -> Link:
+        return Link(self, local_site=self.site_id, direction="accept")
+
+    def link_accepted(self, link: Link, transport: asyncio.Transport) -> None:
+        """A TLS handshake completed on the listener: check the peer, start or refuse."""
         peername = transport.get_extra_info("peername")
         where = f"{peername[0]}:{peername[1]}" if peername else "?"
-        assert self._server_context is not None
-        loop = asyncio.get_running_loop()
-        link = Link(self, local_site=self.site_id, direction="accept", endpoint=where)
-        try:
-            ctx = self._server_context()
-            tls = await loop.start_tls(
-                transport,
-                link,
-                ctx,
-                server_side=True,
-                ssl_handshake_timeout=self.handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, TimeoutError, MeshlinkError, ValueError) as e:
-            log.warning("refused link from %s: TLS handshake failed: %s", where, _tls_reason(e))
-            transport.abort()
-            return
-        if tls is None:  # pragma: no cover - the peer went away during the handshake
+        link.endpoint = where
+        if not self._running:
             transport.abort()
             return
         try:
-            site = authorize_peer(tls.get_extra_info("ssl_object"))
+            site = authorize_peer(transport.get_extra_info("ssl_object"))
         except PeerNotAuthorized as e:
             log.warning("refused link from %s: %s", where, e)
-            link.refuse(tls, ErrorCode.NOT_AUTHORIZED, str(e))
+            link.refuse(transport, ErrorCode.NOT_AUTHORIZED, str(e))
             return
         if not self._authorize(site):
             log.warning("refused link from %s: site %s is not authorized here", where, site)
             link.refuse(
-                tls, ErrorCode.NOT_AUTHORIZED, f"site {site} is not linked to {self.site_id}"
+                transport, ErrorCode.NOT_AUTHORIZED, f"site {site} is not linked to {self.site_id}"
             )
             return
         self._all.add(link)
-        link.attach(tls, site)
+        link.attach(transport, site)
 
     # ------------------------------------------------------------------ dialing
     def set_dials(self, specs: Sequence[DialSpec]) -> None:
@@ -323,7 +339,6 @@ class Gateway(LinkOwner):
             except (OSError, ssl.SSLError, TimeoutError) as e:
                 errors.append(f"{endpoint}: {_tls_reason(e)}")
                 continue
-            assert isinstance(transport, asyncio.Transport)
             try:
                 site = authorize_peer(transport.get_extra_info("ssl_object"), spec.peer_site)
             except PeerNotAuthorized as e:

@@ -16,7 +16,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from meshlink.proto import (
@@ -259,6 +259,7 @@ class LinkOwner:
     """What a link reports to (the gateway)."""
 
     def link_ready(self, link: Link) -> None: ...
+    def link_accepted(self, link: Link, transport: asyncio.Transport) -> None: ...
     def link_closed(self, link: Link, reason: str) -> None: ...
     def stream_opened(
         self, link: Link, stream: StreamEnd, target: FlowTarget, hops: int
@@ -307,9 +308,12 @@ class Link(asyncio.Protocol):
 
     # -- setup -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # dialer: called once the TLS handshake is done; acceptor: not called (start_tls)
-        assert isinstance(transport, asyncio.Transport)
+        # called once the TLS handshake is done; the dialer attaches after checking the
+        # server's identity, the acceptor's owner checks the client's right here
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self.transport = transport
+        if self.direction == "accept":
+            self.owner.link_accepted(self, transport)
 
     def attach(self, transport: asyncio.Transport, peer_site: str) -> None:
         """Start the protocol once the peer's identity is known and checked."""

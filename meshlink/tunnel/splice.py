@@ -16,7 +16,7 @@ import contextlib
 import logging
 import socket
 import struct
-from typing import Final
+from typing import Final, cast
 
 from meshlink.errors import ErrorCode
 from meshlink.tunnel.types import FlowError, describe_code
@@ -74,7 +74,15 @@ def abort_transport(transport: asyncio.Transport) -> None:
 class TcpEnd(End, asyncio.Protocol):
     """A TCP connection as one end of a flow. Starts with reading paused until joined."""
 
-    __slots__ = ("_closed", "_eof_in", "_eof_out", "_paused_by_peer", "on_lost", "transport")
+    __slots__ = (
+        "_closed",
+        "_early",
+        "_eof_in",
+        "_eof_out",
+        "_paused_by_peer",
+        "on_lost",
+        "transport",
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,11 +91,14 @@ class TcpEnd(End, asyncio.Protocol):
         self._eof_out = False
         self._closed = False
         self._paused_by_peer = False
+        self._early: list[bytes] | None = None
+        """Bytes that arrived before the end was joined (uvloop may deliver one read even
+        though reading was paused in connection_made); flushed in order by start()."""
         self.on_lost: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None:
@@ -99,11 +110,20 @@ class TcpEnd(End, asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
-        if peer is not None:
+        if peer is not None and self._early is None:
             peer.feed(data)
+            return
+        # Not joined (or not started) yet: keep the bytes, stop reading; start() flushes.
+        if self._early is None:
+            self._early = []
+        self._early.append(data)
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         self._eof_in = True
+        if self._early is not None:
+            return True  # delivered by start(), after the early bytes
         if self.peer is not None:
             self.peer.feed_eof()
         if self._eof_out and self.transport is not None:
@@ -134,7 +154,13 @@ class TcpEnd(End, asyncio.Protocol):
 
     # End
     def start(self) -> None:
-        """Begin reading (after join)."""
+        """Begin reading (after join), first handing over whatever arrived early."""
+        early, self._early = self._early, None
+        if early and self.peer is not None:
+            for chunk in early:
+                self.peer.feed(chunk)
+        if self._eof_in and early is not None and self.peer is not None:
+            self.peer.feed_eof()
         if self.transport is not None and not self._closed and not self._paused_by_peer:
             self.transport.resume_reading()
 

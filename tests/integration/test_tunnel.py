@@ -32,7 +32,21 @@ from meshlink.tunnel import (
     Route,
 )
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [
+    pytest.mark.timeout(60),
+    # The loop_factories hook needs a conftest; until then the (deprecated) policy fixture.
+    pytest.mark.filterwarnings("ignore:Overriding the .event_loop_policy. fixture"),
+]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def event_loop_policy(request: pytest.FixtureRequest) -> asyncio.AbstractEventLoopPolicy:
+    """Every test on both loops: the daemon runs on uvloop, whose transports differ."""
+    if request.param == "uvloop":
+        import uvloop
+
+        return uvloop.EventLoopPolicy()
+    return asyncio.DefaultEventLoopPolicy()
 
 
 async def until(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
