@@ -65,82 +65,67 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from meshlink import links, pki
+    from meshlink import links
 
-    cfg = _load(args)
-    identity = pki.SiteIdentity.load_or_create(cfg.state_dir, cfg.site)
-    token = links.create_token(identity, str(cfg.grant_address), expiry=args.expiry, uses=args.uses)
-    if args.output:
-        path = Path(args.output)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        print(
-            f"token written to {path} (valid {args.expiry}, {args.uses} use(s)); "
-            f"on the other site run: meshlink link create {path}",
-            file=sys.stderr,
-        )
-    else:
-        print(token)
+    out = links.cmd_token_create(
+        _load(args),
+        expiry=args.expiry,
+        uses=args.uses,
+        output=Path(args.output) if args.output else None,
+    )
+    print(out, file=sys.stderr if args.output else sys.stdout)
     return 0
 
 
-def _read_token(arg: str) -> str:
-    if arg.startswith("meshlink-token-"):
-        return arg
-    if arg == "-":
-        return sys.stdin.read().strip()
-    try:
-        return Path(arg).read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"cannot read token file {arg}: {e.strerror}") from None
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from meshlink import links
+
+    print(links.cmd_token_list(_load(args)))
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from meshlink import links
+
+    print(links.cmd_token_revoke(_load(args), args.token_id))
+    return 0
 
 
 def cmd_link_create(args: argparse.Namespace) -> int:
-    from meshlink import links, pki
+    from meshlink import links
 
     cfg = _load(args)
-    identity = pki.SiteIdentity.load_or_create(cfg.state_dir, cfg.site)
-    rec = _run_async(links.redeem(identity, cfg.state_dir, _read_token(args.token), name=args.name))
-    print(f"linked to site {rec.peer_site} as {rec.name!r} via {', '.join(rec.endpoints)}")
+    print(_run_async(links.acmd_link_create(cfg, args.token, name=args.name)))
     return 0
 
 
 def cmd_link_list(args: argparse.Namespace) -> int:
     from meshlink import links
 
-    cfg = _load(args)
-    rows = [("NAME", "PEER", "ENDPOINTS")]
-    rows += [(r.name, r.peer_site, ",".join(r.endpoints)) for r in links.list_links(cfg.state_dir)]
-    _table(rows)
+    print(links.cmd_link_list(_load(args)))
     return 0
 
 
 def cmd_link_delete(args: argparse.Namespace) -> int:
     from meshlink import links
 
-    cfg = _load(args)
-    links.delete_link(cfg.state_dir, args.name)
-    print(f"link {args.name} deleted; the running site drops it within a second")
+    print(
+        links.cmd_link_delete(_load(args), args.name) + "; a running site drops it within a second"
+    )
     return 0
 
 
 def cmd_peer_list(args: argparse.Namespace) -> int:
     from meshlink import links
 
-    cfg = _load(args)
-    rows = [("PEER", "LINKED AT")]
-    rows += [(p.site, str(p.linked_at)) for p in links.list_peers(cfg.state_dir)]
-    _table(rows)
+    print(links.cmd_peer_list(_load(args)))
     return 0
 
 
 def cmd_peer_revoke(args: argparse.Namespace) -> int:
     from meshlink import links
 
-    cfg = _load(args)
-    links.revoke_peer(cfg.state_dir, args.site)
-    print(f"peer {args.site} revoked; its link is dropped within a second and refused after")
+    print(links.cmd_peer_revoke(_load(args), args.site))
     return 0
 
 
@@ -183,13 +168,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_dns(args: argparse.Namespace) -> int:
+    from meshlink import runtime
     from meshlink.dns import static
-    from meshlink.dns.server import serve
 
     log.setup(args.log_level, args.log_format)
-    services = static.load(args.records)
+    services = static.load_services(args.records)
     listen = config.parse_hostport(args.listen, "--listen")
-    _run_async(serve(services, listen.host, listen.port, zone=args.zone, ttl=args.ttl))
+    _run_async(runtime.run_dns(services, listen.host, listen.port, zone=args.zone, ttl=args.ttl))
     return 0
 
 
@@ -198,12 +183,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     code: int = _run_async(demo.run(keep=args.keep, verbose=args.verbose))
     return code
-
-
-def _table(rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -264,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--uses", type=int, default=1, help="how many sites may redeem it (default 1)")
     sp.add_argument("-o", "--output", help="write the token to this file (0600) instead of stdout")
+    add(
+        "list",
+        cmd_token_list,
+        "list tokens issued by this site (never their secrets)",
+        parent=token,
+    )
+    sp = add("revoke", cmd_token_revoke, "revoke an unredeemed token", parent=token)
+    sp.add_argument("token_id")
 
     link = sub.add_parser("link", help="links to other sites").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"

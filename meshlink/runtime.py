@@ -105,14 +105,13 @@ class SiteRuntime:
         self._link_files: dict[str, float] = {}
         self._peer_allowed: dict[str, bool] = {}
         self._ready_reason = "starting"
+        self._renewal_pending: set[str] = set()
 
     # -- TLS and authorization -----------------------------------------------------------
 
     def _server_context(self) -> ssl.SSLContext:
         # Peers present client certificates our CA signed at redemption: trust only it.
-        return pki.server_context(
-            self.identity.gateway_chain_path, self.identity.gateway_key_path, [self.identity.ca_pem]
-        )
+        return links.gateway_server_context(self.identity)
 
     def _authorize(self, peer: str) -> bool:
         allowed = links.is_peer_allowed(self.config.state_dir, peer)
@@ -146,10 +145,47 @@ class SiteRuntime:
                     log.warning("catalog entry refused %s", line)
                 self._send(sends)
                 self._changed()
+            elif kind == "renew":
+                self._answer_renewal(peer_site, msg)
+            elif kind == "renewed":
+                self._store_renewal(peer_site, msg)
             else:
                 raise CatalogError(f"unknown control message type {kind!r}")
-        except (ValueError, CatalogError) as e:
+        except (ValueError, MeshlinkError) as e:
             log.warning("bad control message from %s: %s", peer_site, e)
+
+    # -- link certificate renewal over the link ------------------------------------------
+
+    def _answer_renewal(self, peer_site: str, msg: dict[str, Any]) -> None:
+        csr = msg.get("csr")
+        if not isinstance(csr, str) or len(csr) > 16384:
+            raise CatalogError("renew without a CSR")
+        cert = links.sign_renewal(self.identity, self.config.state_dir, peer_site, csr)
+        self.gateway.send_control(peer_site, json.dumps({"t": "renewed", "cert": cert}).encode())
+        log.info("renewed the link certificate of peer %s", peer_site)
+
+    def _store_renewal(self, peer_site: str, msg: dict[str, Any]) -> None:
+        cert = msg.get("cert")
+        rec = links.find_link_to(self.config.state_dir, peer_site)
+        if rec is None or not isinstance(cert, str) or len(cert) > 16384:
+            raise CatalogError(f"unexpected renewed certificate from {peer_site}")
+        links.store_renewed_cert(self.identity, self.config.state_dir, rec.name, cert)
+        self._renewal_pending.discard(peer_site)
+        log.info("link certificate for %s renewed", peer_site)
+
+    def _renew_links(self) -> None:
+        live = set(self.gateway.live_peers())
+        for rec in links.list_links(self.config.state_dir):
+            if (
+                rec.peer_site in live
+                and rec.peer_site not in self._renewal_pending
+                and links.link_renewal_due(self.config.state_dir, rec.name)
+            ):
+                csr = links.renewal_csr(self.identity)
+                payload = json.dumps({"t": "renew", "csr": csr}).encode()
+                if self.gateway.send_control(rec.peer_site, payload):
+                    self._renewal_pending.add(rec.peer_site)
+                    log.info("asked %s to renew our link certificate", rec.peer_site)
 
     def route(self, target: FlowTarget) -> Route:
         if target.site == self.site:
@@ -280,17 +316,15 @@ class SiteRuntime:
     # -- link and peer records -----------------------------------------------------------
 
     def _dial_specs(self) -> list[DialSpec]:
-        specs = []
-        for rec in links.list_links(self.config.state_dir):
-            specs.append(
-                DialSpec(
-                    name=rec.name,
-                    peer_site=rec.peer_site,
-                    endpoints=tuple(rec.endpoints),
-                    ssl_context=self._client_context_factory(rec),
-                )
+        return [
+            DialSpec(
+                name=rec.name,
+                peer_site=rec.peer_site,
+                endpoints=tuple(rec.endpoints),
+                ssl_context=self._client_context_factory(rec),
             )
-        return specs
+            for rec in links.list_links(self.config.state_dir)
+        ]
 
     def _client_context_factory(self, rec: Any) -> Any:
         def make() -> ssl.SSLContext:
@@ -303,10 +337,16 @@ class SiteRuntime:
         return make
 
     async def _state_loop(self) -> None:
-        """Pick up links created/deleted and peers revoked by the CLI."""
+        """Pick up links created/deleted and peers revoked by the CLI; renew certificates."""
+        ticks = 0
         while True:
+            ticks += 1
             try:
                 self.gateway.set_dials(self._dial_specs())
+                if ticks % 1200 == 0:
+                    self._renewal_pending.clear()  # retry unanswered renewals every 10 min
+                if ticks % 20 == 1:
+                    self._renew_links()
                 for peer in self.catalog.peers():
                     if not links.is_peer_allowed(self.config.state_dir, peer) and not any(
                         r.peer_site == peer for r in links.list_links(self.config.state_dir)
@@ -449,7 +489,7 @@ class SiteRuntime:
         kube = self.config.kubernetes
         assert kube is not None
         if kube.kubeconfig is None:
-            kconfig.load_incluster_config()
+            kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
             from kubernetes_asyncio.client import ApiClient
 
             api = ApiClient()
@@ -480,3 +520,20 @@ async def run_site(config: SiteConfig, components: frozenset[str] = ALL_COMPONEN
         await runtime.run()
     except asyncio.CancelledError:
         log.info("site %s stopped", config.site)
+
+
+async def run_dns(
+    services: Sequence[ImportedService], host: str, port: int, *, zone: str, ttl: int
+) -> None:
+    """`meshlink dns`: serve a fixed set of imported services until SIGINT/SIGTERM."""
+    server = DnsServer(build_snapshot(services, zone=zone, ttl=ttl), host=host, port=port)
+    await server.start()
+    log.info("serving %d service(s) for %s on %s:%d (udp+tcp)", len(services), zone, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await server.close()

@@ -40,8 +40,9 @@ class _Handler(socketserver.BaseRequestHandler):
         elif kind == b"E":
             while chunk := sock.recv(65536):
                 sock.sendall(chunk)
-        elif kind == b"R":  # abortive close: RST
+        elif kind == b"R":  # abortive close: RST (closed here, before socketserver's FIN)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
         elif kind == b"H":  # send, half-close, keep reading, then report what arrived
             sock.sendall(b"x" * 1000)
             sock.shutdown(socket.SHUT_WR)
@@ -50,12 +51,19 @@ class _Handler(socketserver.BaseRequestHandler):
                 n += len(chunk)
             # Peer finished too; nothing more can be sent, record for the test.
             self.server.after_half_close = n  # type: ignore[attr-defined]
+        else:
+            self.server.bad_kinds.append(kind)  # type: ignore[attr-defined]
 
 
 class Backend(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 512
     after_half_close = -1
+
+    def __init__(self, *a: object, **kw: object) -> None:
+        super().__init__(*a, **kw)  # type: ignore[arg-type]
+        self.bad_kinds: list[bytes] = []
 
 
 @pytest.fixture
@@ -128,7 +136,10 @@ def test_two_sites_100mb_checksum_and_half_close(tmp_path: Path, backend: Backen
     with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
         b.link_to(a)
         with connect(b) as s:
-            sink_roundtrip(s, 100 * MB)
+            try:
+                sink_roundtrip(s, 100 * MB)
+            finally:
+                assert backend.bad_kinds == []
         st = b.status()
         assert [link["state"] for link in st["links"]] == ["up"]
         assert st["links"][0]["rtt_ms"] is not None
