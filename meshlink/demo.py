@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -227,7 +228,7 @@ async def run(*, keep: bool = False, verbose: bool = False) -> int:
                 if log is not None:
                     log.close()
             for s in (a, b, c):
-                await _wait(f"site {s.name} to be ready", lambda s=s: _ready(s))
+                await _wait(f"site {s.name} to be ready", functools.partial(_ready, s))
             _say("[3/7] linking b -> a: `meshlink token create` on a, `meshlink link create` on b")
             token_ab = a.dir / "token-for-b"
             await _cli("token", "create", "--config", str(a.config_path), "-o", str(token_ab))
@@ -269,6 +270,13 @@ async def run(*, keep: bool = False, verbose: bool = False) -> int:
                 f"median of 5 {sorted(times)[2] * 1000:.2f} ms (new connection each)"
             )
             _say("[7/7] summary")
+            await _wait(
+                "every link to measure its RTT",
+                lambda: all(
+                    x.get("rtt_ms") is not None for s in (a, b, c) for x in _status(s)["links"]
+                ),
+                limit=5,
+            )
             for s in (a, b, c):
                 st = _status(s)
                 links = (
@@ -290,11 +298,11 @@ async def run(*, keep: bool = False, verbose: bool = False) -> int:
             return 0
     except DemoFailed as e:
         print(f"demo FAILED: {e}", file=sys.stderr)
-        for s in ("a", "b", "c"):
-            logf = root / s / "meshlink.log"
+        for site_name in ("a", "b", "c"):
+            logf = root / site_name / "meshlink.log"
             if logf.exists():
                 tail = logf.read_text(errors="replace").strip().splitlines()[-5:]
-                print(f"--- last lines of site {s}'s log ({logf}):", file=sys.stderr)
+                print(f"--- last lines of site {site_name}'s log ({logf}):", file=sys.stderr)
                 print("\n".join(tail), file=sys.stderr)
         keep = True
         return 1
