@@ -636,3 +636,120 @@ async def test_gateway_pods_back_the_clusterset_ip(env: Env) -> None:
     sl = await eventually(gateway_slice, WAIT, "slice pointing at the gateway pod")
     assert sl["endpoints"][0]["conditions"]["ready"] is True
     assert json.dumps(sl["ports"]) == json.dumps([{"name": "http", "protocol": "TCP", "port": 80}])
+
+
+async def test_v1alpha1_export_is_the_same_object(env: Env) -> None:
+    """A ServiceExport written through v1alpha1 is served as v1beta1 and exported."""
+    from meshlink.k8s.api import Resource
+
+    v1alpha1 = Resource("multicluster.x-k8s.io", "v1alpha1", "serviceexports", "ServiceExport")
+    ns = "t-alpha"
+    for i in range(2):
+        await env.namespace(i, ns)
+    await env.service(0, ns, "old", [("http", 80, "TCP")])
+    for i in range(2):
+        await env.start(i)
+    body = {
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "kind": "ServiceExport",
+        "metadata": {"name": "old", "namespace": ns},
+    }
+    env.created_exports.append((0, ns, "old"))
+    await env.kubes[0].apply(v1alpha1, body, manager=TESTS)
+    await env.wait_si(1, ns, "old")
+    await env.wait_condition(0, ns, "old", "Ready", "True", "Exported")
+
+
+async def test_namespace_deleted_and_recreated_restores_imports(env: Env) -> None:
+    """No namespace controller runs here, so the test finalizes the namespace itself (as
+    kube-controller-manager would once the namespace is empty)."""
+    ns = "t-recreate"
+    for i in range(2):
+        await env.namespace(i, ns)
+    await env.service(0, ns, "web", [("http", 80, "TCP")])
+    for i in range(2):
+        await env.start(i)
+    await env.export(0, ns, "web")
+    await env.wait_si(1, ns, "web")
+
+    await env.kubes[1].delete(NAMESPACE, ns)
+    # Terminating: the controller withdraws its imports from the namespace by itself.
+    await env.wait_gone(1, ns, "web")
+    finalize = {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": ns},
+        "spec": {"finalizers": []},
+    }
+    await asyncio.to_thread(
+        env.clusters[1].kubectl,
+        "replace",
+        "--raw",
+        f"/api/v1/namespaces/{ns}/finalize",
+        "-f",
+        "-",
+        input=json.dumps(finalize),
+    )
+    await eventually(
+        lambda: _is_none(get(env.kubes[1], NAMESPACE, None, ns)), WAIT, "namespace gone"
+    )
+    await env.namespace(1, ns)
+    si = await env.wait_si(1, ns, "web")
+    assert si["spec"]["ips"]
+    assert len(await env.mcs_slices(1, ns, "web")) == 1
+
+
+async def test_watch_relists_on_410_and_diffs_against_its_cache(env: Env) -> None:
+    """A watch resumed from a resourceVersion older than the API server's watch cache (it
+    restarted meanwhile) gets 410; the watcher relists and reports exactly what changed."""
+    from meshlink.k8s.watch import ApiHealth, Watcher
+
+    ns = "t-relist"
+    c3, kube = env.clusters[2], env.kubes[2]
+    await env.namespace(2, ns)
+    await env.service(2, ns, "a", [("http", 80, "TCP")])
+    await env.service(2, ns, "b", [("http", 80, "TCP")])
+    events: list[tuple[str, str]] = []
+
+    def handler(key: tuple[str, str], old: Obj | None, new: Obj | None) -> None:
+        kind = "ADDED" if old is None else "DELETED" if new is None else "MODIFIED"
+        events.append((kind, key[1]))
+
+    w = Watcher(kube, SERVICE, handler, ApiHealth("c3"), namespace=ns)
+    task = asyncio.create_task(w.run())
+    await asyncio.wait_for(w.synced.wait(), WAIT)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert sorted(events) == [("ADDED", "a"), ("ADDED", "b")]
+    events.clear()
+
+    # A restarted API server builds a fresh watch cache that starts after our version.
+    await asyncio.to_thread(c3.stop_apiserver)
+    await asyncio.to_thread(c3.start_apiserver)
+    await eventually(lambda: _ok(kube.list(SERVICE, ns)), WAIT, "c3 API server back")
+    await kube.delete(SERVICE, "a", ns)
+    await env.service(2, ns, "c", [("http", 80, "TCP")])
+    task = asyncio.create_task(w.run())
+    try:
+        await eventually(lambda: w.relists == 2, WAIT, "a relist after 410")
+        await eventually(
+            lambda: sorted(events) == [("ADDED", "c"), ("DELETED", "a")],
+            WAIT,
+            f"diff events ({events})",
+        )
+        await env.service(2, ns, "d", [("http", 80, "TCP")])
+        await eventually(
+            lambda: ("ADDED", "d") in events, WAIT, "the resumed watch sees new objects"
+        )
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sorted(w.cache) == [(ns, "b"), (ns, "c"), (ns, "d")]
+
+
+async def _ok(coro: Any) -> bool:
+    try:
+        await coro
+    except Exception:
+        return False
+    return True
