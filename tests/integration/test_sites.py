@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import socketserver
 import struct
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,8 @@ class _Handler(socketserver.BaseRequestHandler):
         elif kind == b"E":
             while chunk := sock.recv(65536):
                 sock.sendall(chunk)
+        elif kind == b"W":  # who are you
+            sock.sendall(self.server.name.encode())  # type: ignore[attr-defined]
         elif kind == b"R":  # abortive close: RST (closed here, before socketserver's FIN)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
@@ -64,16 +68,26 @@ class Backend(socketserver.ThreadingTCPServer):
     def __init__(self, *a: object, **kw: object) -> None:
         super().__init__(*a, **kw)  # type: ignore[arg-type]
         self.bad_kinds: list[bytes] = []
+        self.name = ""
+
+
+@contextmanager
+def running_backend(name: str = "") -> Iterator[Backend]:
+    srv = Backend(("127.0.0.1", 0), _Handler)
+    srv.name = name
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 @pytest.fixture
 def backend() -> Iterator[Backend]:
-    srv = Backend(("127.0.0.1", 0), _Handler)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with running_backend() as srv:
+        yield srv
 
 
 def export(backend: Backend, name: str = "svc") -> list[dict[str, object]]:
@@ -296,3 +310,51 @@ def test_broken_config_is_one_line_naming_the_key(tmp_path: Path) -> None:
     out = cli("run", "--config", str(cfg), check=False)
     assert out.returncode == 1
     assert out.stderr.strip() == f"meshlink: {cfg}: gateway.listen: 'nowhere' is not HOST:PORT"
+
+
+def whoami(addr: str) -> str:
+    with socket.create_connection((addr, 9000), timeout=5) as s:
+        s.settimeout(5)
+        s.sendall(b"W")
+        return s.recv(100).decode()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_failover_to_another_exporting_site_within_seconds(tmp_path: Path, how: str) -> None:
+    """kill: the peer's sockets close at once. freeze (SIGSTOP): the peer goes silent with
+    its sockets open, as in a partition; only the heartbeats (0.3 s x 3 here) can tell."""
+    with (
+        running_backend("a") as back_a,
+        running_backend("c") as back_c,
+        sites(tmp_path, ("a", export(back_a)), ("b", []), ("c", export(back_c))) as (a, b, c),
+    ):
+        b.link_to(a)
+        b.link_to(c)
+        addr = wait_until(
+            "both exporters reachable from b",
+            lambda: (found := b.import_addr("test/svc")) and len(found[1]) == 2 and found,
+        )[0]
+        first = whoami(addr)
+        serving, other = (a, c) if first == "a" else (c, a)
+        t0 = time.monotonic()
+        if how == "kill":
+            serving.kill()
+        else:
+            assert serving.proc is not None
+            serving.proc.send_signal(signal.SIGSTOP)
+
+        def served_by_other() -> bool:
+            try:
+                return whoami(addr) == other.name
+            except OSError:
+                return False
+
+        try:
+            wait_until("new connections served by the other site", served_by_other, timeout=10)
+            took = time.monotonic() - t0
+            print(f"failover ({how}) from {serving.name} to {other.name}: {took:.2f} s")
+            assert b.link_state(serving.name) != "up"
+        finally:
+            if how == "freeze" and serving.proc is not None:
+                serving.proc.send_signal(signal.SIGCONT)
