@@ -65,7 +65,7 @@ fi
 if ! have_all; then
 	export GOMODCACHE="$cache/go/mod" GOCACHE="$cache/go/build"
 	# go.mod and go.sum are committed: never let the build rewrite them.
-	export GOFLAGS="-mod=readonly ${GOFLAGS:-}"
+	export GOFLAGS="${GOFLAGS:-} -mod=readonly"
 	log "go: $(go version)"
 	log "building the control plane into $bin_dir (first run only; several minutes on 2 cores)"
 	started=$SECONDS
