@@ -115,3 +115,23 @@ def test_wait_until_names_what_it_waited_for() -> None:
     with pytest.raises(AssertionError, match=r"timed out after 0\.1 s waiting for the moon"):
         wait_until(lambda: False, 0.1, "the moon")
     assert wait_until(lambda: 42, 1, "an answer") == 42
+
+
+def test_factory_numbers_clusters_across_calls(
+    kube_clusters: Callable[[int], list[KubeCluster]],
+) -> None:
+    first = kube_clusters(1)
+    more = kube_clusters(2)
+    clusters = first + more
+    assert [c.name for c in clusters] == ["c1", "c2", "c3"]
+    assert len({c.service_cidr for c in clusters}) == 3
+    assert len({c.server for c in clusters}) == 3
+    for c in clusters:
+        c.kubectl("create", "namespace", f"from-{c.name}")
+    for c in clusters:
+        names = {
+            n["metadata"]["name"]
+            for n in c.get_json("namespaces")["items"]
+            if n["metadata"]["name"].startswith("from-")
+        }
+        assert names == {f"from-{c.name}"}

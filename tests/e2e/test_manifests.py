@@ -144,6 +144,24 @@ def test_site_config_matches_the_pod_and_services(rendered: list[dict[str, Any]]
         assert svc["spec"]["selector"].items() <= pod_labels.items()
 
 
+def test_container_args_are_a_valid_meshlink_command_line(rendered: list[dict[str, Any]]) -> None:
+    """The Deployment's args parse with meshlink's own CLI, name known components, and point
+    at the mounted config file."""
+    from meshlink.cli import build_parser
+    from meshlink.runtime import ALL_COMPONENTS
+
+    dep = _one(rendered, "Deployment", "meshlink")
+    (ctr,) = dep["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(ctr["args"])
+    assert args.fn.__name__ == "cmd_run"
+    comps = set(args.components.split(","))
+    assert {"gateway", "controller", "dns"} <= comps <= ALL_COMPONENTS
+    mount = next(m for m in ctr["volumeMounts"] if m["name"] == "config")
+    cm = _one(rendered, "ConfigMap", "meshlink-config")
+    assert Path(args.config).parent == Path(mount["mountPath"])
+    assert Path(args.config).name in cm["data"]
+
+
 def test_applies_server_side_and_objects_exist(
     applied: KubeCluster, rendered: list[dict[str, Any]]
 ) -> None:
