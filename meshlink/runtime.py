@@ -347,6 +347,10 @@ class SiteRuntime:
                     self._renewal_pending.clear()  # retry unanswered renewals every 10 min
                 if ticks % 20 == 1:
                     self._renew_links()
+                if ticks % 7200 == 0:  # hourly: re-issues the gateway cert when 2/3 used
+                    self.identity = pki.SiteIdentity.load_or_create(
+                        self.config.state_dir, self.config.site
+                    )
                 for peer in self.catalog.peers():
                     if not links.is_peer_allowed(self.config.state_dir, peer) and not any(
                         r.peer_site == peer for r in links.list_links(self.config.state_dir)
