@@ -246,7 +246,7 @@ class Kube:
                 try:
                     line = await resp.content.readline()
                 except _TRANSPORT_ERRORS as e:
-                    raise Unavailable(f"{what}: {type(e).__name__}: {e}") from None
+                    raise Unavailable(f"{what}: connection lost ({type(e).__name__})") from None
                 if not line:
                     return
                 try:

@@ -137,7 +137,7 @@ class Controller:
         self._publish_wanted = asyncio.Event()
         self._pending_since: dict[ServiceKey, float] = {}
         self.export_queue: WorkQueue[ServiceKey] = WorkQueue(
-            "export", self._reconcile_export, workers
+            "export", self._reconcile_export, workers, transient=self._transient
         )
 
         # Import side.
@@ -151,11 +151,17 @@ class Controller:
         self._imports: dict[ServiceKey, ImportedService] = {}
         self._imports_wanted = asyncio.Event()
         self.import_queue: WorkQueue[ServiceKey] = WorkQueue(
-            "import", self._reconcile_import, workers
+            "import", self._reconcile_import, workers, transient=self._transient
         )
         self._synced = asyncio.Event()
         self._imports_started = asyncio.Event()
         self.publishes = 0
+
+    def _transient(self, e: Exception) -> bool:
+        if isinstance(e, Unavailable):
+            self.health.failed(e)  # one line while the API server is away, not one per key
+            return True
+        return False
 
     def _watcher(
         self,
@@ -389,7 +395,7 @@ class Controller:
         for skey in list(self._catalog) + list(self._managed_slices):
             if skey.namespace == ns:
                 self._kick_import(skey)
-        if _ns_usable(new):
+        if _ns_usable(new) and self._synced.is_set():
             log.info("namespace %s appeared: importing its services", ns)
 
     def _on_import_event(self, key: ObjKey, old: Obj | None, new: Obj | None) -> None:

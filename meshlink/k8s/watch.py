@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Callable
 from contextlib import aclosing
 from typing import Final
@@ -43,23 +44,39 @@ def trim_managed_fields(obj: Obj) -> Obj:
 
 
 class ApiHealth:
-    """Whether one API server answers; logs one line per transition, not per failure."""
+    """Whether one API server answers; logs one line when it goes away and one when it is
+    back, not one per failed request. A failure right after a success (an API server
+    that is still warming up its caches) is not announced."""
+
+    SETTLE: Final = 2.0
 
     def __init__(self, name: str):
         self.name = name
         self.down = False
+        self.announced = False
+        self.last_ok = 0.0
+        self.down_since = 0.0
 
     def failed(self, err: Exception) -> None:
+        now = time.monotonic()
         if not self.down:
             self.down = True
+            self.down_since = now
+        if not self.announced and now - max(self.last_ok, self.down_since - self.SETTLE) >= (
+            self.SETTLE
+        ):
+            self.announced = True
             log.warning("API server %s unreachable (%s); retrying", self.name, err)
         else:
-            log.debug("API server %s still unreachable: %s", self.name, err)
+            log.debug("API server %s: %s", self.name, err)
 
     def ok(self) -> None:
+        self.last_ok = time.monotonic()
         if self.down:
             self.down = False
-            log.info("API server %s reachable again; watches resumed", self.name)
+            if self.announced:
+                self.announced = False
+                log.info("API server %s reachable again; watches resumed", self.name)
 
 
 class Watcher:
@@ -162,7 +179,7 @@ class Watcher:
                         backoff = BACKOFF_MIN
                         self._apply_event(event)
             except Gone:
-                log.info("%s watch expired (410); relisting", what)
+                log.debug("%s watch expired (410); relisting", what)
                 self.resource_version = ""
             except NotFound as e:
                 # The API itself is missing (CRD not installed): say so once, keep trying.

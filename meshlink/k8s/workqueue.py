@@ -24,10 +24,20 @@ RETRY_MAX: Final = 30.0
 
 
 class WorkQueue(Generic[K]):
-    def __init__(self, name: str, process: Callable[[K], Awaitable[None]], workers: int = 16):
+    def __init__(
+        self,
+        name: str,
+        process: Callable[[K], Awaitable[None]],
+        workers: int = 16,
+        *,
+        transient: Callable[[Exception], bool] = lambda e: False,
+    ):
+        """``transient(e)`` True means the error is not about the key (the API server is
+        away, say) and is reported elsewhere: the key is retried without a log line."""
         self.name = name
         self.process = process
         self.workers = workers
+        self.transient = transient
         self._queue: asyncio.Queue[K] = asyncio.Queue()
         self._queued: set[K] = set()
         self._active: set[K] = set()
@@ -83,7 +93,12 @@ class WorkQueue(Generic[K]):
                 raise
             except MeshlinkError as e:
                 self.errors += 1
-                log.warning("%s %s: %s (will retry)", self.name, key, e)
+                if self.transient(e):
+                    log.debug("%s %s: %s (will retry)", self.name, key, e)
+                elif self._failures.get(key, 0) == 0:
+                    log.warning("%s %s: %s (will retry)", self.name, key, e)
+                else:
+                    log.debug("%s %s failed again: %s", self.name, key, e)
                 self._schedule_retry(key)
             except Exception:
                 self.errors += 1

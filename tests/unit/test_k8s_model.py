@@ -323,3 +323,20 @@ def model_error() -> Exception:
     from meshlink.errors import KubeError
 
     return KubeError("API server said no")
+
+
+def test_api_health_logs_one_line_down_and_one_up(caplog: pytest.LogCaptureFixture) -> None:
+    from meshlink.k8s.watch import ApiHealth
+
+    h = ApiHealth("https://127.0.0.1:6443")
+    with caplog.at_level("INFO", logger="meshlink.k8s.watch"):
+        for _ in range(20):
+            h.failed(model_error())
+        h.ok()
+        h.ok()
+        h.failed(model_error())  # right after a success: a server still warming up
+        h.ok()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert "unreachable" in lines[0]
+    assert "reachable again" in lines[1]
