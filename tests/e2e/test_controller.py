@@ -293,6 +293,22 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
     assert rec.ready_endpoints == 2
     assert rec.labels == (("tier", "front"),)
 
+    # c2 stops exporting: its slices go everywhere, c1's stay, the import stays.
+    await env.unexport(1, ns, "web")
+    for i in range(3):
+
+        async def only_c1(i: int = i) -> bool:
+            sl = await env.mcs_slices(i, ns, "web")
+            si = await env.si(i, ns, "web")
+            return (
+                [s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"] for s in sl]
+                == ["c1"]
+                and si is not None
+                and [c["cluster"] for c in si["status"]["clusters"]] == ["c1"]
+            )
+
+        await eventually(only_c1, WAIT, f"only c1's slice left in c{i + 1}")
+
 
 async def test_export_by_annotation_then_unexport_everywhere(env: Env) -> None:
     ns = "t-annot"
