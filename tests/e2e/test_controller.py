@@ -67,9 +67,11 @@ class Env:
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     created_exports: list[tuple[int, str, str]] = field(default_factory=list)
 
-    async def start(self, i: int) -> Controller:
+    async def start(self, i: int, on_imports: Any = None) -> Controller:
         c = self.clusters[i]
-        cm = running_controller(self.clusterset, c.name, c.kubeconfig, self.state_dir / c.name)
+        cm = running_controller(
+            self.clusterset, c.name, c.kubeconfig, self.state_dir / c.name, on_imports=on_imports
+        )
         ctl = await self.stack.enter_async_context(cm)
         self.controllers[c.name] = ctl
         return ctl
@@ -235,8 +237,9 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
     for i in (0, 1):
         await env.service(i, ns, "web", [("http", 80, "TCP")])
         await env.endpoints(i, ns, "web", [f"10.{i + 1}.0.1", f"10.{i + 1}.0.2"])
+    feed: list[Any] = []
     for i in range(3):
-        await env.start(i)
+        await env.start(i, on_imports=feed.append if i == 2 else None)
     await env.export(
         0, ns, "web", {"exportedLabels": {"tier": "front"}, "exportedAnnotations": {"team": "a"}}
     )
@@ -289,6 +292,23 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
         assert conds["observedGeneration"] >= 1
         await env.wait_condition(i, ns, "web", "Valid", "True", "Valid")
         await env.wait_condition(i, ns, "web", "Conflict", "False", "NoConflicts")
+    # The DNS and listener feed of c3 carries the same import: its clusterset IP is the
+    # derived Service's ClusterIP there, and both exporting clusters serve it.
+    derived3 = await env.derived(2, ns, "web")
+    assert derived3 is not None
+
+    def fed() -> Any:
+        for snapshot in reversed(feed):
+            for imp in snapshot:
+                if (imp.namespace, imp.name) == (ns, "web") and len(imp.clusters) == 2:
+                    return imp
+        return None
+
+    imp = await eventually(fed, WAIT, "import in c3's feed")
+    assert list(imp.ips) == derived3["spec"]["clusterIPs"]
+    assert [c.cluster for c in imp.clusters] == ["c1", "c2"]
+    assert [(p.name, p.port) for p in imp.ports] == [("http", 80)]
+
     rec = next(r for r in env.controllers["c1"].records if r.name == "web")
     assert rec.ready_endpoints == 2
     assert rec.labels == (("tier", "front"),)
@@ -403,6 +423,23 @@ async def test_conflicts_resolved_as_the_kep_says(env: Env) -> None:
         db = await env.wait_si(i, ns, "db")
         assert db["spec"]["type"] == "ClusterSetIP"
         assert [c["cluster"] for c in db["status"]["clusters"]] == ["c1"]
+
+    # c1's ClusterSetIP export of db goes: c2's Headless one wins now. clusterIP is
+    # immutable, so the derived Service is replaced by a headless one.
+    await env.unexport(0, ns, "db")
+    for i in range(2):
+        db = await env.wait_si(i, ns, "db", lambda o: o["spec"]["type"] == "Headless")
+        assert not db["spec"].get("ips")
+        derived = await eventually(
+            lambda i=i: _headless(env.derived(i, ns, "db")), WAIT, "headless derived Service"
+        )
+        assert derived["spec"]["clusterIP"] == "None"
+    await env.wait_condition(1, ns, "db", "Conflict", "False", "NoConflicts")
+
+
+async def _headless(coro: Any) -> Obj | None:
+    obj = await coro
+    return obj if obj is not None and obj["spec"].get("clusterIP") == "None" else None
 
 
 async def test_namespace_created_after_the_export(env: Env) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from kubernetes_asyncio import config as kconfig
 
 from meshlink.catalog.records import ExportRecord, ServiceKey
+from meshlink.catalog.view import ImportedService
 from meshlink.config import KubernetesConfig, SiteConfig
 from meshlink.k8s import Controller
 from meshlink.k8s.api import Kube, NotFound, Obj, Resource
@@ -88,6 +89,7 @@ async def running_controller(
     state_dir: Path,
     *,
     sync_timeout: float = 30.0,
+    on_imports: Callable[[tuple[ImportedService, ...]], None] | None = None,
     **kube: Any,
 ) -> AsyncIterator[Controller]:
     """A Controller for one cluster, running as a task until the block exits."""
@@ -97,6 +99,7 @@ async def running_controller(
             api,
             site_config(name, kubeconfig, state_dir, **kube),
             publish=clusterset.publisher(name),
+            on_imports=on_imports,
         )
         clusterset.add(ctl)
         task = asyncio.create_task(ctl.run(), name=f"controller-{name}")
