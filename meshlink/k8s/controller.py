@@ -289,16 +289,28 @@ class Controller:
             self.import_queue.add(ikey)
         tg.create_task(self.import_queue.run(), name="import-queue")
         tg.create_task(self._imports_feed(), name="imports-feed")
+        tg.create_task(self._resync(), name="resync")
         self._imports_started.set()
+
+    async def _resync(self) -> None:
+        """Every ``resyncSeconds``, look at every key again: anything missed (an event lost
+        to a bug, an object deleted by hand) is put back, anything orphaned goes. Unchanged
+        objects cost no request (their applied hash matches)."""
+        while True:
+            await asyncio.sleep(self.kconfig.resync_seconds)
+            for ck in list(self.exports_w.cache):
+                self.export_queue.add(ServiceKey(*ck))
+            for ikey in self._managed_keys() | set(self._catalog):
+                self.import_queue.add(ikey)
 
     def _managed_keys(self) -> set[ServiceKey]:
         keys: set[ServiceKey] = set(self._managed_slices)
-        for cache in (self.services_w.cache, self.imports_w.cache):
-            for obj in cache.values():
-                if model.is_managed(obj):
-                    k = self._import_key_of(obj)
-                    if k is not None:
-                        keys.add(k)
+        for (ns, name), si in self.imports_w.cache.items():
+            if model.is_managed(si):
+                keys.add(ServiceKey(ns, name))
+        for svc in self.services_w.cache.values():
+            if model.is_managed(svc) and (k := self._import_key_of(svc)) is not None:
+                keys.add(k)
         return keys
 
     # ------------------------------------------------------------------ publishing
