@@ -259,20 +259,33 @@ def _wait_dns(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -
 # --- dnsperf -----------------------------------------------------------------------------
 
 
-def dnsperf_start(
-    port: int, queries: Path, seconds: float, rate: int | None
-) -> subprocess.Popen[str]:
+class Run:
+    """A dnsperf process writing to a temporary file: two runs at once must not block on
+    a full stdout pipe (with -v a 64 KiB pipe fills after ~1,150 answers)."""
+
+    def __init__(self, argv: list[str], seconds: float) -> None:
+        self.out = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in result()
+        self.seconds = seconds
+        self.proc = subprocess.Popen(argv, stdout=self.out, stderr=subprocess.STDOUT, text=True)
+
+
+def dnsperf_start(port: int, queries: Path, seconds: float, rate: int | None) -> Run:
     argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
             "-c", "10", "-q", "100", "-l", str(seconds), "-t", "2"]  # fmt: skip
     if rate is not None:
         argv += ["-Q", str(rate), "-v"]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return Run(argv, seconds)
 
 
-def dnsperf_result(proc: subprocess.Popen[str], seconds: float) -> dict[str, float]:
-    out, err = proc.communicate(timeout=seconds + 30)
-    if proc.returncode != 0 and "Queries sent" not in out:
-        raise RuntimeError(f"dnsperf failed: {err[-500:]}")
+def dnsperf_result(run: Run) -> dict[str, float]:
+    try:
+        run.proc.wait(timeout=run.seconds + 30)
+        run.out.seek(0)
+        out = run.out.read()
+    finally:
+        run.out.close()
+    if run.proc.returncode != 0 and "Queries sent" not in out:
+        raise RuntimeError(f"dnsperf failed: {out[-500:]}")
 
     def num(pattern: str) -> float:
         m = re.search(pattern, out)
@@ -301,7 +314,7 @@ def dnsperf_result(proc: subprocess.Popen[str], seconds: float) -> dict[str, flo
 
 
 def dnsperf(port: int, queries: Path, seconds: float, rate: int | None = None) -> dict[str, float]:
-    return dnsperf_result(dnsperf_start(port, queries, seconds, rate), seconds)
+    return dnsperf_result(dnsperf_start(port, queries, seconds, rate))
 
 
 def main() -> int:
@@ -367,8 +380,8 @@ def main() -> int:
                 # Latency at 1k QPS: both at once, so both see the same noise from the
                 # (shared) machine; 2k queries/s in all is a light load.
                 procs = {n: dnsperf_start(p, qfile, lat_seconds, 1000) for n, p in order}
-                for name, proc in procs.items():
-                    lat = dnsperf_result(proc, lat_seconds)
+                for name, run in procs.items():
+                    lat = dnsperf_result(run)
                     r = results[name]
                     for k in ("p50_ms", "p99_ms", "lost_pct"):
                         r.setdefault(f"{k}_at_1k", []).append(lat[k])
