@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sites import SiteProc, cli, sites, wait_until
+from tests.sites import SiteProc, cli, free_port, sites, wait_until
 
 MB = 1024 * 1024
 
@@ -358,3 +358,56 @@ def test_failover_to_another_exporting_site_within_seconds(tmp_path: Path, how: 
         finally:
             if how == "freeze" and serving.proc is not None:
                 serving.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+def test_standalone_dns_command_serves_a_records_file_to_dig(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    records = tmp_path / "records.yaml"
+    records.write_text(
+        "services:\n"
+        "  - {name: web, namespace: shop, ips: [10.96.0.10],"
+        " ports: [{port: 80, name: http}], clusters: [{cluster: east}]}\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshlink",
+            "dns",
+            "--records",
+            str(records),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        dig = shutil.which("dig")
+        assert dig, "dig is required (Debian package dnsutils)"
+
+        def ask(*extra: str) -> str:
+            out = subprocess.run(
+                [dig, "@127.0.0.1", "-p", str(port), "+short", "+time=1", "+tries=1", *extra],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            return "" if out.startswith(";;") else out  # ";;" lines: not up yet
+
+        assert wait_until("dig answer", lambda: ask("web.shop.svc.clusterset.local") or None) == (
+            "10.96.0.10"
+        )
+        assert ask("+tcp", "_http._tcp.web.shop.svc.clusterset.local", "SRV") == (
+            "0 100 80 web.shop.svc.clusterset.local."
+        )
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=10)[0].decode()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out
