@@ -30,7 +30,7 @@ from typing import Any, Final
 from meshlink.errors import ErrorCode, MeshlinkError, PeerNotAuthorized
 from meshlink.pki import authorize_peer
 from meshlink.proto import MAX_HOPS, FlowTarget
-from meshlink.tunnel.link import Link, LinkOwner, StreamEnd
+from meshlink.tunnel.link import STREAM_WINDOW, Link, LinkOwner, StreamEnd
 from meshlink.tunnel.splice import End, Flow, TcpEnd, join
 from meshlink.tunnel.types import (
     DialSpec,
@@ -105,6 +105,7 @@ class Gateway(LinkOwner):
         connect_timeout: float = 5.0,
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
+        stream_window: int = STREAM_WINDOW,
     ) -> None:
         if listen is not None and server_context is None:
             raise ValueError("a gateway that listens needs a server_context")
@@ -119,6 +120,8 @@ class Gateway(LinkOwner):
         self.connect_timeout = connect_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.stream_window = stream_window
+        """Flow-control credit per stream: buffering is bounded by flows x this."""
         self._links: dict[str, Link] = {}  # peer site -> the live link
         self._all: set[Link] = set()  # every attached link (live or not yet ready)
         self._dialers: dict[str, _Dialer] = {}
@@ -225,7 +228,9 @@ class Gateway(LinkOwner):
         return None
 
     def _new_accepted_link(self) -> Link:
-        return Link(self, local_site=self.site_id, direction="accept")
+        return Link(
+            self, local_site=self.site_id, direction="accept", stream_window=self.stream_window
+        )
 
     def link_accepted(self, link: Link, transport: asyncio.Transport) -> None:
         """A TLS handshake completed on the listener: check the peer, start or refuse."""
@@ -326,6 +331,7 @@ class Gateway(LinkOwner):
                 expected_peer=spec.peer_site,
                 endpoint=endpoint,
                 dial_name=spec.name,
+                stream_window=self.stream_window,
             )
             try:
                 async with asyncio.timeout(self.connect_timeout + self.handshake_timeout):
