@@ -88,6 +88,12 @@ class Unavailable(KubeError):
     """The API server could not be reached or did not answer in time."""
 
 
+def _status_error(status: int, body: str) -> ApiException:
+    e = ApiException(status=status, reason="")
+    e.body = body.encode()
+    return e
+
+
 def _api_error(e: ApiException, what: str) -> KubeError:
     message = what
     raw: object = e.body
@@ -176,7 +182,7 @@ class Kube:
         try:
             if not 200 <= resp.status <= 299:
                 text = await resp.text()
-                raise _api_error(ApiException(status=resp.status, reason=text), what)
+                raise _api_error(_status_error(resp.status, text), what)
             data = await resp.read()
         except _TRANSPORT_ERRORS as e:
             raise Unavailable(f"{what}: {type(e).__name__}: {e}") from None
@@ -241,7 +247,7 @@ class Kube:
         try:
             if not 200 <= resp.status <= 299:
                 text = await resp.text()
-                raise _api_error(ApiException(status=resp.status, reason=text), what)
+                raise _api_error(_status_error(resp.status, text), what)
             while True:
                 try:
                     line = await resp.content.readline()

@@ -806,3 +806,37 @@ async def _ok(coro: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+async def test_a_record_the_api_refuses_does_not_stop_the_others(env: Env) -> None:
+    """A peer's record that the API server rejects (an exported label key Kubernetes does
+    not accept) is logged and retried; every other import still converges."""
+    from meshlink.catalog.records import ExportRecord, Port, ServiceType
+
+    ns = "t-badrecord"
+    await env.namespace(1, ns)
+    ctl = await env.start(1)
+
+    def rec(name: str, labels: tuple[tuple[str, str], ...]) -> ExportRecord:
+        return ExportRecord(
+            origin="c9",
+            namespace=ns,
+            name=name,
+            type=ServiceType.CLUSTERSET_IP,
+            ports=(Port(80, "TCP", "http"),),
+            created=1.0,
+            version=1,
+            ready_endpoints=1,
+            labels=labels,
+        )
+
+    env.clusterset.by_origin["c9"] = (rec("bad", (("not a label key!", "x"),)), rec("good", ()))
+    env.clusterset.broadcast()
+    si = await env.wait_si(1, ns, "good")
+    assert [c["cluster"] for c in si["status"]["clusters"]] == ["c9"]
+    await eventually(lambda: ctl.import_queue.errors > 0, WAIT, "the bad record refused")
+    assert await env.si(1, ns, "bad") is None
+    # Withdrawn: the controller cleans up what it made for the bad one (its derived Service).
+    env.clusterset.withdraw("c9")
+    await env.wait_gone(1, ns, "good")
+    await env.wait_gone(1, ns, "bad")
