@@ -169,12 +169,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_dns(args: argparse.Namespace) -> int:
     from meshlink import runtime
-    from meshlink.dns import static
 
     log.setup(args.log_level, args.log_format)
-    services = static.load_services(args.records)
     listen = config.parse_hostport(args.listen, "--listen")
-    _run_async(runtime.run_dns(services, listen.host, listen.port, zone=args.zone, ttl=args.ttl))
+    _run_async(
+        runtime.run_dns(args.records, listen.host, listen.port, zone=args.zone, ttl=args.ttl)
+    )
     return 0
 
 

@@ -29,6 +29,7 @@ from meshlink import __version__, links, pki
 from meshlink.catalog.sync import Catalog, Send
 from meshlink.catalog.view import ImportedService
 from meshlink.config import SiteConfig
+from meshlink.dns import run as dns_run
 from meshlink.dns.server import DnsServer
 from meshlink.dns.snapshot import build_snapshot
 from meshlink.errors import CatalogError, MeshlinkError
@@ -448,12 +449,11 @@ class SiteRuntime:
                         server, cfg.grant_listen.host, cfg.grant_listen.port
                     )
                 if "dns" in self.components and cfg.dns.enabled:
-                    self.dns = DnsServer(
+                    self.dns = await dns_run.start_server(
                         build_snapshot((), zone=cfg.dns.zone, ttl=cfg.dns.ttl),
-                        host=cfg.dns.listen.host,
-                        port=cfg.dns.listen.port,
+                        cfg.dns.listen.host,
+                        cfg.dns.listen.port,
                     )
-                    await self.dns.start()
                 if "ops" in self.components:
                     self.ops = OpsServer(
                         status=self.status, ready=self.ready, registry=self.metrics.registry
@@ -466,6 +466,7 @@ class SiteRuntime:
                 elif "controller" in self.components:
                     tg.create_task(self._run_controller(), name="controller")
                 self._ready_reason = "ok"
+                dns_run.settle_heap()  # keep full GCs off the DNS answer path
                 log.info(
                     "site %s up: gateway %s, grant %s, dns %s, ops %s",
                     self.site,
@@ -526,18 +527,12 @@ async def run_site(config: SiteConfig, components: frozenset[str] = ALL_COMPONEN
         log.info("site %s stopped", config.site)
 
 
-async def run_dns(
-    services: Sequence[ImportedService], host: str, port: int, *, zone: str, ttl: int
-) -> None:
-    """`meshlink dns`: serve a fixed set of imported services until SIGINT/SIGTERM."""
-    server = DnsServer(build_snapshot(services, zone=zone, ttl=ttl), host=host, port=port)
-    await server.start()
-    log.info("serving %d service(s) for %s on %s:%d (udp+tcp)", len(services), zone, host, port)
-    stop = asyncio.Event()
+async def run_dns(path: str, host: str, port: int, *, zone: str, ttl: int) -> None:
+    """`meshlink dns`: serve a records file (reloaded when it changes) until SIGINT/SIGTERM."""
+    task = asyncio.current_task()
+    assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await server.close()
+        loop.add_signal_handler(sig, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await dns_run.serve_file(path, host, port, zone=zone, ttl=ttl)
