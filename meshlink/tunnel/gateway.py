@@ -509,9 +509,19 @@ class Gateway(LinkOwner):
     def live_peers(self) -> list[str]:
         return sorted(self._links)
 
-    async def connect_end(self, target: FlowTarget, *, timeout: float) -> End:  # noqa: ASYNC109
+    async def connect_end(
+        self,
+        target: FlowTarget,
+        *,
+        timeout: float,  # noqa: ASYNC109
+        wait_accept: bool = True,
+    ) -> End:
         """An End connected to `target` (a local socket or an accepted stream), not yet
-        started: join it with yours, then call its start(). Raises FlowError."""
+        started: join it with yours, then call its start(). Raises FlowError.
+
+        With wait_accept=False a stream is returned at once (its `accepted` future tells
+        the outcome): data flows optimistically, saving a link round trip per flow; a
+        refusal then arrives as a reset of the joined end."""
         try:
             route = self.handler.route(target)
         except MeshlinkError as e:
@@ -535,6 +545,8 @@ class Gateway(LinkOwner):
             raise NoRouteError(f"no route to {target}: no live link to {route.peer_site}")
         stream = link.open_stream(target, 0)
         stream.accepted = asyncio.get_running_loop().create_future()
+        if not wait_accept:
+            return stream
         try:
             async with asyncio.timeout(timeout):
                 await stream.accepted

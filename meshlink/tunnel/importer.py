@@ -17,6 +17,7 @@ from typing import Any, Final
 from meshlink.errors import ErrorCode
 from meshlink.proto import FlowTarget
 from meshlink.tunnel.gateway import Gateway, _start
+from meshlink.tunnel.link import StreamEnd
 from meshlink.tunnel.splice import TcpEnd, join
 from meshlink.tunnel.types import FlowError
 
@@ -90,6 +91,14 @@ class ImportListener:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _log_refusal(self, fut: asyncio.Future[None]) -> None:
+        exc = None if fut.cancelled() else fut.exception()
+        if exc is not None:
+            why = str(exc)
+            if why != self._last_refusal:
+                log.warning("import %s:%d: connection refused: %s", self.bind[0], self.bind[1], why)
+                self._last_refusal = why
+
     async def _serve(self, client: _ClientEnd) -> None:
         try:
             targets = list(self.choose())
@@ -97,12 +106,20 @@ class ImportListener:
             log.exception("import %s:%d: choosing a target failed", *self.bind)
             targets = []
         errors = []
+        # One candidate: nothing to fail over to, so forward the client's bytes at once
+        # (saves a round trip per flow). Several: wait for ACCEPT before sending a byte,
+        # so a refusal can move on to the next candidate without replaying anything.
+        optimistic = len(targets) == 1
         for target in targets:
             try:
-                end = await self.gateway.connect_end(target, timeout=self.connect_timeout)
+                end = await self.gateway.connect_end(
+                    target, timeout=self.connect_timeout, wait_accept=not optimistic
+                )
             except FlowError as e:
                 errors.append(str(e))
                 continue
+            if isinstance(end, StreamEnd) and end.accepted is not None and optimistic:
+                end.accepted.add_done_callback(self._log_refusal)
             if client._closed:
                 end.feed_abort(ErrorCode.CANCEL)
                 _start(end)
