@@ -36,7 +36,7 @@ from tests.e2e.test_controller_harness import (
     get,
     running_controller,
 )
-from tests.kube import KubeBinaries, KubeCluster, KubeControlPlane, install_crds
+from tests.kube import KubeBinaries, KubeCluster, KubeControlPlane, KubectlError, install_crds
 
 pytestmark = pytest.mark.timeout(180)
 WAIT = 20.0
@@ -51,10 +51,21 @@ def clusters(
     try:
         cp.start()
         for c in cp.clusters:
-            install_crds(c)
+            _install_crds(c)
         yield cp.clusters
     finally:
         cp.close()
+
+
+def _install_crds(c: KubeCluster) -> None:
+    # `kubectl wait --for=condition=Established` fails outright (instead of waiting) when
+    # it looks before the CRD has any status: try again once.
+    try:
+        install_crds(c)
+    except KubectlError as e:
+        if "status.conditions accessor error" not in str(e):
+            raise
+        install_crds(c)
 
 
 @dataclass
@@ -749,7 +760,11 @@ async def test_namespace_deleted_and_recreated_restores_imports(env: Env) -> Non
     await env.namespace(1, ns)
     si = await env.wait_si(1, ns, "web")
     assert si["spec"]["ips"]
-    assert len(await env.mcs_slices(1, ns, "web")) == 1
+
+    async def one_slice() -> bool:
+        return len(await env.mcs_slices(1, ns, "web")) == 1
+
+    await eventually(one_slice, WAIT, "the imported slice restored")
 
 
 async def test_watch_relists_on_410_and_diffs_against_its_cache(env: Env) -> None:
