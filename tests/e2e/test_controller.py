@@ -231,6 +231,10 @@ async def env(clusters: list[KubeCluster], tmp_path: Path) -> AsyncIterator[Env]
                     await kubes[i].delete(SERVICE_EXPORT, name, ns)
 
 
+def clusters_of(si: Obj) -> list[str]:
+    return [c["cluster"] for c in (si.get("status") or {}).get("clusters") or []]
+
+
 def ports_of(obj: Obj) -> list[tuple[str, str, int]]:
     return sorted(
         (p.get("name", ""), p.get("protocol", "TCP"), p["port"]) for p in obj["spec"]["ports"]
@@ -335,7 +339,7 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
                 [s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"] for s in sl]
                 == ["c1"]
                 and si is not None
-                and [c["cluster"] for c in si["status"]["clusters"]] == ["c1"]
+                and clusters_of(si) == ["c1"]
             )
 
         await eventually(only_c1, WAIT, f"only c1's slice left in c{i + 1}")
@@ -424,16 +428,20 @@ async def test_conflicts_resolved_as_the_kep_says(env: Env) -> None:
         # c1's http/80 wins over c2's http/8080; metrics/9090 joins the union.
         assert ports_of(si) == [("http", "TCP", 80), ("metrics", "TCP", 9090)]
         assert si["spec"]["sessionAffinity"] == "None"
-        slices = {
-            s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]: s
-            for s in await env.mcs_slices(i, ns, "api")
-        }
+
+        async def both_slices(i: int = i) -> dict[str, Obj] | None:
+            by_source = {
+                s["metadata"]["labels"]["multicluster.kubernetes.io/source-cluster"]: s
+                for s in await env.mcs_slices(i, ns, "api")
+            }
+            return by_source if sorted(by_source) == ["c1", "c2"] else None
+
+        slices = await eventually(both_slices, WAIT, f"slices of c1 and c2 in c{i + 1}")
         assert [p["port"] for p in slices["c1"]["ports"]] == [80]
         assert [p["port"] for p in slices["c2"]["ports"]] == [9090]
 
-        db = await env.wait_si(i, ns, "db")
+        db = await env.wait_si(i, ns, "db", lambda o: clusters_of(o) == ["c1"])
         assert db["spec"]["type"] == "ClusterSetIP"
-        assert [c["cluster"] for c in db["status"]["clusters"]] == ["c1"]
 
     # c1's ClusterSetIP export of db goes: c2's Headless one wins now. clusterIP is
     # immutable, so the derived Service is replaced by a headless one.
@@ -847,8 +855,7 @@ async def test_a_record_the_api_refuses_does_not_stop_the_others(env: Env) -> No
 
     env.clusterset.by_origin["c9"] = (rec("bad", (("not a label key!", "x"),)), rec("good", ()))
     env.clusterset.broadcast()
-    si = await env.wait_si(1, ns, "good")
-    assert [c["cluster"] for c in si["status"]["clusters"]] == ["c9"]
+    await env.wait_si(1, ns, "good", lambda o: clusters_of(o) == ["c9"])
     await eventually(lambda: ctl.import_queue.errors > 0, WAIT, "the bad record refused")
     assert await env.si(1, ns, "bad") is None
     # Withdrawn: the controller cleans up what it made for the bad one (its derived Service).
