@@ -64,6 +64,7 @@ class Bench:
         self.port_http = C.free_port()
         # entry ports per mode: (iperf, http)
         self.ports: dict[str, tuple[int, int]] = {"direct": (self.port_iperf, self.port_http)}
+        self.cpu_per_gb: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------ setup
     def start_backends(self) -> None:
@@ -240,7 +241,27 @@ CAfile = {self.tmp / "b-ca.pem"}
             p.stop()
 
     # ------------------------------------------------------------------ measurements
+    def cpu_seconds(self, mode: str) -> float:
+        """CPU time (user + system, all threads) used so far by the mode's tunnel processes."""
+        names = {"meshlink": ("gw-a", "gw-b"), "stunnel": ("stunnel-server", "stunnel-client")}
+        total = 0.0
+        for p in self.procs:
+            if p.name in names.get(mode, ()):
+                fields = Path(f"/proc/{p.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def iperf(self, mode: str, flows: int, seconds: float) -> float:
+        """Gbit/s; also records the tunnel's CPU seconds per GB moved (load-independent)."""
+        cpu0 = self.cpu_seconds(mode)
+        gbps = self._iperf(mode, flows, seconds)
+        if mode != "direct" and gbps == gbps:
+            cpu = self.cpu_seconds(mode) - cpu0
+            gbytes = gbps / 8 * (seconds + (0.5 if seconds >= 3 else 0))
+            self.cpu_per_gb.setdefault(f"{mode}_cpu_s_per_gb_{flows}", []).append(cpu / gbytes)
+        return gbps
+
+    def _iperf(self, mode: str, flows: int, seconds: float) -> float:
         port = self.ports[mode][0]
         argv = [
             "iperf3",
@@ -389,6 +410,7 @@ def main() -> int:
         finally:
             bench.stop()
 
+    results.update(bench.cpu_per_gb)
     med = {k: C.median(v) for k, v in results.items()}
     print(f"# {C.load_line()} (after); medians of {runs} interleaved run(s)")
     rows = []
@@ -402,6 +424,8 @@ def main() -> int:
     row("wrk requests", "{mode}_rps", "req/s", "higher")
     row("wrk p50", "{mode}_p50_ms", "ms", "lower")
     row("wrk p99", "{mode}_p99_ms", "ms", "lower")
+    row("tunnel CPU per GB, 1 flow", "{mode}_cpu_s_per_gb_1", "s", "lower")
+    row("tunnel CPU per GB, 8 flows", "{mode}_cpu_s_per_gb_8", "s", "lower")
     row("setup mean", "setup_ms_{mode}", "ms", "lower")
     row("setup p99", "setup_p99_ms_{mode}", "ms", "lower")
     C.print_table(

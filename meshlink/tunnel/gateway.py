@@ -1,20 +1,18 @@
 """The gateway: accepts and dials TLS 1.3 mTLS links, keeps one live link per peer site,
 heartbeats them, and forwards flows (to a local endpoint, or relayed to another peer).
 
-Design decision, taken by measurement (benchmarks/tunnel.py, 2-core machine, see the
-numbers in the package docstring): flows are **multiplexed streams over one long-lived TLS
-connection per peer**, not a warm pool of per-flow TLS connections. Opening a stream is one
-small OPEN frame (no handshake: flow setup stays well under a millisecond), while a pool
-must pay a full TLS 1.3 handshake (about 2.8 ms of CPU under uvloop, 5 ms through stunnel)
-for every flow it hands out, so it cannot sustain sub-millisecond setup under churn.
-Head-of-line blocking is bounded by small per-stream windows, a small TLS write buffer and
-round-robin draining (see `link`).
+Flows are multiplexed streams over one long-lived TLS connection per peer (the decision and
+its measurements are in the package docstring, `meshlink.tunnel`).
 
-Lifecycle of a link: TCP accept -> TLS handshake (server context built per connection, so
-rotated certificates apply to new links) -> the peer's site id from its certificate
-(`pki.authorize_peer`) -> `authorize(site)` -> HELLO exchange -> `handler.link_up`.
-A dialer checks that the server's certificate names the site it meant to reach.
-Reconnects use full-jitter exponential backoff (0.1 s doubling to 5 s).
+Lifecycle of a link: TCP accept -> TLS handshake (the listener switches each handshake to
+a freshly built server context in the SNI callback, so rotated certificates and newly
+trusted CAs apply to new links) -> the peer's site id from its certificate
+(`pki.authorize_peer`) -> `authorize(site)` (else HELLO + GOAWAY NOT_AUTHORIZED, one log
+line) -> HELLO exchange -> `handler.link_up`. A dialer checks that the server's certificate
+names the site it meant to reach. Reconnects use full-jitter exponential backoff (0.1 s
+doubling to 5 s), trying the endpoints in order. A link silent for `dead_after` heartbeat
+intervals is aborted (this catches a peer behind an iptables DROP). Two links with one peer
+(both sides dialled): the one dialled by the lexicographically smaller site id is kept.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
 
-from meshlink.errors import ErrorCode, MeshlinkError, PeerNotAuthorized
+from meshlink.errors import ErrorCode, LocalProtocolError, MeshlinkError, PeerNotAuthorized
 from meshlink.pki import authorize_peer
 from meshlink.proto import MAX_HOPS, FlowTarget
 from meshlink.tunnel.link import STREAM_WINDOW, Link, LinkOwner, StreamEnd
@@ -485,7 +483,11 @@ class Gateway(LinkOwner):
             log.info("relay of %s refused: more than %d hops (a routing loop?)", target, MAX_HOPS)
             stream.feed_abort(ErrorCode.NO_ROUTE, f"more than {MAX_HOPS} hops (a routing loop?)")
             return
-        onward = out.open_stream(target, hops + 1)
+        try:
+            onward = out.open_stream(target, hops + 1)
+        except LocalProtocolError as e:
+            stream.feed_abort(ErrorCode.NO_ROUTE, f"{self.site_id}: link to {peer}: {e}")
+            return
         join(stream, onward)
         onward.on_accepted = lambda: link.accept(stream)
         stream.start()
@@ -543,7 +545,10 @@ class Gateway(LinkOwner):
         link = self._links.get(route.peer_site)
         if link is None or link.closed or not link.ready:
             raise NoRouteError(f"no route to {target}: no live link to {route.peer_site}")
-        stream = link.open_stream(target, 0)
+        try:
+            stream = link.open_stream(target, 0)
+        except LocalProtocolError as e:  # the link is closing under us
+            raise NoRouteError(f"no route to {target}: link to {route.peer_site}: {e}") from None
         stream.accepted = asyncio.get_running_loop().create_future()
         if not wait_accept:
             return stream

@@ -118,6 +118,10 @@ class ImportListener:
             except FlowError as e:
                 errors.append(str(e))
                 continue
+            except Exception as e:  # a bug in a handler must not kill the listener
+                log.exception("import %s:%d: opening a flow to %s failed", *self.bind, target)
+                errors.append(f"{target}: internal error {e!r}")
+                continue
             if isinstance(end, StreamEnd) and end.accepted is not None and optimistic:
                 end.accepted.add_done_callback(self._log_refusal)
             if client._closed:
