@@ -446,9 +446,14 @@ class Link(asyncio.Protocol):
         self.writable = True
         blocked = self.blocked
         while blocked and self.writable:
-            st = next(iter(blocked))
-            del blocked[st]
-            st._drain()
+            # round robin, a buffer's worth per flush: fair, and few large TLS writes
+            budget = LINK_HIGH_WATER - LINK_LOW_WATER
+            while blocked and budget > 0:
+                st = next(iter(blocked))
+                del blocked[st]
+                before = st._pending_bytes
+                st._drain()
+                budget -= max(1, before - st._pending_bytes)
             self._flush()  # may pause us again: the rest wait for their turn
 
     # -- API -------------------------------------------------------------------------
