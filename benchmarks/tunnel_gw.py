@@ -43,7 +43,7 @@ class Handler:
         print(f"LINK UP {peer_site}", flush=True)
 
     def link_down(self, peer_site: str, reason: str) -> None:
-        print(f"LINK DOWN {peer_site} {reason}", flush=True)
+        pass  # stdout is a pipe nobody reads after start-up: stay quiet
 
     def control_received(self, peer_site: str, payload: bytes) -> None:
         pass
