@@ -5,7 +5,9 @@
 Interleaved runs of each mode for:
 - bulk throughput, 1 flow and 8 flows (iperf3, -P 8);
 - request rate and latency (wrk -t2 -c50 against nginx serving a small file);
-- per-flow setup: connect, one small HTTP request/response, close (2,000 times).
+- per-flow setup: connect, one small HTTP request/response, close (2,000 times);
+- the same (1,000 times) while a bulk iperf3 flow runs through the same tunnel
+  (head-of-line blocking: for meshlink both share one TLS link).
 
 meshlink: two gateways in separate processes (benchmarks/tunnel_gw.py, uvloop) linked by
 one TLS 1.3 mTLS link; an import listener on one, a local route to the server on the other.
@@ -301,6 +303,23 @@ CAfile = {self.tmp / "b-ca.pem"}
             print(f"wrk {mode}: {'; '.join(errs)}", file=sys.stderr)
         return rps, p50, p99
 
+    def setup_under_bulk(self, mode: str, count: int) -> tuple[float, float]:
+        """Per-flow setup while one bulk iperf3 flow runs through the same tunnel: for
+        meshlink both share one TLS link, so this shows any head-of-line blocking."""
+        port = self.ports[mode][0]
+        bulk = subprocess.Popen(
+            ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "60"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(1.0)  # let the bulk flow ramp up
+            return self.setup(mode, count)
+        finally:
+            bulk.terminate()
+            bulk.wait(10)
+            time.sleep(0.5)  # iperf3's server serves one test at a time
+
     def setup(self, mode: str, count: int) -> tuple[float, float]:
         port = self.ports[mode][1]
         req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
@@ -358,14 +377,15 @@ def main() -> int:
     ap.add_argument("--json", help="write the results (medians) to this file")
     ap.add_argument("--runs", type=int, help="interleaved runs per mode (default 3, quick 1)")
     ap.add_argument("--profile", help="directory for cProfile stats of the two gateways")
-    ap.add_argument("--only", help="comma-separated subset: gbps1,gbps8,wrk,setup")
+    ap.add_argument("--only", help="comma-separated subset: gbps1,gbps8,wrk,setup,hol")
     args = ap.parse_args()
     C.ensure_tools(TOOLS)
     runs = args.runs or (1 if args.quick else 3)
     secs = 3.0 if args.quick else 10.0
     wrk_secs = 3.0 if args.quick else 10.0
     setup_n = 300 if args.quick else 2000
-    only = set((args.only or "gbps1,gbps8,wrk,setup").split(","))
+    hol_n = 200 if args.quick else 1000
+    only = set((args.only or "gbps1,gbps8,wrk,setup,hol").split(","))
     print(f"# {C.load_line()} (before)", file=sys.stderr)
     results: dict[str, list[float]] = {}
 
@@ -401,6 +421,14 @@ def main() -> int:
                     add(f"setup_p99_ms_{m}", p99)
 
                 steps.append(("setup", do_setup))
+            if "hol" in only:
+
+                def do_hol(m: str) -> None:
+                    mean, p99 = bench.setup_under_bulk(m, hol_n)
+                    add(f"hol_setup_ms_{m}", mean)
+                    add(f"hol_setup_p99_ms_{m}", p99)
+
+                steps.append(("hol", do_hol))
             for r in range(runs):
                 for name, step in steps:
                     order = MODES if r % 2 == 0 else tuple(reversed(MODES))
@@ -428,6 +456,8 @@ def main() -> int:
     row("tunnel CPU per GB, 8 flows", "{mode}_cpu_s_per_gb_8", "s", "lower")
     row("setup mean", "setup_ms_{mode}", "ms", "lower")
     row("setup p99", "setup_p99_ms_{mode}", "ms", "lower")
+    row("setup mean, bulk flow running", "hol_setup_ms_{mode}", "ms", "lower")
+    row("setup p99, bulk flow running", "hol_setup_p99_ms_{mode}", "ms", "lower")
     C.print_table(
         ["metric", "direct", "meshlink", "stunnel", "meshlink/direct", "meshlink/stunnel"], rows
     )

@@ -35,7 +35,7 @@ from meshlink.proto.state import Action, StreamState, next_state
 from meshlink.proto.target import FlowTarget
 from meshlink.proto.windows import FlowWindow
 
-_COALESCE: Final = 16 * 1024
+_COALESCE: Final = 64 * 1024
 """Payloads smaller than this are copied into one outgoing buffer with their neighbours
 (few, full TLS records); larger ones are queued by reference."""
 

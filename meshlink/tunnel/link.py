@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Final, cast
@@ -39,8 +41,10 @@ from meshlink.tunnel.types import FlowRefused, NoRouteError, describe_code
 
 log = logging.getLogger(__name__)
 
-LINK_HIGH_WATER: Final = 2 << 20
-LINK_LOW_WATER: Final = 512 * 1024
+LINK_HIGH_WATER: Final = 1 << 20
+LINK_LOW_WATER: Final = 256 * 1024
+LINK_SOCKBUF: Final = 1 << 20
+DRAIN_QUANTUM: Final = 64 * 1024
 STREAM_WINDOW: Final = 4 << 20
 """Default per-stream credit: the most a peer may have in flight (and we may buffer) per
 stream. Measured: 1 MiB capped a single flow near 1-2 Gbit/s on a loaded 2-core machine
@@ -166,14 +170,15 @@ class StreamEnd(End):
             self._parked = True
             self.peer.pause_input()
 
-    def _drain(self) -> None:
-        """Send parked data as far as credit and the link allow."""
+    def _drain(self, quantum: int = 1 << 62) -> None:
+        """Send parked data as far as credit, the link and `quantum` bytes allow."""
         conn = self.link.conn
         pending = self._pending
-        while pending and self.link.writable:
-            credit = conn.send_window(self.sid)
+        while pending and self.link.writable and quantum > 0:
+            credit = min(conn.send_window(self.sid), quantum)
             if not credit:
                 break
+            quantum -= credit
             chunk = pending[0]
             if len(chunk) <= credit:
                 pending.popleft()
@@ -184,8 +189,8 @@ class StreamEnd(End):
                 conn.send_data(self.sid, view[:credit])
                 pending[0] = view[credit:]
                 self._pending_bytes -= credit
-        if pending and not self.link.writable:
-            self.link.blocked[self] = None
+        if pending and (not self.link.writable or quantum <= 0):
+            self.link.blocked[self] = None  # back of the round-robin queue
         self.link.kick()
         if not pending:
             if self._want_eof:
@@ -323,6 +328,15 @@ class Link(asyncio.Protocol):
         self.transport = transport
         self.peer_site = peer_site
         transport.set_write_buffer_limits(high=LINK_HIGH_WATER, low=LINK_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            # Small kernel buffers keep bulk data queued in our per-stream queues (where
+            # small flows overtake it) rather than in the socket buffers' one FIFO.
+            # Measured: autotuned buffers gave a small flow a p99 of 286 ms behind a bulk
+            # flow, 1 MiB gave 30 ms for the same throughput, 512 KiB lost throughput.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_SOCKBUF)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LINK_SOCKBUF)
         self.last_rx = time.monotonic()
         self._flush()
         pre, self._pre = self._pre, None
@@ -446,13 +460,14 @@ class Link(asyncio.Protocol):
         self.writable = True
         blocked = self.blocked
         while blocked and self.writable:
-            # round robin, a buffer's worth per flush: fair, and few large TLS writes
+            # round robin in quanta, a buffer's worth per flush: a small flow waits for
+            # at most one quantum of each bulk flow, and TLS writes stay large
             budget = LINK_HIGH_WATER - LINK_LOW_WATER
             while blocked and budget > 0:
                 st = next(iter(blocked))
                 del blocked[st]
                 before = st._pending_bytes
-                st._drain()
+                st._drain(DRAIN_QUANTUM)
                 budget -= max(1, before - st._pending_bytes)
             self._flush()  # may pause us again: the rest wait for their turn
 
