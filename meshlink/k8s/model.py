@@ -395,8 +395,8 @@ def derived_service_body(merged: MergedService, selector: Mapping[str, str]) -> 
     spec["sessionAffinity"] = w.session_affinity
     if w.session_affinity == "ClientIP" and w.session_affinity_timeout:
         spec["sessionAffinityConfig"] = {"clientIP": {"timeoutSeconds": w.session_affinity_timeout}}
-    if w.internal_traffic_policy and merged.type != ServiceType.HEADLESS:
-        spec["internalTrafficPolicy"] = w.internal_traffic_policy
+    # internalTrafficPolicy stays on the ServiceImport only: on the derived Service,
+    # "Local" would strand every node that runs no gateway pod.
     return _with_hash(
         {
             "apiVersion": "v1",
