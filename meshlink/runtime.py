@@ -509,6 +509,8 @@ class SiteRuntime:
                 raise MeshlinkError(
                     f"cluster id {site_id} (ClusterProperty) differs from site {self.site}"
                 )
+            # Imports (and orphan clean-up) start with the first catalog view, even empty.
+            self.controller.update_catalog(self.catalog.services())
             await self.controller.run()
 
 

@@ -789,13 +789,19 @@ def install_crds(cluster: KubeCluster, *, timeout: float = 30) -> None:
     """Apply manifests/crds/ (MCS ServiceExport/ServiceImport, ClusterProperty) and wait
     until every CRD is Established, so its API can be used at once."""
     cluster.kubectl("apply", "--server-side", "--field-manager=meshlink-tests", "-k", str(CRD_DIR))
-    cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        f"--timeout={int(timeout)}s",
-        *(f"crd/{name}" for name in MCS_CRDS),
-        timeout=timeout + 5,
-    )
+
+    # Poll rather than `kubectl wait`, which errors out on a CRD that has no status yet.
+    def established() -> bool:
+        out = cluster.kubectl(
+            "get",
+            *(f"crd/{name}" for name in MCS_CRDS),
+            "-o",
+            'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Established")].status} {end}',
+            check=False,
+        ).stdout
+        return out.split() == ["True"] * len(MCS_CRDS)
+
+    cluster.wait_for(established, timeout, "MCS CRDs Established")
     # Established does not mean discovery already lists the group; wait for that too.
     cluster.wait_for(
         lambda: (

@@ -303,6 +303,32 @@ class Controller:
             for ikey in self._managed_keys() | set(self._catalog):
                 self.import_queue.add(ikey)
 
+    def local_endpoint(self, namespace: str, name: str, port: int) -> tuple[str, int] | None:
+        """Where a flow that arrived over a link for our export ``namespace/name:port`` goes:
+        the exported Service's ClusterIP (kube-proxy picks the endpoint), or for a headless
+        export one ready endpoint address with the port's target. None if not exported."""
+        key = ServiceKey(namespace, name)
+        rec = self._records.get(key)
+        svc = self.services_w.cache.get((namespace, name))
+        if rec is None or svc is None or not any(p.port == port for p in rec.ports):
+            return None
+        spec = svc.get("spec") or {}
+        cluster_ip = spec.get("clusterIP")
+        if cluster_ip and cluster_ip != "None":
+            return (str(cluster_ip), port)
+        for ep in rec.endpoints:
+            if ep.ready and ep.addresses:
+                target = next(
+                    (
+                        p.get("targetPort")
+                        for p in spec.get("ports") or ()
+                        if p.get("port") == port and isinstance(p.get("targetPort"), int)
+                    ),
+                    port,
+                )
+                return (ep.addresses[0], int(target))
+        return None
+
     def _managed_keys(self) -> set[ServiceKey]:
         keys: set[ServiceKey] = set(self._managed_slices)
         for (ns, name), si in self.imports_w.cache.items():
