@@ -40,6 +40,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshlink.pki import create_ca
+
 REPO = Path(__file__).resolve().parent.parent
 KUBE_BIN_SCRIPT = REPO / "hack" / "kube-bin.sh"
 CRD_DIR = REPO / "manifests" / "crds"
@@ -200,6 +202,19 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     path.chmod(0o600)
 
 
+_SIGNING_ONLY = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 @dataclass(frozen=True)
 class _Pki:
     ca_cert: Path
@@ -215,35 +230,10 @@ def _make_pki(d: Path, name: str, service_ip: str) -> _Pki:
     d.mkdir(parents=True, exist_ok=True)
     start = _now() - datetime.timedelta(minutes=5)
     end = _now() + datetime.timedelta(days=2)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshlink-test-{name}-ca")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
+    # meshlink's own CA profile (pki.create_ca) serves the test API server as well.
+    ca_pair = create_ca(f"kube-{name}")
+    ca, ca_key, ca_name = ca_pair.cert, ca_pair.key, ca_pair.cert.subject
+    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
 
     def leaf(
         subject: x509.Name, eku: x509.ObjectIdentifier, san: x509.SubjectAlternativeName | None
@@ -258,20 +248,7 @@ def _make_pki(d: Path, name: str, service_ip: str) -> _Pki:
             .not_valid_before(start)
             .not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_SIGNING_ONLY, critical=True)
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
