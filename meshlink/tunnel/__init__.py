@@ -6,41 +6,44 @@ listeners), `types` (dial specs, routes, status, flow errors).
 
 Decision: multiplexed streams over one TLS 1.3 connection per peer, not a warm pool
 -----------------------------------------------------------------------------------
-Measured on the shared 2-core machine (other work running: load average 3-9), with
-`python benchmarks/tunnel.py` (3 interleaved runs, medians; two gateway processes on
-uvloop vs a stunnel4 client/server pair, both mTLS TLS 1.3):
+Measured with `python benchmarks/tunnel.py` on the shared 2-core machine (other engineers'
+work running, load average 2-5), 3 interleaved runs, medians; two gateway processes on
+uvloop vs a stunnel4 client/server pair, both mutual TLS 1.3:
 
-=============================  ========  ==========  =========  ===================
-metric                         direct    meshlink    stunnel4   meshlink / stunnel
-=============================  ========  ==========  =========  ===================
-iperf3, 1 flow                 23.3 Gb/s  2.75 Gb/s  3.75 Gb/s  0.73x
-iperf3, 8 flows                20.8 Gb/s  3.01 Gb/s  3.75 Gb/s  0.80x
-tunnel CPU per GB, 1 flow      -         1.99 s      1.90 s     1.05x (quick runs)
-wrk -t2 -c50, requests/s       39.3k     20.7k       12.1k      1.71x
-wrk p99                        3.5 ms    15.6 ms     18.5 ms    0.84x
-setup: connect+req+close, mean 0.12 ms   0.78 ms     2.14 ms    0.36x
-=============================  ========  ==========  =========  ===================
+===================================  =========  =========  =========  ==================
+metric                               direct     meshlink   stunnel4   meshlink/stunnel
+===================================  =========  =========  =========  ==================
+iperf3, 1 flow                       22.4 Gb/s  3.30 Gb/s  4.37 Gb/s  0.75x
+iperf3, 8 flows                      23.8 Gb/s  5.36 Gb/s  6.45 Gb/s  0.83x
+tunnel CPU-seconds per GB, 1 flow    -          2.32       2.12       1.09x
+tunnel CPU-seconds per GB, 8 flows   -          2.16       1.89       1.14x
+wrk -t2 -c50, requests/s             65.9k      28.2k      15.8k      1.78x
+wrk p99                              1.7 ms     3.3 ms     7.1 ms     0.47x
+setup (connect, request, close)      0.14 ms    0.70 ms    1.79 ms    0.39x
+setup while a bulk flow runs, p99    0.39 ms    18.2 ms    10.8 ms    1.68x
+===================================  =========  =========  =========  ==================
 
-- A full mutual TLS 1.3 handshake (P-256, both ends, uvloop) costs 1.4 ms of CPU, i.e. at
-  most ~700 new TLS connections per second per core. A warm pool hands out one connection
-  per flow and must replace it with a new handshake, so under churn (the setup benchmark
-  opens ~1,000 flows/s) refilling the pool alone would need more than a core, and setup
-  falls back to handshake latency (stunnel: 2.1-5 ms). Opening a stream is one OPEN frame:
-  0.78 ms end to end here, most of it the two extra process hops, with no crypto per flow.
-- Throughput: the gateways need about the same CPU per byte as stunnel (1.99 vs 1.90
-  CPU-seconds per GB for one flow; Python work is under 10% of a gateway's profile, the rest
-  is OpenSSL and socket I/O inside uvloop). What is missing is parallelism: each gateway is
-  one thread, while stunnel runs a thread per connection, so on a busy machine it gets
-  more CPU. Per-stream credit was the other limit: 1 MiB windows held one flow near 1-2 Gb/s
-  (the WINDOW round trip crosses two busy processes), 4 MiB roughly doubled it.
-- Head-of-line blocking: streams share one TCP connection, so a small flow can wait behind
-  queued bulk data. That wait is bounded by a 2 MiB TLS write buffer, per-stream windows,
-  and round-robin draining of parked streams; the integration tests check that small
-  request/responses complete while a bulk flow saturates the link.
+- A full mutual TLS 1.3 handshake (P-256, both ends, uvloop) costs 1.4 ms of CPU: at most
+  ~700 new TLS connections per second per core. A warm pool hands out one connection per
+  flow and must replace it with a new handshake, so under churn (the setup benchmark opens
+  over 1,000 flows/s) refilling it would need more than a core, and setup falls back to
+  handshake latency (stunnel: 1.8 ms with its session cache, 5 ms without). Opening a
+  stream is one OPEN frame: 0.70 ms end to end, mostly the two extra process hops. Import
+  listeners with a single candidate send data before the ACCEPT (one round trip saved).
+- Throughput: the gateways spend about the same CPU per byte as stunnel (within 15%;
+  Python is under 10% of a gateway's profile, the rest is OpenSSL and socket I/O inside
+  uvloop). The gap is parallelism: a gateway is one thread, stunnel a thread per
+  connection. Credit was the first limit found: 1 MiB stream windows held one flow near
+  1-2 Gb/s (the WINDOW round trip crosses two busy processes); 4 MiB fixed it, 8 MiB gave
+  nothing more.
+- Head-of-line blocking: streams share one TCP connection, so a small flow can queue
+  behind bulk data. Parked streams are drained round robin in 64 KiB quanta, the TLS write
+  buffer is 1 MiB and the link sockets' buffers 4 MiB; before the quanta, a small flow's p99
+  behind a bulk flow was 286 ms, now 18 ms (stunnel, one TCP connection per flow: 11 ms).
 
-Not reached (targets were 1.5x stunnel throughput, setup <= 0.1x stunnel): next steps would
-be a second TLS connection per link driven by its own thread (OpenSSL releases the GIL, so
-one link could use both cores), and fewer copies on the receive path.
+Not reached: the targets of 1.5x stunnel throughput and setup at 0.1x stunnel's. Next
+steps: a second TLS connection per link driven by its own thread (OpenSSL releases the
+GIL, so a link could use both cores) and a separate connection for small flows.
 """
 
 from meshlink.tunnel.gateway import Gateway
