@@ -158,6 +158,9 @@ class Gateway(LinkOwner):
                     )
                     self._start_error = err
                     raise err from None
+                except MeshlinkError as e:  # e.g. the certificate files cannot be loaded
+                    self._start_error = e
+                    raise
                 sockname = self._server.sockets[0].getsockname()
                 self.bound_address = (sockname[0], sockname[1])
                 log.info("gateway listening for links on %s:%d", *self.bound_address)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from meshlink import pki
-from meshlink.errors import ErrorCode
+from meshlink.errors import ErrorCode, MeshlinkError
 from meshlink.proto import FlowTarget
 from meshlink.tunnel import (
     DialSpec,
@@ -809,3 +809,19 @@ async def test_dialer_checks_the_servers_site_id(sites: Callable[[str], Awaitabl
     a.gateway.set_dials([DialSpec("to-x", "x", (b.endpoint,), a.client_context_for(b))])
     err = await dial_error(a, "x", "mismatch reported")
     assert "expected 'x'" in err
+
+
+async def test_listener_that_cannot_bind_says_why(sites: Callable[[str], Awaitable[Site]]) -> None:
+    a = await sites("a")
+    assert a.gateway.bound_address is not None
+    clash = Gateway(
+        "clash",
+        listen=a.gateway.bound_address,
+        server_context=a.server_context,
+        authorize=lambda s: True,
+        handler=Handler("clash"),
+    )
+    with pytest.raises(MeshlinkError, match=r"cannot listen for links on 127\.0\.0\.1"):
+        await asyncio.wait_for(clash.run(), 10)
+    with pytest.raises(MeshlinkError):
+        await clash.started()
