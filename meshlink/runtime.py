@@ -35,7 +35,7 @@ from meshlink.dns.snapshot import build_snapshot
 from meshlink.errors import CatalogError, MeshlinkError
 from meshlink.local.site import ListenerSpec, LocalSite
 from meshlink.ops.server import OpsServer
-from meshlink.proto import FlowTarget
+from meshlink.proto import MAX_CONTROL, FlowTarget
 from meshlink.tunnel import (
     DialSpec,
     Gateway,
@@ -51,7 +51,32 @@ log = logging.getLogger(__name__)
 ALL_COMPONENTS: Final = frozenset({"gateway", "controller", "dns", "ops", "grant"})
 STATE_POLL: Final = 0.5
 """Seconds between looks at the link and peer records the CLI writes."""
-MAX_CONTROL: Final = 4 * 1024 * 1024
+CONTROL_LIMIT: Final = MAX_CONTROL // 2
+"""Catalog messages above this are split (control frames are at most 1 MiB; a record at
+its limits, 1,000 endpoints, is about 80 KiB)."""
+
+
+def encode_control(message: dict[str, Any], limit: int = CONTROL_LIMIT) -> list[bytes]:
+    """JSON-encode a catalog update, halving its add/del lists until every part fits.
+
+    An entry too large on its own (which the record limits make impossible in practice) is
+    dropped with one log line rather than sent to be refused by the peer."""
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    if len(payload) <= limit:
+        return [payload]
+    adds, dels = message.get("add", []), message.get("del", [])
+    if len(adds) + len(dels) <= 1:
+        log.error("catalog entry of %d bytes exceeds %d: not sent", len(payload), limit)
+        return []
+    parts: list[bytes] = []
+    for half in (
+        {"add": adds[: len(adds) // 2], "del": dels[: len(dels) // 2]},
+        {"add": adds[len(adds) // 2 :], "del": dels[len(dels) // 2 :]},
+    ):
+        msg = {"t": message["t"], **{k: v for k, v in half.items() if v}}
+        if len(msg) > 1:
+            parts += encode_control(msg, limit)
+    return parts
 
 
 @dataclass
@@ -213,13 +238,8 @@ class SiteRuntime:
 
     def _send(self, sends: Sequence[Send]) -> None:
         for s in sends:
-            payload = json.dumps(s.message, separators=(",", ":")).encode()
-            if len(payload) > MAX_CONTROL:
-                log.error(
-                    "catalog message for %s too large (%d bytes): dropped", s.peer, len(payload)
-                )
-                continue
-            self.gateway.send_control(s.peer, payload)
+            for payload in encode_control(s.message):
+                self.gateway.send_control(s.peer, payload)
 
     def _observe_propagation(self, msg: dict[str, Any]) -> None:
         now = time.time_ns()
