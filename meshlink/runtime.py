@@ -128,8 +128,6 @@ class SiteRuntime:
         self._listener_specs: dict[tuple[str, int], ListenerSpec] = {}
         self._dirty = asyncio.Event()
         self._seen_generation = -1
-        self._link_files: dict[str, float] = {}
-        self._peer_allowed: dict[str, bool] = {}
         self._ready_reason = "starting"
         self._renewal_pending: set[str] = set()
 
@@ -423,7 +421,7 @@ class SiteRuntime:
                 for r in sorted(sites.values(), key=lambda r: (r.hops, r.site))
             ],
             "exports": [
-                {"service": str(k), "ports": [p.port for p in recs[0].ports]}
+                {"service": str(k), "ports": [p.port for p in r.ports]}
                 for k, recs in sorted(services.items())
                 for r in recs
                 if r.origin == self.site

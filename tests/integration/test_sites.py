@@ -291,6 +291,8 @@ def test_status_and_check_render(tmp_path: Path, backend: Backend) -> None:
     with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
         b.link_to(a)
         wait_until("import at b", lambda: b.import_addr("test/svc"))
+        assert a.status()["exports"] == [{"service": "test/svc", "ports": [9000]}]
+        assert b.status()["exports"] == []
         out = cli("status", "--config", str(b.config)).stdout
         assert "LINKS" in out
         assert "svc.test.svc.clusterset.local" in out
