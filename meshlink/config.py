@@ -119,6 +119,9 @@ class SiteConfig:
     """Local-mode namespaces that "exist" here (None: every namespace exists)."""
     heartbeat_interval: float = 1.0
     """Seconds between heartbeats; a link is declared dead after 3 missed (failover)."""
+    link_cert_lifetime: float = 86400.0
+    """Seconds a link client certificate issued by this site is valid; redeemers renew it
+    over the link when a third of it is left."""
     kubernetes: KubernetesConfig | None = None
     """Set: Kubernetes mode (exports from ServiceExports); None: local mode (exports above)."""
     source: str = "<config>"
@@ -324,6 +327,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
             "exports",
             "namespaces",
             "heartbeatInterval",
+            "linkCertLifetime",
             "kubernetes",
         }
     )
@@ -400,6 +404,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         exports=exports,
         namespaces=namespaces,
         heartbeat_interval=r.number("heartbeatInterval", 1.0, 0.05, 60.0),
+        link_cert_lifetime=r.number("linkCertLifetime", 86400.0, 30.0, 365 * 86400.0),
         kubernetes=kube,
         source=source,
     )

@@ -21,6 +21,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -184,7 +185,13 @@ class SiteRuntime:
         csr = msg.get("csr")
         if not isinstance(csr, str) or len(csr) > 16384:
             raise CatalogError("renew without a CSR")
-        cert = links.sign_renewal(self.identity, self.config.state_dir, peer_site, csr)
+        cert = links.sign_renewal(
+            self.identity,
+            self.config.state_dir,
+            peer_site,
+            csr,
+            lifetime=timedelta(seconds=self.config.link_cert_lifetime),
+        )
         self.gateway.send_control(peer_site, json.dumps({"t": "renewed", "cert": cert}).encode())
         log.info("renewed the link certificate of peer %s", peer_site)
 
@@ -461,7 +468,10 @@ class SiteRuntime:
                 await self.gateway.started()
                 if "grant" in self.components:
                     server = links.GrantServer(
-                        self.identity, cfg.state_dir, [str(a) for a in cfg.advertise]
+                        self.identity,
+                        cfg.state_dir,
+                        [str(a) for a in cfg.advertise],
+                        cert_lifetime=timedelta(seconds=cfg.link_cert_lifetime),
                     )
                     grant_runner = await links.start_grant_server(
                         server, cfg.grant_listen.host, cfg.grant_listen.port

@@ -413,3 +413,30 @@ def test_standalone_dns_command_serves_a_records_file_to_dig(tmp_path: Path) -> 
         out = proc.communicate(timeout=10)[0].decode()
     assert proc.returncode == 0, out
     assert "Traceback" not in out
+
+
+@pytest.mark.timeout(120)
+def test_link_certificate_renews_over_the_link(tmp_path: Path, backend: Backend) -> None:
+    """The issuer signs 60 s link certificates (backdated 5 min, so a third of the lifetime
+    is always left: renewal is due at once); the redeemer renews over the live link, and a
+    restarted redeemer links again with the renewed certificate."""
+    from meshlink.pki import load_cert
+
+    with sites(tmp_path, ("a", export(backend)), ("b", []), extra={"linkCertLifetime": 60}) as (
+        a,
+        b,
+    ):
+        b.link_to(a)
+        cert_path = b.state_dir / "links" / "a.crt"
+        first = load_cert(cert_path).serial_number
+        wait_until(
+            "b's link certificate renewed by a over the link",
+            lambda: load_cert(cert_path).serial_number != first,
+            timeout=30,
+        )
+        assert "link certificate for a renewed" in b.log_tail(200)
+        b.stop()
+        b.start()
+        wait_until("b relinks with the renewed certificate", lambda: b.link_state("a") == "up")
+        with connect(b) as s:
+            sink_roundtrip(s, MB)
