@@ -102,7 +102,7 @@ class Site:
             server_context=self.server_context,
             authorize=lambda s: s in self.allowed,
             handler=self.handler,
-            heartbeat_interval=0.2,
+            heartbeat_interval=0.5,  # 1.5 s to declare death: tolerant of a loaded CI machine
             dead_after=3,
         )
         self.task: asyncio.Task[None] | None = None
