@@ -862,3 +862,37 @@ async def test_a_record_the_api_refuses_does_not_stop_the_others(env: Env) -> No
     env.clusterset.withdraw("c9")
     await env.wait_gone(1, ns, "good")
     await env.wait_gone(1, ns, "bad")
+
+
+async def test_local_endpoint_routes_flows_for_our_exports_only(env: Env) -> None:
+    """Where the gateway sends a flow that arrived for one of this cluster's exports: the
+    Service's ClusterIP (kube-proxy picks the endpoint), or for a headless export a ready
+    endpoint on the target port; nothing for unexported services or unexported ports."""
+    ns = "t-local-ep"
+    await env.namespace(0, ns)
+    web = await env.service(0, ns, "web", [("http", 80, "TCP")])
+    await env.service(
+        0,
+        ns,
+        "hl",
+        headless=True,
+        spec={"ports": [{"name": "pg", "port": 5432, "targetPort": 15432, "protocol": "TCP"}]},
+    )
+    await env.endpoints(0, ns, "hl", ["10.9.0.7"])
+    await env.service(0, ns, "private", [("http", 80, "TCP")])
+    ctl = await env.start(0)
+    await env.export(0, ns, "web")
+    await env.export(0, ns, "hl")
+    for name in ("web", "hl"):
+        await env.wait_condition(0, ns, name, "Ready", "True", "Exported")
+    assert await eventually(lambda: ctl.local_endpoint(ns, "web", 80), WAIT, "web routable") == (
+        web["spec"]["clusterIP"],
+        80,
+    )
+    assert await eventually(lambda: ctl.local_endpoint(ns, "hl", 5432), WAIT, "hl routable") == (
+        "10.9.0.7",
+        15432,
+    )
+    assert ctl.local_endpoint(ns, "web", 81) is None
+    assert ctl.local_endpoint(ns, "private", 80) is None
+    assert ctl.local_endpoint("elsewhere", "web", 80) is None
