@@ -162,9 +162,34 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     data = _fetch_status(args)
     results = status.check(data)
+    if data.get("dns"):
+        results.append(_check_dns(str(data["dns"]), str(data["zone"])))
     for ok, line in results:
         print(f"{'PASS' if ok else 'FAIL'}  {line}")
     return 0 if all(ok for ok, _ in results) else 1
+
+
+def _check_dns(address: str, zone: str) -> tuple[bool, str]:
+    """Ask the site's DNS server for ``dns-version.<zone>`` TXT over UDP."""
+    import socket
+
+    from dnslib import QTYPE, RCODE, DNSRecord
+
+    hp = config.parse_hostport(address, "dns")
+    name = f"dns-version.{zone}"
+    try:
+        with socket.socket(
+            socket.AF_INET6 if ":" in hp.host else socket.AF_INET, socket.SOCK_DGRAM
+        ) as sock:
+            sock.settimeout(2)
+            sock.sendto(DNSRecord.question(name, "TXT").pack(), (hp.host, hp.port))
+            reply = DNSRecord.parse(sock.recv(4096))
+    except (OSError, ValueError) as e:
+        return (False, f"DNS at {hp} does not answer ({e}); check dns.listen and the logs")
+    texts = [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.TXT]
+    if reply.header.rcode != RCODE.NOERROR or not texts:
+        return (False, f"DNS at {hp} answered {RCODE[reply.header.rcode]} for {name}")
+    return (True, f"DNS at {hp} answers {name} {texts[0]}")
 
 
 def cmd_dns(args: argparse.Namespace) -> int:

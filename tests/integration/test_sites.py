@@ -299,6 +299,7 @@ def test_status_and_check_render(tmp_path: Path, backend: Backend) -> None:
         chk = cli("check", "--config", str(b.config), check=False)
         assert chk.returncode == 0, chk.stdout
         assert "PASS  link to a is up" in chk.stdout
+        assert f"PASS  DNS at 127.0.0.1:{b.ports['dns']} answers dns-version" in chk.stdout
         a.kill()
         wait_until("link down", lambda: b.link_state("a") != "up", timeout=10)
         chk = cli("check", "--config", str(b.config), check=False)
