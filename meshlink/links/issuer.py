@@ -16,7 +16,7 @@ import hmac
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -246,17 +246,7 @@ def decide_redeem(
         cert = sign_csr(identity.ca, csr, expected_site_id=site, lifetime=cert_lifetime)
     except PkiError as e:
         raise GrantRefused("bad_csr", str(e)) from None
-    write_token_record(
-        state_dir,
-        TokenRecord(
-            id=rec.id,
-            secret_sha256=rec.secret_sha256,
-            uses=rec.uses,
-            uses_left=rec.uses_left - 1,
-            expires=rec.expires,
-            created=rec.created,
-        ),
-    )
+    write_token_record(state_dir, replace(rec, uses_left=rec.uses_left - 1))
     write_peer(
         state_dir,
         PeerRecord(
@@ -291,15 +281,6 @@ def sign_renewal(
     cert = sign_csr(
         identity.ca, csr_from_pem(csr_pem), expected_site_id=peer_site, lifetime=lifetime
     )
-    write_peer(
-        state_dir,
-        PeerRecord(
-            site=peer.site,
-            ca_pem=peer.ca_pem,
-            linked_at=peer.linked_at,
-            token_id=peer.token_id,
-            cert_not_after=cert.not_valid_after_utc.timestamp(),
-        ),
-    )
+    write_peer(state_dir, replace(peer, cert_not_after=cert.not_valid_after_utc.timestamp()))
     log.info("renewed the link certificate of site %s", peer_site)
     return cert_to_pem(cert).decode()
