@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import aiohttp
 
+from meshlink.config import HostPort
 from meshlink.errors import (
     GrantUnreachable,
     PkiError,
@@ -38,7 +39,7 @@ from meshlink.links.records import (
     load_link,
     write_link,
 )
-from meshlink.links.tokens import decode_token, join_hostport, split_hostport
+from meshlink.links.tokens import decode_token, split_hostport
 from meshlink.pki import (
     CaPinMismatch,
     SiteIdentity,
@@ -167,8 +168,7 @@ async def redeem(
         raise TokenExpired(
             f"the token expired at {_ts(token.exp)}: ask site {token.site} for a new one"
         )
-    host, port = split_hostport(token.grant)
-    address = join_hostport(host, port)
+    address = str(HostPort(*split_hostport(token.grant)))
     body = {
         "token_id": token.id,
         "secret": token.secret,

@@ -72,10 +72,6 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def join_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 @dataclass(frozen=True, slots=True)
 class Token:
     id: str
