@@ -68,6 +68,16 @@ def _read_json(path: Path, build: Callable[[dict[str, Any]], T]) -> T | None:
         ) from None
 
 
+def _list_json(directory: Path, build: Callable[[dict[str, Any]], T]) -> list[T]:
+    """Every record in ``directory``, by file name (one removed meanwhile is skipped)."""
+    out = []
+    for p in sorted(directory.glob("*.json")):
+        rec = _read_json(p, build)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
 def check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or not is_site_id(name):
         raise ConfigError(
@@ -118,12 +128,7 @@ def load_token_record(state_dir: Path, token_id: str) -> TokenRecord | None:
 
 
 def list_tokens(state_dir: Path) -> list[TokenRecord]:
-    out = []
-    for p in sorted((Path(state_dir) / TOKENS_DIR).glob("*.json")):
-        rec = _read_json(p, TokenRecord.from_json)
-        if rec is not None:
-            out.append(rec)
-    return out
+    return _list_json(Path(state_dir) / TOKENS_DIR, TokenRecord.from_json)
 
 
 def revoke_token(state_dir: Path, token_id: str) -> None:
@@ -182,12 +187,7 @@ def load_peer(state_dir: Path, site: str) -> PeerRecord | None:
 
 
 def list_peers(state_dir: Path) -> list[PeerRecord]:
-    out = []
-    for p in sorted((Path(state_dir) / PEERS_DIR).glob("*.json")):
-        rec = _read_json(p, PeerRecord.from_json)
-        if rec is not None:
-            out.append(rec)
-    return out
+    return _list_json(Path(state_dir) / PEERS_DIR, PeerRecord.from_json)
 
 
 def revoke_peer(state_dir: Path, site: str) -> PeerRecord:
@@ -261,12 +261,7 @@ def load_link(state_dir: Path, name: str) -> LinkRecord | None:
 
 
 def list_links(state_dir: Path) -> list[LinkRecord]:
-    out = []
-    for p in sorted((Path(state_dir) / LINKS_DIR).glob("*.json")):
-        rec = _read_json(p, LinkRecord.from_json)
-        if rec is not None:
-            out.append(rec)
-    return out
+    return _list_json(Path(state_dir) / LINKS_DIR, LinkRecord.from_json)
 
 
 def find_link_to(state_dir: Path, site: str) -> LinkRecord | None:
