@@ -364,9 +364,7 @@ class Connection:
 
     def _handle(self, ftype: int, sid: int, payload: bytes, events: list[Event]) -> None:
         T = F.FrameType
-        if self.peer_version is None:
-            if ftype != T.HELLO:
-                raise RemoteProtocolError("the peer did not start with HELLO")
+        if self.peer_version is None:  # _parse let only a HELLO through
             version, max_frame, window = F.decode_hello(payload)
             if version not in F.SUPPORTED_VERSIONS:
                 raise RemoteProtocolError(

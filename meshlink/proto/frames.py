@@ -92,10 +92,6 @@ CONNECTION_FRAMES: Final = frozenset(
 )
 
 
-def header(length: int, ftype: int, stream_id: int) -> bytes:
-    return HEADER.pack(length, ftype, 0, stream_id)
-
-
 def frame(ftype: int, stream_id: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(len(payload), ftype, 0, stream_id) + payload
 
