@@ -229,9 +229,7 @@ class Gateway(LinkOwner):
         return None
 
     def _new_accepted_link(self) -> Link:
-        return Link(
-            self, local_site=self.site_id, direction="accept", stream_window=self.stream_window
-        )
+        return Link(self, direction="accept", stream_window=self.stream_window)
 
     def link_accepted(self, link: Link, transport: asyncio.Transport) -> None:
         """A TLS handshake completed on the listener: check the peer, start or refuse."""
@@ -327,9 +325,7 @@ class Gateway(LinkOwner):
                 continue
             link = Link(
                 self,
-                local_site=self.site_id,
                 direction="dial",
-                expected_peer=spec.peer_site,
                 endpoint=endpoint,
                 dial_name=spec.name,
                 stream_window=self.stream_window,
@@ -576,7 +572,7 @@ class Gateway(LinkOwner):
         end = await self.connect_end(target, timeout=timeout)
         flow = Flow()
         join(flow, end)
-        _start(end)
+        end.start()
         return flow
 
     def status(self) -> list[LinkStatus]:
@@ -621,11 +617,6 @@ class Gateway(LinkOwner):
                 )
             )
         return out
-
-
-def _start(end: End) -> None:
-    if isinstance(end, (TcpEnd, StreamEnd)):
-        end.start()
 
 
 def _tls_reason(e: BaseException) -> str:

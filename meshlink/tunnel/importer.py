@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from meshlink.errors import ErrorCode
 from meshlink.proto import FlowTarget
-from meshlink.tunnel.gateway import Gateway, _start
+from meshlink.tunnel.gateway import Gateway
 from meshlink.tunnel.link import StreamEnd
 from meshlink.tunnel.splice import TcpEnd, join
 from meshlink.tunnel.types import FlowError
@@ -94,10 +94,12 @@ class ImportListener:
     def _log_refusal(self, fut: asyncio.Future[None]) -> None:
         exc = None if fut.cancelled() else fut.exception()
         if exc is not None:
-            why = str(exc)
-            if why != self._last_refusal:
-                log.warning("import %s:%d: connection refused: %s", self.bind[0], self.bind[1], why)
-                self._last_refusal = why
+            self._refused(str(exc))
+
+    def _refused(self, why: str) -> None:
+        if why != self._last_refusal:  # one line per distinct cause, not per connection
+            log.warning("import %s:%d: connection refused: %s", self.bind[0], self.bind[1], why)
+            self._last_refusal = why
 
     async def _serve(self, client: _ClientEnd) -> None:
         try:
@@ -126,15 +128,13 @@ class ImportListener:
                 end.accepted.add_done_callback(self._log_refusal)
             if client._closed:
                 end.feed_abort(ErrorCode.CANCEL)
-                _start(end)
+                end.start()
                 return
             join(client, end)
-            _start(end)
+            end.start()
             client.start()
             self._last_refusal = None
             return
         why = "; ".join(errors) or "no site exports it right now"
-        if why != self._last_refusal:  # one line per distinct cause, not per connection
-            log.warning("import %s:%d: connection refused: %s", self.bind[0], self.bind[1], why)
-            self._last_refusal = why
+        self._refused(why)
         client.feed_abort(ErrorCode.NO_ROUTE, why)

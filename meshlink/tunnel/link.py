@@ -99,9 +99,8 @@ class StreamEnd(End):
         peer.feed(data)
         if self._input_paused:
             self._held += len(data)
-        else:
+        else:  # the WINDOW this may queue goes out with data_received's kick
             self.link.conn.acknowledge_received(self.sid, len(data))
-            self.link.kick()
 
     def on_eof(self) -> None:
         if self.peer is None:
@@ -281,17 +280,13 @@ class Link(asyncio.Protocol):
         self,
         owner: LinkOwner,
         *,
-        local_site: str,
         direction: str,
-        expected_peer: str | None = None,
         endpoint: str | None = None,
         dial_name: str | None = None,
         stream_window: int = STREAM_WINDOW,
     ) -> None:
         self.owner = owner
-        self.local_site = local_site
         self.direction = direction
-        self.expected_peer = expected_peer
         self.endpoint = endpoint
         self.dial_name = dial_name
         self.peer_site: str | None = None
@@ -422,7 +417,7 @@ class Link(asyncio.Protocol):
             self.owner.link_ready(self)
         elif isinstance(ev, GoAwayReceived):
             why = f"peer closed the link: {ev.code.name}" + (f" ({ev.text})" if ev.text else "")
-            if ev.code in (ErrorCode.NO_ERROR,):
+            if ev.code is ErrorCode.NO_ERROR:
                 log.info("link %s: %s", self.peer_site, why)
             else:
                 log.warning("link %s: %s", self.peer_site, why)

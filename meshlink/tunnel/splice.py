@@ -56,6 +56,9 @@ class End:
     def resume_input(self) -> None:
         raise NotImplementedError
 
+    def start(self) -> None:
+        """Begin moving data once joined (ends that wait for their join override this)."""
+
 
 def join(a: End, b: End) -> None:
     a.peer = b
@@ -80,7 +83,6 @@ class TcpEnd(End, asyncio.Protocol):
         "_eof_in",
         "_eof_out",
         "_paused_by_peer",
-        "on_lost",
         "transport",
     )
 
@@ -94,7 +96,6 @@ class TcpEnd(End, asyncio.Protocol):
         self._early: list[bytes] | None = None
         """Bytes that arrived before the end was joined (uvloop may deliver one read even
         though reading was paused in connection_made); flushed in order by start()."""
-        self.on_lost: asyncio.Future[None] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -141,8 +142,6 @@ class TcpEnd(End, asyncio.Protocol):
             else:
                 log.debug("tcp end lost: %s", exc)
                 peer.feed_abort(ErrorCode.CANCEL)
-        if self.on_lost is not None and not self.on_lost.done():
-            self.on_lost.set_result(None)
 
     def pause_writing(self) -> None:
         if self.peer is not None:
@@ -186,8 +185,6 @@ class TcpEnd(End, asyncio.Protocol):
             return
         self._closed = True
         abort_transport(self.transport)
-        if self.on_lost is not None and not self.on_lost.done():
-            self.on_lost.set_result(None)
 
     def pause_input(self) -> None:
         self._paused_by_peer = True
