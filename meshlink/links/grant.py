@@ -22,6 +22,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from meshlink.config import HostPort
 from meshlink.errors import MeshlinkError
 from meshlink.links.issuer import GrantRefused, decide_redeem
 from meshlink.links.tokens import split_hostport
@@ -100,7 +101,7 @@ class RunningGrant:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return str(HostPort(self.host, self.port))
 
     async def close(self) -> None:
         await self.runner.cleanup()
