@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -29,7 +28,7 @@ from meshlink.errors import (
     TokenPinMismatch,
 )
 from meshlink.links.grant import REDEEM_PATH
-from meshlink.links.issuer import REFUSALS
+from meshlink.links.issuer import REFUSALS, _ts
 from meshlink.links.records import (
     LinkRecord,
     check_name,
@@ -48,6 +47,7 @@ from meshlink.pki import (
     cert_to_pem,
     check_valid_now,
     csr_to_pem,
+    ensure_dir,
     is_issued_by,
     make_csr,
     pinned_client_context,
@@ -65,10 +65,6 @@ def _clean(text: object, limit: int = 400) -> str:
     """A remote message made safe to print on one line."""
     s = "".join(c if c.isprintable() else " " for c in str(text))
     return s[:limit]
-
-
-def _ts(unix: float) -> str:
-    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _local_checks(identity: SiteIdentity, state_dir: Path, site: str, name: str) -> None:
@@ -225,7 +221,7 @@ def _accept(
                 f"site {site} sent a gateway endpoint that is not host:port: {_clean(ep, 80)!r}"
             ) from None
     cert_path = link_cert_path(state_dir, name)
-    cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ensure_dir(cert_path.parent)
     write_cert(cert_path, cert)
     rec = LinkRecord(
         name=name,
