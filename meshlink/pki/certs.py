@@ -35,9 +35,6 @@ LINK_CERT_LIFETIME: Final = timedelta(hours=24)
 
 _LABEL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
-PublicKey = ec.EllipticCurvePublicKey
-PrivateKey = ec.EllipticCurvePrivateKey
-
 
 @dataclass(frozen=True)
 class CertKey:
