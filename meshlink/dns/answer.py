@@ -137,13 +137,8 @@ def compute(
             extra = _glue(snapshot, found)
             return _fit(qid, base | _AA, q, answers, extra, edns, max_udp, limit), True
     rcode = NOERROR if name is not None and name in snapshot.existing else NXDOMAIN
-    auth = [RR(_apex(snapshot), QTYPE.SOA, ttl=ttl, rdata=snapshot.soa)]
-    reply = _pack(qid, base | _AA | rcode, q, [], auth, [], edns, max_udp)
+    reply = _pack(qid, base | _AA | rcode, q, [], [snapshot.soa_rr], [], edns, max_udp)
     return _truncate_if(reply, qid, base | _AA | rcode, q, edns, max_udp, limit), rcode == NOERROR
-
-
-def _apex(snapshot: Snapshot) -> DNSLabel:
-    return DNSLabel(snapshot.zone + ".")
 
 
 def _glue(snapshot: Snapshot, found: list[tuple[int, Value]]) -> list[RR]:

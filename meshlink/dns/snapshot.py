@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
-from dnslib import AAAA, NS, QTYPE, RD, SOA, SRV, TXT, A
+from dnslib import AAAA, NS, QTYPE, RD, RR, SOA, SRV, TXT, A, DNSLabel
 
 from meshlink.catalog.records import DNS_LABEL, PROTOCOLS, Endpoint, ServiceType
 from meshlink.catalog.view import ImportedService
@@ -145,6 +145,8 @@ class Snapshot:
     existing: frozenset[bytes]
     """Every name that exists: owners of records and empty non-terminals (NODATA)."""
     soa: Rdata
+    soa_rr: RR
+    """The apex SOA record, built once: the authority section of every negative answer."""
     zone_labels: tuple[bytes, ...]
     _caches: dict[tuple[int, bool], ReplyCache] = field(default_factory=dict, repr=False)
 
@@ -316,5 +318,6 @@ def build_snapshot(
         records=records,
         existing=frozenset(existing),
         soa=soa,
+        soa_rr=RR(DNSLabel(zone + "."), _T_SOA, ttl=ttl, rdata=soa),
         zone_labels=tuple(zone_key.split(b".")),
     )
