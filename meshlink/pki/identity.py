@@ -50,6 +50,10 @@ from meshlink.pki.files import (
 )
 
 PKI_DIR: Final = "pki"
+_CA_KEY: Final = "ca.key"
+_CA_CERT: Final = "ca.crt"
+_GATEWAY_KEY: Final = "gateway.key"
+_GATEWAY_CERT: Final = "gateway.crt"
 
 
 def _sans_of(cert: x509.Certificate) -> tuple[frozenset[str], frozenset[str]]:
@@ -91,19 +95,19 @@ class SiteIdentity:
 
     @property
     def ca_key_path(self) -> Path:
-        return self.pki_dir / "ca.key"
+        return self.pki_dir / _CA_KEY
 
     @property
     def ca_cert_path(self) -> Path:
-        return self.pki_dir / "ca.crt"
+        return self.pki_dir / _CA_CERT
 
     @property
     def gateway_key_path(self) -> Path:
-        return self.pki_dir / "gateway.key"
+        return self.pki_dir / _GATEWAY_KEY
 
     @property
     def gateway_cert_path(self) -> Path:
-        return self.pki_dir / "gateway.crt"
+        return self.pki_dir / _GATEWAY_CERT
 
     @property
     def gateway_chain_path(self) -> Path:
@@ -143,7 +147,7 @@ class SiteIdentity:
 
 
 def _load_or_create_ca(pki_dir: Path, site_id: str, lifetime: timedelta, now: datetime) -> CertKey:
-    key_path, cert_path = pki_dir / "ca.key", pki_dir / "ca.crt"
+    key_path, cert_path = pki_dir / _CA_KEY, pki_dir / _CA_CERT
     if not key_path.exists():
         if cert_path.exists():
             raise PkiError(
@@ -180,7 +184,7 @@ def _load_or_issue_gateway(
     lifetime: timedelta,
     now: datetime,
 ) -> tuple[CertKey, bool]:
-    key_path, cert_path = pki_dir / "gateway.key", pki_dir / "gateway.crt"
+    key_path, cert_path = pki_dir / _GATEWAY_KEY, pki_dir / _GATEWAY_CERT
     if key_path.exists():
         key = load_private_key(key_path)
     else:
