@@ -169,12 +169,20 @@ def refused_after_handshake(seen: tuple[str, BaseException | bytes]) -> bool:
     return stage == "read" and (what == b"" or isinstance(what, (ssl.SSLError, OSError)))
 
 
-async def test_client_cert_from_other_ca_refused(pair: Pair) -> None:
-    # site-b presents its own gateway certificate, signed by its own CA, not by site-a's
-    ctx = pki.client_context(pair.b.gateway_cert_path, pair.b.gateway_key_path, pair.a.ca_pem)
+async def dial_gateway_of_a(
+    pair: Pair, ctx: ssl.SSLContext
+) -> tuple[Outcome, tuple[str, BaseException | bytes]]:
+    """Dial site-a's link listener with ``ctx``: what the listener saw, what the client saw."""
     async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
         seen = await client_failure(port, ctx)
         out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    return out, seen
+
+
+async def test_client_cert_from_other_ca_refused(pair: Pair) -> None:
+    # site-b presents its own gateway certificate, signed by its own CA, not by site-a's
+    ctx = pki.client_context(pair.b.gateway_cert_path, pair.b.gateway_key_path, pair.a.ca_pem)
+    out, seen = await dial_gateway_of_a(pair, ctx)
     assert isinstance(out.error, ssl.SSLError)
     assert "certificate verify failed" in str(out.error)
     assert refused_after_handshake(seen), seen
@@ -186,9 +194,7 @@ async def test_no_client_cert_refused(pair: Pair) -> None:
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=pair.a.ca_pem.decode())
     ctx.set_alpn_protocols([pki.ALPN_LINK])
-    async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
-        seen = await client_failure(port, ctx)
-        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    out, seen = await dial_gateway_of_a(pair, ctx)
     assert isinstance(out.error, ssl.SSLError)
     assert "peer did not return a certificate" in str(out.error)
     assert refused_after_handshake(seen), seen
@@ -198,9 +204,7 @@ async def test_tls12_client_refused(pair: Pair) -> None:
     ctx = links.link_client_context(pair.b, pair.link)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-    async with Listener(links.gateway_server_context(pair.a), pair.a.state_dir) as (lst, port):
-        seen = await client_failure(port, ctx)
-        out = await asyncio.wait_for(lst.outcomes.get(), 5)
+    out, seen = await dial_gateway_of_a(pair, ctx)
     assert isinstance(out.error, ssl.SSLError)
     assert "unsupported protocol" in str(out.error)
     # the server refuses the ClientHello: the client fails in its handshake
