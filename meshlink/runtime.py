@@ -19,7 +19,7 @@ import logging
 import signal
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Final
@@ -27,6 +27,7 @@ from typing import Any, Final
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from meshlink import __version__, links, pki
+from meshlink.catalog.records import ExportRecord
 from meshlink.catalog.sync import Catalog, Send
 from meshlink.catalog.view import ImportedService
 from meshlink.config import SiteConfig
@@ -204,9 +205,9 @@ class SiteRuntime:
         self._renewal_pending.discard(peer_site)
         log.info("link certificate for %s renewed", peer_site)
 
-    def _renew_links(self) -> None:
+    def _renew_links(self, records: Sequence[links.LinkRecord]) -> None:
         live = set(self.gateway.live_peers())
-        for rec in links.list_links(self.config.state_dir):
+        for rec in records:
             if (
                 rec.peer_site in live
                 and rec.peer_site not in self._renewal_pending
@@ -258,7 +259,7 @@ class SiteRuntime:
     def _changed(self) -> None:
         self._dirty.set()
 
-    def publish(self, records: Sequence[Any]) -> None:
+    def publish(self, records: Sequence[ExportRecord]) -> None:
         """Called by the platform adapter with the full set of this site's exports."""
         self._send(self.catalog.set_local(records))
         self._changed()
@@ -318,7 +319,7 @@ class SiteRuntime:
             log.info("import listener: %s:%d -> %s", addr[0], addr[1], spec.key)
         self._set_dns(imports)
 
-    def _chooser(self, addr: tuple[str, int]) -> Any:
+    def _chooser(self, addr: tuple[str, int]) -> Callable[[], list[FlowTarget]]:
         def choose() -> list[FlowTarget]:
             spec = self._listener_specs.get(addr)
             if spec is None:
@@ -333,15 +334,11 @@ class SiteRuntime:
         return choose
 
     def _rtts(self) -> dict[str, float]:
-        out = {}
-        for st in self.gateway.status():
-            if st.rtt_ms is not None:
-                out[st.peer_site] = st.rtt_ms
-        return out
+        return {st.peer_site: st.rtt_ms for st in self.gateway.status() if st.rtt_ms is not None}
 
     # -- link and peer records -----------------------------------------------------------
 
-    def _dial_specs(self) -> list[DialSpec]:
+    def _dial_specs(self, records: Sequence[links.LinkRecord]) -> list[DialSpec]:
         return [
             DialSpec(
                 name=rec.name,
@@ -349,18 +346,12 @@ class SiteRuntime:
                 endpoints=tuple(rec.endpoints),
                 ssl_context=self._client_context_factory(rec),
             )
-            for rec in links.list_links(self.config.state_dir)
+            for rec in records
         ]
 
-    def _client_context_factory(self, rec: Any) -> Any:
-        def make() -> ssl.SSLContext:
-            return pki.client_context(
-                rec.cert_path,
-                self.identity.gateway_key_path,
-                rec.peer_ca_pem.encode() if isinstance(rec.peer_ca_pem, str) else rec.peer_ca_pem,
-            )
-
-        return make
+    def _client_context_factory(self, rec: links.LinkRecord) -> Callable[[], ssl.SSLContext]:
+        # Built per dial from the files, so a renewed link certificate applies at once.
+        return lambda: links.link_client_context(self.identity, rec)
 
     async def _state_loop(self) -> None:
         """Pick up links created/deleted and peers revoked by the CLI; renew certificates."""
@@ -368,27 +359,30 @@ class SiteRuntime:
         while True:
             ticks += 1
             try:
-                self.gateway.set_dials(self._dial_specs())
+                records = links.list_links(self.config.state_dir)
+                self.gateway.set_dials(self._dial_specs(records))
                 if ticks % 1200 == 0:
                     self._renewal_pending.clear()  # retry unanswered renewals every 10 min
                 if ticks % 20 == 1:
-                    self._renew_links()
+                    self._renew_links(records)
                 if ticks % 7200 == 0:  # hourly: re-issues the gateway cert when 2/3 used
                     self.identity = pki.SiteIdentity.load_or_create(
                         self.config.state_dir, self.config.site
                     )
+                dialled = {r.peer_site for r in records}
                 for peer in self.catalog.peers():
-                    if not links.is_peer_allowed(self.config.state_dir, peer) and not any(
-                        r.peer_site == peer for r in links.list_links(self.config.state_dir)
+                    if peer not in dialled and not links.is_peer_allowed(
+                        self.config.state_dir, peer
                     ):
                         log.info("peer %s was revoked: dropping its link", peer)
                         self.gateway.drop_peer(peer, "revoked")
             except MeshlinkError as e:
                 log.warning("link records: %s", e)
-            for st in self.gateway.status():
+            statuses = self.gateway.status()
+            for st in statuses:
                 if st.rtt_ms is not None:
                     self.metrics.rtt.labels(st.peer_site).set(st.rtt_ms / 1000)
-            self.metrics.links_up.set(sum(1 for st in self.gateway.status() if st.state == "up"))
+            self.metrics.links_up.set(sum(1 for st in statuses if st.state == "up"))
             await asyncio.sleep(STATE_POLL)
 
     # -- status --------------------------------------------------------------------------
