@@ -77,18 +77,16 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_token_list(args: argparse.Namespace) -> int:
-    from meshlink import links
+def _links_text(command: str, *params: str) -> Callable[[argparse.Namespace], int]:
+    """A command that prints what ``meshlink.links.<command>(config, *args.<params>)`` says."""
 
-    print(links.cmd_token_list(_load(args)))
-    return 0
+    def run(args: argparse.Namespace) -> int:
+        from meshlink import links
 
+        print(getattr(links, command)(_load(args), *(getattr(args, p) for p in params)))
+        return 0
 
-def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from meshlink import links
-
-    print(links.cmd_token_revoke(_load(args), args.token_id))
-    return 0
+    return run
 
 
 def cmd_link_create(args: argparse.Namespace) -> int:
@@ -99,33 +97,12 @@ def cmd_link_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_link_list(args: argparse.Namespace) -> int:
-    from meshlink import links
-
-    print(links.cmd_link_list(_load(args)))
-    return 0
-
-
 def cmd_link_delete(args: argparse.Namespace) -> int:
     from meshlink import links
 
     print(
         links.cmd_link_delete(_load(args), args.name) + "; a running site drops it within a second"
     )
-    return 0
-
-
-def cmd_peer_list(args: argparse.Namespace) -> int:
-    from meshlink import links
-
-    print(links.cmd_peer_list(_load(args)))
-    return 0
-
-
-def cmd_peer_revoke(args: argparse.Namespace) -> int:
-    from meshlink import links
-
-    print(links.cmd_peer_revoke(_load(args), args.site))
     return 0
 
 
@@ -270,11 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="write the token to this file (0600) instead of stdout")
     add(
         "list",
-        cmd_token_list,
+        _links_text("cmd_token_list"),
         "list tokens issued by this site (never their secrets)",
         parent=token,
     )
-    sp = add("revoke", cmd_token_revoke, "revoke an unredeemed token", parent=token)
+    sp = add(
+        "revoke",
+        _links_text("cmd_token_revoke", "token_id"),
+        "revoke an unredeemed token",
+        parent=token,
+    )
     sp.add_argument("token_id")
 
     link = sub.add_parser("link", help="links to other sites").add_subparsers(
@@ -283,16 +265,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("create", cmd_link_create, "redeem a token: link this site to its issuer", parent=link)
     sp.add_argument("token", help="token file, '-' for stdin, or the token text")
     sp.add_argument("--name", help="link name (default: the issuer's site id)")
-    add("list", cmd_link_list, "list the links this site dials", parent=link)
+    add("list", _links_text("cmd_link_list"), "list the links this site dials", parent=link)
     sp = add("delete", cmd_link_delete, "delete a link this site dials", parent=link)
     sp.add_argument("name")
 
     peer = sub.add_parser("peer", help="sites that redeemed our tokens").add_subparsers(
         dest="sub", required=True, metavar="SUBCOMMAND"
     )
-    add("list", cmd_peer_list, "list peers allowed to link to this site", parent=peer)
+    add(
+        "list", _links_text("cmd_peer_list"), "list peers allowed to link to this site", parent=peer
+    )
     sp = add(
-        "revoke", cmd_peer_revoke, "revoke a peer: its link is dropped and refused", parent=peer
+        "revoke",
+        _links_text("cmd_peer_revoke", "site"),
+        "revoke a peer: its link is dropped and refused",
+        parent=peer,
     )
     sp.add_argument("site")
 
