@@ -95,6 +95,13 @@ async def _wait(what: str, check: Callable[[], Any], limit: float = STEP_TIMEOUT
     )
 
 
+async def _link(*, issuer: DemoSite, redeemer: DemoSite) -> str:
+    """`meshlink token create` on the issuer, `meshlink link create` on the redeemer."""
+    token = issuer.dir / f"token-for-{redeemer.name}"
+    await _cli("token", "create", "--config", str(issuer.config_path), "-o", str(token))
+    return await _cli("link", "create", str(token), "--config", str(redeemer.config_path))
+
+
 def _status(site: DemoSite) -> dict[str, Any]:
     with urllib.request.urlopen(f"{site.ops}/api/status", timeout=2) as resp:  # noqa: S310
         data: dict[str, Any] = json.load(resp)
@@ -230,19 +237,9 @@ async def run(*, keep: bool = False, verbose: bool = False) -> int:
             for s in (a, b, c):
                 await _wait(f"site {s.name} to be ready", functools.partial(_ready, s))
             _say("[3/7] linking b -> a: `meshlink token create` on a, `meshlink link create` on b")
-            token_ab = a.dir / "token-for-b"
-            await _cli("token", "create", "--config", str(a.config_path), "-o", str(token_ab))
-            _say(
-                "      "
-                + await _cli("link", "create", str(token_ab), "--config", str(b.config_path))
-            )
+            _say("      " + await _link(issuer=a, redeemer=b))
             _say("[4/7] linking c -> b (c has no link to a)")
-            token_bc = b.dir / "token-for-c"
-            await _cli("token", "create", "--config", str(b.config_path), "-o", str(token_bc))
-            _say(
-                "      "
-                + await _cli("link", "create", str(token_bc), "--config", str(c.config_path))
-            )
+            _say("      " + await _link(issuer=b, redeemer=c))
             t_link = time.perf_counter()
             status_c = await _wait(
                 "demo/echo to be imported at c",
