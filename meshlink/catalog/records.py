@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from meshlink.errors import CatalogError
@@ -96,7 +96,7 @@ class SiteInfo:
 
     site: str
     version: int
-    gateway_endpoints: tuple[str, ...] = field(default=())
+    gateway_endpoints: tuple[str, ...] = ()
 
 
 def check_site_id(value: object, what: str = "site id") -> str:

@@ -136,7 +136,7 @@ class Catalog:
         self.generation = 0
         """Bumped whenever any best entry changes: consumers compare it to skip work."""
         info = SiteInfo(self.site, self._next_version(), tuple(gateway_endpoints))
-        self._set_local_entry(Entry((), info))
+        self._local[(self.site, "", "")] = Entry((), info)
         self._recompute(self._local.keys())
 
     # -- local side ----------------------------------------------------------------------
@@ -144,9 +144,6 @@ class Catalog:
     def _next_version(self) -> int:
         self._clock = max(self._clock + 1, time.time_ns())
         return self._clock
-
-    def _set_local_entry(self, e: Entry) -> None:
-        self._local[e.key] = e
 
     def set_local(self, records: Iterable[ExportRecord]) -> list[Send]:
         """Replace this site's exports. Versions are stamped here: a record whose content
@@ -352,6 +349,3 @@ class Catalog:
         if best is None or best[0] is None:
             return None
         return best[0]
-
-    def reachable(self, site: str) -> bool:
-        return (site, "", "") in self._best
