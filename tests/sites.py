@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from tests import kube
+
 T = TypeVar("T")
 
 
@@ -36,18 +38,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 def wait_until(
     what: str, fn: Callable[[], T | None], timeout: float = 20.0, every: float = 0.05
 ) -> T:
-    """Poll ``fn`` until it returns something truthy; fail saying what was awaited."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-            if value:
-                return value
-        except (OSError, ValueError, KeyError, AssertionError) as e:
-            last = e
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last error: {last})")
+    """tests.kube.wait_until, for checks that talk to a site that may not be up yet."""
+    return kube.wait_until(
+        fn, timeout, what, interval=every, ignore=(OSError, ValueError, KeyError, AssertionError)
+    )
 
 
 def cli(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
