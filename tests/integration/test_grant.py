@@ -34,6 +34,7 @@ from meshlink.errors import (
 )
 from meshlink.links.tokens import b64url_encode
 from meshlink.pki.tls import PinnedSSLSocket
+from tests.sites import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -258,16 +259,8 @@ async def test_site_id_clash_local_link_exists(issuer: Issuer, tmp_path: Path) -
     assert len(issuer.bodies) == 1
 
 
-def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = int(s.getsockname()[1])
-    s.close()
-    return port
-
-
 async def test_unreachable(issuer: Issuer, tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()  # free: nobody listens there
     token = rewrite(issuer.token(), grant=f"127.0.0.1:{port}")
     b = site(tmp_path, "site-b")
     with pytest.raises(GrantUnreachable, match=rf"at 127\.0\.0\.1:{port}: .*refused") as e:
