@@ -17,7 +17,6 @@ import ipaddress
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from meshlink.catalog.records import (
 from meshlink.catalog.view import ClusterEndpoints, ImportedService
 from meshlink.config import ExportConfig, SiteConfig
 from meshlink.errors import ConfigError
+from meshlink.pki.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ class ListenerSpec:
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=1, sort_keys=True).encode(), 0o644)
 
 
 class LocalSite:
