@@ -158,11 +158,16 @@ class Site:
         return any(s.peer_site == peer and s.state == "up" for s in self.gateway.status())
 
 
-def link(dialer: Site, acceptor: Site) -> None:
-    """Mutual trust, then `dialer` dials `acceptor`."""
+def trust(dialer: Site, acceptor: Site) -> None:
+    """Mutual trust and authorization, so that `dialer` may dial `acceptor`."""
     acceptor.trusted.append(dialer.ident.ca_pem)
     acceptor.allowed.add(dialer.name)
     dialer.allowed.add(acceptor.name)
+
+
+def link(dialer: Site, acceptor: Site) -> None:
+    """Mutual trust, then `dialer` dials `acceptor`."""
+    trust(dialer, acceptor)
     dialer.gateway.set_dials(
         [
             DialSpec(
@@ -510,9 +515,7 @@ async def test_silent_peer_is_declared_dead_by_heartbeat(
     proxy = FreezableProxy(b.gateway.bound_address)
     pport = await proxy.start()
     try:
-        b.trusted.append(a.ident.ca_pem)
-        b.allowed.add("a")
-        a.allowed.add("b")
+        trust(a, b)
         a.gateway.set_dials(
             [DialSpec("to-b", "b", (f"127.0.0.1:{pport}",), a.client_context_for(b))]
         )
@@ -612,9 +615,7 @@ async def test_relay_loop_stops_at_hop_limit(sites: Callable[[str], Awaitable[Si
     c = await sites("c")
     link(a, b)
     link(b, c)
-    c.trusted.append(a.ident.ca_pem)
-    c.allowed.add("a")
-    a.allowed.add("c")
+    trust(a, c)
     a.gateway.set_dials(
         [
             DialSpec("to-b", "b", (b.endpoint,), a.client_context_for(b)),
