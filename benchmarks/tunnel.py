@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -184,48 +185,21 @@ http {{
         s_iperf, s_http = C.free_port(), C.free_port()
         c_iperf, c_http = C.free_port(), C.free_port()
         self.ports["stunnel"] = (c_iperf, c_http)
-        tls = "sslVersionMin = TLSv1.3\nverifyChain = yes\n"
-        server = f"""foreground = yes
-pid =
-debug = 3
-[iperf]
-accept = 127.0.0.1:{s_iperf}
-connect = 127.0.0.1:{self.port_iperf}
-cert = {self.b.gateway_chain_path}
-key = {self.b.gateway_key_path}
-CAfile = {self.tmp / "a-ca.pem"}
-{tls}
-[http]
-accept = 127.0.0.1:{s_http}
-connect = 127.0.0.1:{self.port_http}
-cert = {self.b.gateway_chain_path}
-key = {self.b.gateway_key_path}
-CAfile = {self.tmp / "a-ca.pem"}
-{tls}
-"""
-        client = f"""foreground = yes
-pid =
-debug = 3
-[iperf]
-client = yes
-accept = 127.0.0.1:{c_iperf}
-connect = 127.0.0.1:{s_iperf}
-cert = {self.a.gateway_chain_path}
-key = {self.a.gateway_key_path}
-CAfile = {self.tmp / "b-ca.pem"}
-{tls}
-[http]
-client = yes
-accept = 127.0.0.1:{c_http}
-connect = 127.0.0.1:{s_http}
-cert = {self.a.gateway_chain_path}
-key = {self.a.gateway_key_path}
-CAfile = {self.tmp / "b-ca.pem"}
-{tls}
-"""
+        server = _stunnel_conf(
+            {"iperf": (s_iperf, self.port_iperf), "http": (s_http, self.port_http)},
+            self.b,
+            self.tmp / "a-ca.pem",
+            client=False,
+        )
+        client = _stunnel_conf(
+            {"iperf": (c_iperf, s_iperf), "http": (c_http, s_http)},
+            self.a,
+            self.tmp / "b-ca.pem",
+            client=True,
+        )
         (self.tmp / "stunnel-server.conf").write_text(server)
         (self.tmp / "stunnel-client.conf").write_text(client)
-        binary = "stunnel4" if _which("stunnel4") else "stunnel"
+        binary = "stunnel4" if shutil.which("stunnel4") else "stunnel"
         for name in ("server", "client"):
             self.procs.append(
                 Proc(
@@ -348,10 +322,24 @@ CAfile = {self.tmp / "b-ca.pem"}
         return sum(times) / len(times), C.percentile(times, 99)
 
 
-def _which(name: str) -> bool:
-    import shutil
+def _stunnel_conf(
+    routes: dict[str, tuple[int, int]], ident: pki.SiteIdentity, ca: Path, *, client: bool
+) -> str:
+    """An stunnel config: one TLS 1.3, mutually authenticated service per route
+    (name: (accept port, connect port)), all on 127.0.0.1."""
+    conf = "foreground = yes\npid =\ndebug = 3\n"
+    for name, (accept, connect) in routes.items():
+        conf += f"[{name}]\n" + ("client = yes\n" if client else "")
+        conf += f"""accept = 127.0.0.1:{accept}
+connect = 127.0.0.1:{connect}
+cert = {ident.gateway_chain_path}
+key = {ident.gateway_key_path}
+CAfile = {ca}
+sslVersionMin = TLSv1.3
+verifyChain = yes
 
-    return shutil.which(name) is not None
+"""
+    return conf
 
 
 def _grab(pattern: str, text: str) -> float:
