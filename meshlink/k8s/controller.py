@@ -47,7 +47,7 @@ from meshlink.k8s.api import (
     Unavailable,
 )
 from meshlink.k8s.model import Condition
-from meshlink.k8s.watch import ApiHealth, ObjKey, Watcher
+from meshlink.k8s.watch import ApiHealth, ObjKey, Watcher, trim_managed_fields
 from meshlink.k8s.workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -76,13 +76,6 @@ def _slice_trim(obj: Obj) -> Obj:
             for ep in obj.get("endpoints") or []
         ],
     }
-
-
-def _trim(obj: Obj) -> Obj:
-    m = obj.get("metadata")
-    if m is not None:
-        m.pop("managedFields", None)
-    return obj
 
 
 class Controller:
@@ -154,8 +147,6 @@ class Controller:
             "import", self._reconcile_import, workers, transient=self._transient
         )
         self._synced = asyncio.Event()
-        self._imports_started = asyncio.Event()
-        self.publishes = 0
 
     def _transient(self, e: Exception) -> bool:
         if isinstance(e, Unavailable):
@@ -168,7 +159,7 @@ class Controller:
         res: Resource,
         handler: Callable[[ObjKey, Obj | None, Obj | None], None],
         *,
-        trim: Callable[[Obj], Obj] = _trim,
+        trim: Callable[[Obj], Obj] = trim_managed_fields,
         namespace: str | None = None,
         label_selector: str | None = None,
     ) -> Watcher:
@@ -290,7 +281,6 @@ class Controller:
         tg.create_task(self.import_queue.run(), name="import-queue")
         tg.create_task(self._imports_feed(), name="imports-feed")
         tg.create_task(self._resync(), name="resync")
-        self._imports_started.set()
 
     async def _resync(self) -> None:
         """Every ``resyncSeconds``, look at every key again: anything missed (an event lost
@@ -345,7 +335,6 @@ class Controller:
         while True:
             await self._publish_wanted.wait()
             self._publish_wanted.clear()
-            self.publishes += 1
             try:
                 self._publish_cb(self.records)
             except Exception:
@@ -378,9 +367,9 @@ class Controller:
             if new is None:
                 self._applied.pop((SERVICE.plural, *key), None)
                 self._derived_ips.pop(ikey, None)
-                self._kick_import(ikey)
+                self.import_queue.add(ikey)
             elif old is None and not self._wanted(ikey):
-                self._kick_import(ikey)
+                self.import_queue.add(ikey)
             return
         skey = ServiceKey(*key)
         if not self._synced.is_set():
@@ -403,11 +392,11 @@ class Controller:
                     if not names:
                         del self._managed_slices[ikey]
                     self._applied.pop((ENDPOINT_SLICE.plural, *key), None)
-                    self._kick_import(ikey)
+                    self.import_queue.add(ikey)
                 else:
                     names.add(key[1])
                     if old is None and not self._wanted(ikey, lab.get(model.MCS_SOURCE_CLUSTER)):
-                        self._kick_import(ikey)
+                        self.import_queue.add(ikey)
             return
         svc = lab.get(model.K8S_SERVICE_NAME)
         if not svc:
@@ -432,7 +421,7 @@ class Controller:
                 del self._applied[k]
         for skey in list(self._catalog) + list(self._managed_slices):
             if skey.namespace == ns:
-                self._kick_import(skey)
+                self.import_queue.add(skey)
         if _ns_usable(new) and self._synced.is_set():
             log.info("namespace %s appeared: importing its services", ns)
 
@@ -440,14 +429,14 @@ class Controller:
         if new is None and old is not None and model.is_managed(old):
             self._applied.pop((SERVICE_IMPORT.plural, *key), None)
             self._applied.pop((SERVICE_IMPORT.plural + "/status", *key), None)
-            self._kick_import(ServiceKey(*key))
+            self.import_queue.add(ServiceKey(*key))
         elif (
             old is None
             and new is not None
             and model.is_managed(new)
             and not self._wanted(ServiceKey(*key))
         ):
-            self._kick_import(ServiceKey(*key))
+            self.import_queue.add(ServiceKey(*key))
 
     def _wanted(self, key: ServiceKey, source: str | None = None) -> bool:
         """Whether an import (or its slice from ``source``) should exist, as far as the
@@ -465,10 +454,7 @@ class Controller:
         self._gateway = gateway
         for skey, merged in self._merged.items():
             if merged.type == ServiceType.CLUSTERSET_IP:
-                self._kick_import(skey)
-
-    def _kick_import(self, key: ServiceKey) -> None:
-        self.import_queue.add(key)
+                self.import_queue.add(skey)
 
     @staticmethod
     def _import_key_of(obj: Obj) -> ServiceKey | None:
@@ -566,7 +552,7 @@ class Controller:
         # Keep the cache ahead of the watch so a re-run does not patch the same thing again.
         cur = self.exports_w.cache.get(ck)
         if cur is not None and model.meta(cur).get("uid") == model.meta(obj).get("uid"):
-            self.exports_w.cache[ck] = _trim(obj)
+            self.exports_w.cache[ck] = trim_managed_fields(obj)
 
     # ------------------------------------------------------------------ import side
 

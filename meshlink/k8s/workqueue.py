@@ -46,7 +46,6 @@ class WorkQueue(Generic[K]):
         self._retry: dict[K, asyncio.TimerHandle] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self.processed = 0
         self.errors = 0
 
     def add(self, key: K) -> None:
@@ -105,7 +104,6 @@ class WorkQueue(Generic[K]):
                 log.exception("%s %s failed (will retry)", self.name, key)
                 self._schedule_retry(key)
             finally:
-                self.processed += 1
                 self._active.discard(key)
                 if key in self._rerun:
                     self._rerun.discard(key)
