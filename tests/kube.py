@@ -8,7 +8,7 @@ create EndpointSlices themselves, the way the endpoints controller would.
 
 Typical use (pytest fixtures in tests/e2e/conftest.py wrap this)::
 
-    with start_clusters(2, tmp_path) as cp:
+    with KubeControlPlane(2, tmp_path) as cp:
         c1, c2 = cp.clusters
         c1.kubectl("create", "namespace", "demo")
         install_crds(c1)
@@ -17,7 +17,6 @@ Typical use (pytest fixtures in tests/e2e/conftest.py wrap this)::
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import http.client
 import ipaddress
@@ -30,7 +29,7 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshlink.pki import create_ca
+from meshlink.pki import create_ca, new_key, utcnow, write_cert, write_private_key
 
 REPO = Path(__file__).resolve().parent.parent
 KUBE_BIN_SCRIPT = REPO / "hack" / "kube-bin.sh"
@@ -187,21 +186,6 @@ def kube_binaries() -> KubeBinaries:
 # ----------------------------------------------------------------------------- PKI
 
 
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
-
-
 _SIGNING_ONLY = x509.KeyUsage(
     digital_signature=True,
     content_commitment=False,
@@ -228,8 +212,8 @@ class _Pki:
 
 def _make_pki(d: Path, name: str, service_ip: str) -> _Pki:
     d.mkdir(parents=True, exist_ok=True)
-    start = _now() - datetime.timedelta(minutes=5)
-    end = _now() + datetime.timedelta(days=2)
+    start = utcnow() - datetime.timedelta(minutes=5)
+    end = utcnow() + datetime.timedelta(days=2)
     # meshlink's own CA profile (pki.create_ca) serves the test API server as well.
     ca_pair = create_ca(f"kube-{name}")
     ca, ca_key, ca_name = ca_pair.cert, ca_pair.key, ca_pair.cert.subject
@@ -238,7 +222,7 @@ def _make_pki(d: Path, name: str, service_ip: str) -> _Pki:
     def leaf(
         subject: x509.Name, eku: x509.ObjectIdentifier, san: x509.SubjectAlternativeName | None
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = new_key()
         b = (
             x509.CertificateBuilder()
             .subject_name(subject)
@@ -287,7 +271,6 @@ def _make_pki(d: Path, name: str, service_ip: str) -> _Pki:
         ExtendedKeyUsageOID.CLIENT_AUTH,
         None,
     )
-    pem = serialization.Encoding.PEM
     pki = _Pki(
         ca_cert=d / "ca.crt",
         serving_cert=d / "apiserver.crt",
@@ -297,15 +280,17 @@ def _make_pki(d: Path, name: str, service_ip: str) -> _Pki:
         sa_key=d / "sa.key",
         sa_pub=d / "sa.pub",
     )
-    pki.ca_cert.write_bytes(ca.public_bytes(pem))
-    pki.serving_cert.write_bytes(serving.public_bytes(pem))
-    _write_key(pki.serving_key, serving_key)
-    pki.admin_cert.write_bytes(admin.public_bytes(pem))
-    _write_key(pki.admin_key, admin_key)
-    sa_key = ec.generate_private_key(ec.SECP256R1())
-    _write_key(pki.sa_key, sa_key)
+    write_cert(pki.ca_cert, ca)
+    write_cert(pki.serving_cert, serving)
+    write_private_key(pki.serving_key, serving_key)
+    write_cert(pki.admin_cert, admin)
+    write_private_key(pki.admin_key, admin_key)
+    sa_key = new_key()
+    write_private_key(pki.sa_key, sa_key)
     pki.sa_pub.write_bytes(
-        sa_key.public_key().public_bytes(pem, serialization.PublicFormat.SubjectPublicKeyInfo)
+        sa_key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
     )
     return pki
 
@@ -497,10 +482,6 @@ class KubeCluster:
     kubectl_bin: Path
     _procs: _Procs = field(repr=False, compare=False)
 
-    @property
-    def context(self) -> str:
-        return self.name
-
     def kubectl(
         self, *args: str, input: str | None = None, timeout: float = 30, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
@@ -670,8 +651,6 @@ class KubeControlPlane:
         self._binaries = binaries
         self.clusters: list[KubeCluster] = []
         self.started = False
-        self.startup_seconds = 0.0
-        """Wall time from launching the first etcd to the last /readyz answering 200."""
 
     def __enter__(self) -> KubeControlPlane:
         if not self.started:
@@ -687,7 +666,6 @@ class KubeControlPlane:
             raise KubeError("this control plane is already started")
         self.started = True
         bins = self._binaries or kube_binaries()
-        t0 = time.monotonic()
         try:
             pending = list(range(self.first_index, self.first_index + self.n))
             for attempt in range(_START_ATTEMPTS):
@@ -701,37 +679,32 @@ class KubeControlPlane:
             self.close()
             raise
         self.clusters.sort(key=lambda c: int(c.name[1:]))
-        self.startup_seconds = time.monotonic() - t0
         return self.clusters
 
     def _start_batch(self, bins: KubeBinaries, indexes: list[int], last: bool) -> list[KubeCluster]:
         """Start clusters in parallel; on a port clash (and attempts left) drop and retry it."""
         taken: set[int] = set()
         batch = [_prepare(bins, f"c{i + 1}", i, self.workdir, taken) for i in indexes]
+
+        def came_up(c: KubeCluster, wait: Callable[[], None], log: Path) -> bool:
+            try:
+                wait()
+            except KubeError:
+                if last or not _port_clash(log):
+                    raise
+                c.stop()
+                return False
+            return True
+
         ok: list[KubeCluster] = []
         try:
             for c in batch:
                 c._procs.launch_etcd()
             for c in batch:
-                try:
-                    c._procs.wait_etcd()
-                except KubeError:
-                    if last or not _port_clash(c._procs.etcd_log):
-                        raise
-                    c.stop()
-                    continue
-                c._procs.launch_apiserver()
-                ok.append(c)
-            ready: list[KubeCluster] = []
-            for c in ok:
-                try:
-                    c._procs.wait_apiserver()
-                except KubeError:
-                    if last or not _port_clash(c._procs.apiserver_log):
-                        raise
-                    c.stop()
-                    continue
-                ready.append(c)
+                if came_up(c, c._procs.wait_etcd, c._procs.etcd_log):
+                    c._procs.launch_apiserver()
+                    ok.append(c)
+            ready = [c for c in ok if came_up(c, c._procs.wait_apiserver, c._procs.apiserver_log)]
         except BaseException:
             for c in batch:
                 c.stop()
@@ -743,22 +716,6 @@ class KubeControlPlane:
         _stop_all([c._procs for c in self.clusters])
 
 
-def start_clusters(n: int, workdir: Path, *, first_index: int = 0) -> KubeControlPlane:
-    """Start `n` clusters named c{first_index+1}... and return their (started) control plane.
-
-    Use it as a context manager so the processes always go: `with start_clusters(2, p) as cp:`.
-    """
-    cp = KubeControlPlane(n, workdir, first_index=first_index)
-    cp.start()
-    return cp
-
-
-@contextlib.contextmanager
-def running_clusters(n: int, workdir: Path) -> Iterator[list[KubeCluster]]:
-    with start_clusters(n, workdir) as cp:
-        yield cp.clusters
-
-
 # ----------------------------------------------------------------------------- CRDs
 
 
@@ -766,6 +723,11 @@ def install_crds(cluster: KubeCluster, *, timeout: float = 30) -> None:
     """Apply manifests/crds/ (MCS ServiceExport/ServiceImport, ClusterProperty) and wait
     until every CRD is Established, so its API can be used at once."""
     cluster.kubectl("apply", "--server-side", "--field-manager=meshlink-tests", "-k", str(CRD_DIR))
+    wait_crds_established(cluster, timeout=timeout)
+
+
+def wait_crds_established(cluster: KubeCluster, *, timeout: float = 30) -> None:
+    """Wait until the MCS CRDs are Established and their group is in discovery."""
 
     # Poll rather than `kubectl wait`, which errors out on a CRD that has no status yet.
     def established() -> bool:

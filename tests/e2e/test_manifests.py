@@ -17,6 +17,7 @@ from tests.kube import (
     KubeBinaries,
     KubeCluster,
     KubectlError,
+    wait_crds_established,
     wait_until,
 )
 
@@ -54,13 +55,7 @@ def rendered(kube_bin: KubeBinaries) -> list[dict[str, Any]]:
 def applied(kube_cluster: KubeCluster) -> KubeCluster:
     c = kube_cluster
     c.kubectl("apply", "--server-side", "--field-manager=meshlink-tests", "-k", str(MANIFESTS))
-    c.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "--timeout=30s",
-        *(f"crd/{n}" for n in MCS_CRDS),
-        timeout=40,
-    )
+    wait_crds_established(c)
     return c
 
 
