@@ -36,7 +36,7 @@ from tests.e2e.test_controller_harness import (
     get,
     running_controller,
 )
-from tests.kube import KubeBinaries, KubeCluster, KubeControlPlane, KubectlError, install_crds
+from tests.kube import KubeBinaries, KubeCluster, KubeControlPlane, install_crds
 
 pytestmark = pytest.mark.timeout(180)
 WAIT = 20.0
@@ -51,21 +51,10 @@ def clusters(
     try:
         cp.start()
         for c in cp.clusters:
-            _install_crds(c)
+            install_crds(c)
         yield cp.clusters
     finally:
         cp.close()
-
-
-def _install_crds(c: KubeCluster) -> None:
-    # `kubectl wait --for=condition=Established` fails outright (instead of waiting) when
-    # it looks before the CRD has any status: try again once.
-    try:
-        install_crds(c)
-    except KubectlError as e:
-        if "status.conditions accessor error" not in str(e):
-            raise
-        install_crds(c)
 
 
 @dataclass
@@ -267,9 +256,7 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
             i,
             ns,
             "web",
-            lambda o: (
-                [c["cluster"] for c in (o.get("status") or {}).get("clusters", [])] == ["c1", "c2"]
-            ),
+            lambda o: clusters_of(o) == ["c1", "c2"],
         )
         derived = await env.derived(i, ns, "web")
         assert derived is not None
@@ -422,9 +409,7 @@ async def test_conflicts_resolved_as_the_kep_says(env: Env) -> None:
         )
         await env.wait_condition(i, ns, "db", "Conflict", "True", "TypeConflict")
     for i in range(2):
-        si = await env.wait_si(
-            i, ns, "api", lambda o: len((o.get("status") or {}).get("clusters", [])) == 2
-        )
+        si = await env.wait_si(i, ns, "api", lambda o: len(clusters_of(o)) == 2)
         # c1's http/80 wins over c2's http/8080; metrics/9090 joins the union.
         assert ports_of(si) == [("http", "TCP", 80), ("metrics", "TCP", 9090)]
         assert si["spec"]["sessionAffinity"] == "None"

@@ -22,6 +22,7 @@ from meshlink.catalog.view import ImportedService
 from meshlink.config import KubernetesConfig, SiteConfig
 from meshlink.k8s import Controller
 from meshlink.k8s.api import Kube, NotFound, Obj, Resource
+from tests.kube import async_wait_until
 
 Grouped = dict[ServiceKey, list[ExportRecord]]
 
@@ -37,7 +38,6 @@ class InProcessClusterset:
     def __init__(self) -> None:
         self.by_origin: dict[str, tuple[ExportRecord, ...]] = {}
         self.controllers: list[Controller] = []
-        self.broadcasts = 0
 
     def publisher(self, origin: str) -> Callable[[Sequence[ExportRecord]], None]:
         def publish(records: Sequence[ExportRecord]) -> None:
@@ -60,7 +60,6 @@ class InProcessClusterset:
         return out
 
     def broadcast(self) -> None:
-        self.broadcasts += 1
         grouped = self.grouped()
         for c in self.controllers:
             c.update_catalog(grouped)
@@ -140,22 +139,11 @@ async def get(kube: Kube, res: Resource, namespace: str | None, name: str) -> Ob
         return None
 
 
-async def eventually(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """Await ``predicate()`` (sync or async) until it returns something truthy."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    last: Any = None
-    while True:
+async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """tests.kube.async_wait_until for a predicate that may be sync or async."""
+
+    async def probe() -> Any:
         value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        last = value
-        if loop.time() >= deadline:
-            raise AssertionError(
-                f"timed out after {timeout:g} s waiting for {what} (last: {last!r})"
-            )
-        await asyncio.sleep(interval)
+        return await value if asyncio.iscoroutine(value) else value
+
+    return await async_wait_until(probe, timeout, what)
