@@ -225,7 +225,7 @@ class Connection:
             return  # credit for a closed stream is moot
         inc = st.window.consume(n)
         if inc and st.state in (StreamState.OPEN, StreamState.LOCAL_CLOSED):
-            self._queue(F.FrameType.WINDOW, stream_id, F.encode_code(inc))
+            self._queue(F.FrameType.WINDOW, stream_id, F.encode_u32(inc))
 
     def send_control(self, payload: bytes) -> None:
         """Queue an opaque control message (at most MAX_CONTROL bytes)."""

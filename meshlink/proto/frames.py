@@ -165,10 +165,6 @@ def decode_open(payload: bytes) -> tuple[FlowTarget, int]:
     return target, hops
 
 
-def encode_code(code: int) -> bytes:
-    return _U32.pack(code)
-
-
 def decode_code(payload: bytes, what: str) -> ErrorCode:
     if len(payload) < 4:
         raise RemoteProtocolError(f"{what} frame is too short", ErrorCode.FRAME_SIZE_ERROR)
@@ -177,6 +173,10 @@ def decode_code(payload: bytes, what: str) -> ErrorCode:
         return ErrorCode(raw)
     except ValueError:  # a code from a later version: the closest meaning we know
         return ErrorCode.INTERNAL_ERROR
+
+
+def encode_u32(value: int) -> bytes:
+    return _U32.pack(value)
 
 
 def decode_u32(payload: bytes, what: str) -> int:
