@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import yaml
 
@@ -20,11 +21,13 @@ from meshlink.errors import ConfigError
 DEFAULT_ZONE: Final = "clusterset.local"
 DEFAULT_TTL: Final = 5
 DEFAULT_GATEWAY_SELECTOR: Final = (("app.kubernetes.io/name", "meshlink"),)
-_LABEL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
+_DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
 
-def _is_label(s: str) -> bool:
-    return 0 < len(s) <= 63 and set(s) <= _LABEL_CHARS and s[0] != "-" and s[-1] != "-"
+def is_dns_label(value: object) -> TypeGuard[str]:
+    """One lowercase RFC 1123 label: a-z, 0-9 and '-', at most 63, no '-' at either end.
+    Site ids, namespaces, service, port and host names all obey it."""
+    return isinstance(value, str) and _DNS_LABEL.match(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +235,7 @@ def _export(r: _Reader) -> ExportConfig:
     r.unknown({"name", "namespace", "ports", "endpoints", "headless", "labels", "annotations"})
     name, namespace = r.text("name"), r.text("namespace", "default")
     for k, v in (("name", name), ("namespace", namespace)):
-        if not _is_label(v):
+        if not is_dns_label(v):
             raise r.err(k, f"{v!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
     ports = []
     raw_ports = r.items("ports")
@@ -246,7 +249,7 @@ def _export(r: _Reader) -> ExportConfig:
         if proto not in ("TCP", "UDP", "SCTP"):
             raise pr.err("protocol", f"{proto!r} is not TCP, UDP or SCTP")
         pname = str(pr.data.get("name", ""))
-        if pname and not _is_label(pname):
+        if pname and not is_dns_label(pname):
             raise pr.err("name", f"{pname!r} is not a DNS label")
         ports.append(
             ExportPortConfig(
@@ -266,7 +269,7 @@ def _export(r: _Reader) -> ExportConfig:
         er = _Reader(e, key, r.source)
         er.unknown({"address", "hostname", "ready"})
         hostname = str(er.data.get("hostname", ""))
-        if hostname and not _is_label(hostname):
+        if hostname and not is_dns_label(hostname):
             raise er.err("hostname", f"{hostname!r} is not a DNS label")
         endpoints.append(
             EndpointConfig(
@@ -332,7 +335,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         }
     )
     site = r.text("site")
-    if not _is_label(site):
+    if not is_dns_label(site):
         raise r.err("site", f"{site!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
     state_dir = Path(r.text("stateDir", os.path.join("/var/lib/meshlink", site)))
     gw = r.sub("gateway")
@@ -353,7 +356,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
     dns = r.sub("dns")
     dns.unknown({"listen", "zone", "ttl", "enabled"})
     zone = dns.text("zone", DEFAULT_ZONE).strip(".").lower()
-    if not all(_is_label(part) for part in zone.split(".")):
+    if not all(is_dns_label(part) for part in zone.split(".")):
         raise dns.err("zone", f"{zone!r} is not a DNS name")
     imports = r.sub("imports")
     imports.unknown({"pool"})
@@ -378,7 +381,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
     namespaces: tuple[str, ...] | None = None
     if ns_raw is not None:
         if not isinstance(ns_raw, list) or not all(
-            isinstance(n, str) and _is_label(n) for n in ns_raw
+            isinstance(n, str) and is_dns_label(n) for n in ns_raw
         ):
             raise r.err("namespaces", "must be a list of DNS labels")
         namespaces = tuple(ns_raw)

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from meshlink.config import is_dns_label
 from meshlink.errors import CatalogError
 
-DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 PROTOCOLS: Final = frozenset({"TCP", "UDP", "SCTP"})
 MAX_PORTS: Final = 256
 MAX_ENDPOINTS: Final = 1000
@@ -100,7 +99,7 @@ class SiteInfo:
 
 
 def check_site_id(value: object, what: str = "site id") -> str:
-    if not isinstance(value, str) or not DNS_LABEL.match(value):
+    if not is_dns_label(value):
         raise CatalogError(f"{what} {value!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
     return value
 
@@ -195,7 +194,7 @@ def port_from_wire(d: object) -> Port:
     if proto not in PROTOCOLS:
         raise CatalogError(f"port protocol {proto!r} is not TCP, UDP or SCTP")
     name = _str(d, "name", "", 63)
-    if name and not DNS_LABEL.match(name):
+    if name and not is_dns_label(name):
         raise CatalogError(f"port name {name!r} is not a DNS label")
     return Port(
         port=_int(d, "port", 1, 65535),
@@ -212,9 +211,9 @@ def record_from_wire(d: object, *, validate_addresses: bool = True) -> ExportRec
     origin = check_site_id(d.get("origin"), "origin")
     namespace = _str(d, "namespace", maxlen=63)
     name = _str(d, "name", maxlen=63)
-    if not DNS_LABEL.match(namespace):
+    if not is_dns_label(namespace):
         raise CatalogError(f"namespace {namespace!r} is not a DNS label")
-    if not DNS_LABEL.match(name):
+    if not is_dns_label(name):
         raise CatalogError(f"service name {name!r} is not a DNS label")
     try:
         stype = ServiceType(_str(d, "type", maxlen=16))
@@ -239,7 +238,7 @@ def record_from_wire(d: object, *, validate_addresses: bool = True) -> ExportRec
             raise CatalogError("endpoint addresses must be a list of 1 or 2 addresses")
         check = check_peer_address if validate_addresses else _plain_ip
         hostname = _str(e, "hostname", "", 63)
-        if hostname and not DNS_LABEL.match(hostname):
+        if hostname and not is_dns_label(hostname):
             raise CatalogError(f"endpoint hostname {hostname!r} is not a DNS label")
         endpoints.append(
             Endpoint(

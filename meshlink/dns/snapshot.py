@@ -31,8 +31,9 @@ from typing import Final, TypeAlias
 
 from dnslib import AAAA, NS, QTYPE, RD, RR, SOA, SRV, TXT, A, DNSLabel
 
-from meshlink.catalog.records import DNS_LABEL, PROTOCOLS, Endpoint, ServiceType
+from meshlink.catalog.records import PROTOCOLS, Endpoint, ServiceType
 from meshlink.catalog.view import ImportedService
+from meshlink.config import is_dns_label
 
 log = logging.getLogger(__name__)
 
@@ -215,16 +216,16 @@ def _ready(endpoints: Iterable[Endpoint]) -> list[Endpoint]:
 def _invalid(svc: ImportedService) -> str | None:
     """Why ``svc`` cannot be served (producers validate; this keeps a bug there from
     crashing the DNS server), or None."""
-    if not (DNS_LABEL.match(svc.name) and DNS_LABEL.match(svc.namespace)):
+    if not (is_dns_label(svc.name) and is_dns_label(svc.namespace)):
         return "name or namespace is not a DNS label"
     for p in svc.ports:
-        if p.protocol not in PROTOCOLS or (p.name and not DNS_LABEL.match(p.name)):
+        if p.protocol not in PROTOCOLS or (p.name and not is_dns_label(p.name)):
             return f"port {p.port} has a bad protocol or name"
     for ce in svc.clusters:
-        if not DNS_LABEL.match(ce.cluster):
+        if not is_dns_label(ce.cluster):
             return f"cluster id {ce.cluster!r} is not a DNS label"
         for ep in ce.endpoints:
-            if ep.hostname and not DNS_LABEL.match(ep.hostname):
+            if ep.hostname and not is_dns_label(ep.hostname):
                 return f"endpoint hostname {ep.hostname!r} is not a DNS label"
     for addr in (*svc.ips, *(a for ce in svc.clusters for e in ce.endpoints for a in e.addresses)):
         try:

@@ -25,8 +25,9 @@ from typing import Any, Final
 
 import yaml
 
-from meshlink.catalog.records import DNS_LABEL, PROTOCOLS, Endpoint, Port, ServiceType
+from meshlink.catalog.records import PROTOCOLS, Endpoint, Port, ServiceType
 from meshlink.catalog.view import ClusterEndpoints, ImportedService
+from meshlink.config import is_dns_label
 from meshlink.errors import ConfigError
 
 _SERVICE_KEYS: Final = frozenset({"name", "namespace", "type", "ips", "ports", "clusters"})
@@ -61,7 +62,7 @@ class _Ctx:
         v = d.get(k)
         if v is None and not required:
             return ""
-        if not isinstance(v, str) or not DNS_LABEL.match(v):
+        if not is_dns_label(v):
             raise self.err(f"{key}.{k}", f"{v!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
         return v
 

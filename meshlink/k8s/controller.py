@@ -26,9 +26,9 @@ from typing import Final
 from kubernetes_asyncio.client import ApiClient
 
 from meshlink.catalog.merge import MergedService, merge
-from meshlink.catalog.records import DNS_LABEL, ExportRecord, ServiceKey, ServiceType
+from meshlink.catalog.records import ExportRecord, ServiceKey, ServiceType
 from meshlink.catalog.view import ClusterEndpoints, ImportedService
-from meshlink.config import KubernetesConfig, SiteConfig
+from meshlink.config import KubernetesConfig, SiteConfig, is_dns_label
 from meshlink.errors import ConfigError
 from meshlink.k8s import model
 from meshlink.k8s.api import (
@@ -186,7 +186,7 @@ class Controller:
             self.cluster_id = site
             return site
         value = (prop.get("spec") or {}).get("value")
-        if not isinstance(value, str) or not DNS_LABEL.match(value):
+        if not is_dns_label(value):
             raise ConfigError(
                 f"ClusterProperty {CLUSTER_ID_PROPERTY} has value {value!r}, which is not a "
                 "DNS label of at most 63 characters; fix the ClusterProperty"

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from meshlink.config import is_dns_label
 from meshlink.errors import PeerNotAuthorized, PkiError
 
 SPIFFE_PREFIX: Final = "spiffe://meshlink/site/"
@@ -32,8 +33,6 @@ BACKDATE: Final = timedelta(minutes=5)
 CA_LIFETIME: Final = timedelta(days=3650)
 GATEWAY_LIFETIME: Final = timedelta(days=90)
 LINK_CERT_LIFETIME: Final = timedelta(hours=24)
-
-_LABEL_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-")
 
 
 @dataclass(frozen=True)
@@ -46,12 +45,7 @@ class CertKey:
 
 def is_site_id(site_id: str) -> bool:
     """A site id is one lowercase DNS label (RFC 1123), at most 63 characters."""
-    return (
-        0 < len(site_id) <= 63
-        and set(site_id) <= _LABEL_CHARS
-        and site_id[0] != "-"
-        and site_id[-1] != "-"
-    )
+    return is_dns_label(site_id)
 
 
 def check_site_id(site_id: str) -> str:
