@@ -21,13 +21,14 @@ from meshlink.errors import ConfigError
 DEFAULT_ZONE: Final = "clusterset.local"
 DEFAULT_TTL: Final = 5
 DEFAULT_GATEWAY_SELECTOR: Final = (("app.kubernetes.io/name", "meshlink"),)
-_DNS_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+"""Used with fullmatch: `$` would also match before a trailing newline."""
 
 
 def is_dns_label(value: object) -> TypeGuard[str]:
     """One lowercase RFC 1123 label: a-z, 0-9 and '-', at most 63, no '-' at either end.
     Site ids, namespaces, service, port and host names all obey it."""
-    return isinstance(value, str) and _DNS_LABEL.match(value) is not None
+    return isinstance(value, str) and _DNS_LABEL.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)

@@ -71,3 +71,41 @@ def test_unreadable_and_invalid_yaml(tmp_path) -> None:  # type: ignore[no-untyp
     bad.write_text("site: [a\n")
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         config.load(bad)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("a", True),
+        ("web-0", True),
+        ("x" * 63, True),
+        ("x" * 64, False),
+        ("-a", False),
+        ("a-", False),
+        ("A", False),
+        ("a.b", False),
+        ("", False),
+        ("abc\n", False),  # a regex `$` would accept this from a peer
+        (None, False),
+    ],
+)
+def test_one_dns_label_predicate(value: object, ok: bool) -> None:
+    assert config.is_dns_label(value) is ok
+
+
+def test_peer_record_with_newline_in_a_name_is_refused() -> None:
+    from meshlink.catalog.records import (
+        ExportRecord,
+        Port,
+        ServiceType,
+        record_from_wire,
+        record_to_wire,
+    )
+    from meshlink.errors import CatalogError
+
+    good = record_to_wire(
+        ExportRecord("b", "ns", "web", ServiceType.CLUSTERSET_IP, (Port(80),), 1.0, 1)
+    )
+    for field in ("origin", "namespace", "name"):
+        with pytest.raises(CatalogError):
+            record_from_wire({**good, field: good[field] + "\n"})
