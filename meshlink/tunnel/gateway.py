@@ -82,7 +82,7 @@ class _AcceptSSLObject(ssl.SSLObject):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError as e:
-            log.warning("refused a link: TLS handshake failed: %s", _tls_reason(e))
+            log.warning("refused a link: TLS handshake failed: %s", _error_reason(e))
             raise
 
 
@@ -340,7 +340,7 @@ class Gateway(LinkOwner):
                         ssl_handshake_timeout=self.handshake_timeout,
                     )
             except (OSError, ssl.SSLError, TimeoutError) as e:
-                errors.append(f"{endpoint}: {_tls_reason(e)}")
+                errors.append(f"{endpoint}: {_error_reason(e)}")
                 continue
             try:
                 site = authorize_peer(transport.get_extra_info("ssl_object"), spec.peer_site)
@@ -455,9 +455,7 @@ class Gateway(LinkOwner):
             async with asyncio.timeout(self.connect_timeout):
                 await loop.create_connection(lambda: tcp, route.host, route.port)
         except (OSError, TimeoutError) as e:
-            why = f"{self.site_id} cannot connect to {route.host}:{route.port}: " + (
-                (getattr(e, "strerror", None) or str(e)) if isinstance(e, OSError) else "timed out"
-            )
+            why = f"{self.site_id} cannot connect to {route.host}:{route.port}: {_error_reason(e)}"
             log.info("flow from %s refused: %s", link.peer_site, why)
             stream.feed_abort(ErrorCode.CONNECT_ERROR, why)
             return
@@ -537,8 +535,7 @@ class Gateway(LinkOwner):
                     await loop.create_connection(lambda: tcp, route.host, route.port)
             except (OSError, TimeoutError) as e:
                 raise FlowRefused(
-                    f"cannot connect to {target} at {route.host}:{route.port}: "
-                    f"{getattr(e, 'strerror', None) or 'timed out'}"
+                    f"cannot connect to {target} at {route.host}:{route.port}: {_error_reason(e)}"
                 ) from None
             return tcp
         link = self._links.get(route.peer_site)
@@ -619,7 +616,9 @@ class Gateway(LinkOwner):
         return out
 
 
-def _tls_reason(e: BaseException) -> str:
+def _error_reason(e: BaseException) -> str:
+    """One short phrase for a TLS, timeout or socket error (TimeoutError is an OSError:
+    it is checked first)."""
     if isinstance(e, ssl.SSLError):
         reason = getattr(e, "reason", None) or str(e)
         if "UNSUPPORTED_PROTOCOL" in str(reason) or "VERSION" in str(reason).upper():
