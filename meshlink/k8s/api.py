@@ -246,7 +246,10 @@ class Kube:
         )
         try:
             if not 200 <= resp.status <= 299:
-                text = await resp.text()
+                try:
+                    text = await resp.text()
+                except _TRANSPORT_ERRORS as e:  # the API server went away mid-answer
+                    raise Unavailable(f"{what}: connection lost ({type(e).__name__})") from None
                 raise _api_error(_status_error(resp.status, text), what)
             while True:
                 try:
