@@ -109,7 +109,7 @@ def write_cert(path: Path, *certs: x509.Certificate) -> None:
 
 
 def check_key_file(path: Path) -> None:
-    """Refuse a key file that is missing, not a regular file, or readable by group/others."""
+    """Refuse a key file that is missing, not a regular file, or open to group/others."""
     path = Path(path)
     try:
         st = path.stat()
@@ -121,7 +121,7 @@ def check_key_file(path: Path) -> None:
         raise PkiError(f"private key {path} is not a regular file")
     if st.st_mode & 0o077:
         raise PkiError(
-            f"private key {path} is readable by group or others "
+            f"private key {path} is open to group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}): run chmod 600 {path}"
         )
 
