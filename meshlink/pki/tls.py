@@ -11,7 +11,8 @@ by the CA certificate and asks for no client certificate. ``pinned_client_contex
 returns a context whose TLS objects run the pin check inside ``do_handshake``: once OpenSSL
 has finished the handshake (which proves the server holds the leaf's key), the chain the
 server sent is read, a CA certificate in it whose SubjectPublicKeyInfo hashes to the pin is
-looked for, and the leaf must be signed by that CA and be within its validity. Otherwise the
+looked for (every one with the pin is tried: a re-signed CA shares its old copy's key), and
+the leaf must be signed by such a CA and both be within their validity. Otherwise the
 handshake raises ``CaPinMismatch`` (an ``ssl.SSLCertVerificationError``), so asyncio, uvloop
 and aiohttp fail the connection before a single byte of application data (the token secret)
 is written. The verified CA is then available as ``ssl_object.pinned_ca``.
@@ -23,13 +24,22 @@ import _ssl
 import os
 import ssl
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
 
 from meshlink.errors import PeerNotAuthorized, PkiError
-from meshlink.pki.certs import ca_pin, is_issued_by, is_pin, peer_site_id, pins_equal, utcnow
+from meshlink.pki.certs import (
+    ca_pin,
+    check_valid_now,
+    is_issued_by,
+    is_pin,
+    peer_site_id,
+    pins_equal,
+    utcnow,
+)
 from meshlink.pki.files import check_key_file
 
 StrPath = str | os.PathLike[str]
@@ -117,9 +127,39 @@ def grant_server_context(chain_path: StrPath, key_path: StrPath) -> ssl.SSLConte
     return ctx
 
 
+def _candidate_failure(
+    leaf: x509.Certificate, cand: x509.Certificate, now: datetime
+) -> tuple[int, str] | None:
+    """Why ``cand`` (whose pin matches) cannot vouch for ``leaf``: (how far the checks got,
+    what failed), or None if it can. The checks run in a fixed order, so a higher number
+    means a candidate that came closer to being the right one."""
+    try:
+        is_ca = cand.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        return 0, "the certificate with that pin is not a CA certificate"
+    if not is_issued_by(leaf, cand):
+        return 1, "the endpoint's certificate is not signed by that CA"
+    try:
+        check_valid_now(cand, "that CA certificate", now)
+    except PkiError as e:
+        return 2, str(e)
+    try:
+        check_valid_now(leaf, "the endpoint's certificate", now)
+    except PkiError as e:
+        return 3, str(e)
+    return None
+
+
 def verify_pinned_chain(chain_der: Sequence[bytes], expected_pin: str) -> x509.Certificate:
-    """Return the CA in ``chain_der`` (leaf first) whose pin is ``expected_pin`` and that signed
-    the leaf; raise CaPinMismatch otherwise. Pure: usable without a connection."""
+    """Return a CA in ``chain_der`` (leaf first) whose pin is ``expected_pin``, that signed
+    the leaf, and that is valid now (with the leaf); raise CaPinMismatch otherwise.
+
+    Every certificate with the pin is tried, in chain order: a CA re-signed with the same
+    key (a new validity) shares the pin with its old copy, and either may come first. If
+    none will do, the refusal names the check that failed for the candidate that passed
+    the most checks. Pure: usable without a connection."""
     try:
         chain = [x509.load_der_x509_certificate(der) for der in chain_der]
     except ValueError:
@@ -135,23 +175,21 @@ def verify_pinned_chain(chain_der: Sequence[bytes], expected_pin: str) -> x509.C
     leaf, rest = chain[0], chain[1:]
     seen = [ca_pin(c) for c in rest]
     now = utcnow()
+    failures: list[tuple[int, str]] = []
     for cand, pin in zip(rest, seen, strict=True):
         if not pins_equal(pin, expected_pin):
             continue
-        try:
-            is_ca = cand.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if (
-            is_ca
-            and is_issued_by(leaf, cand)
-            and cand.not_valid_before_utc <= now <= cand.not_valid_after_utc
-            and leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc
-        ):
+        failure = _candidate_failure(leaf, cand, now)
+        if failure is None:
             return cand
+        failures.append(failure)
+    if failures:
+        # max() keeps the first of equals: the earliest candidate that got furthest.
+        _, reason = max(failures, key=lambda f: f[0])
+        tried = f" ({len(failures)} certificates have that pin, none is usable)"
         raise CaPinMismatch(
-            "the grant endpoint's CA matches the token's pin but its certificate is not "
-            "signed by that CA or is out of its validity",
+            f"the grant endpoint's CA matches the token's pin but {reason}"
+            f"{tried if len(failures) > 1 else ''}",
             expected=expected_pin,
             seen=seen,
         )

@@ -481,3 +481,130 @@ def test_context_refuses_readable_key(
     a.gateway_key_path.chmod(0o644)
     with pytest.raises(PkiError, match="chmod 600"):
         pki.server_context(a.gateway_cert_path, a.gateway_key_path, [a.ca_pem])
+
+
+def resigned(ca: pki.CertKey, *, days_from: int, days_to: int) -> x509.Certificate:
+    """A copy of ``ca``'s certificate (same key, name and extensions, so the same pin and
+    the same leaves verify under it), self-signed again with another validity."""
+    now = pki.utcnow()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(ca.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + timedelta(days=days_from))
+        .not_valid_after(now + timedelta(days=days_to))
+    )
+    for ext in ca.cert.extensions:
+        builder = builder.add_extension(ext.value, critical=ext.critical)
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+@pytest.fixture
+def resigned_ca(tmp_path: Path) -> tuple[pki.SiteIdentity, x509.Certificate, x509.Certificate]:
+    """A site, an expired copy of its CA certificate and a valid re-signed one (same key)."""
+    a = pki.SiteIdentity.load_or_create(tmp_path / "a", "site-a")
+    expired = resigned(a.ca, days_from=-400, days_to=-30)
+    fresh = resigned(a.ca, days_from=-1, days_to=3650)
+    assert pki.ca_pin(expired) == pki.ca_pin(fresh) == a.pin
+    return a, expired, fresh
+
+
+def _der(*certs: x509.Certificate) -> list[bytes]:
+    return [c.public_bytes(serialization.Encoding.DER) for c in certs]
+
+
+@pytest.mark.parametrize("expired_first", [True, False])
+def test_pinned_chain_tries_every_ca_with_the_pin(
+    resigned_ca: tuple[pki.SiteIdentity, x509.Certificate, x509.Certificate],
+    expired_first: bool,
+) -> None:
+    a, expired, fresh = resigned_ca
+    cas = (expired, fresh) if expired_first else (fresh, expired)
+    assert pki.verify_pinned_chain(_der(a.gateway.cert, *cas), a.pin) == fresh
+
+
+@pytest.mark.parametrize("expired_first", [True, False])
+def test_pinned_handshake_with_expired_and_resigned_ca(
+    tmp_path: Path,
+    resigned_ca: tuple[pki.SiteIdentity, x509.Certificate, x509.Certificate],
+    expired_first: bool,
+) -> None:
+    a, expired, fresh = resigned_ca
+    chain = tmp_path / "chain.crt"
+    pki.write_cert(
+        chain, a.gateway.cert, *((expired, fresh) if expired_first else (fresh, expired))
+    )
+    server = pki.grant_server_context(chain, a.gateway_key_path)
+    c, _s = handshake(pki.pinned_client_context(a.pin), server)
+    assert isinstance(c, PinnedSSLObject)
+    assert c.pinned_ca == fresh
+
+
+def test_pinned_chain_only_expired_ca_says_expired(
+    tmp_path: Path,
+    resigned_ca: tuple[pki.SiteIdentity, x509.Certificate, x509.Certificate],
+) -> None:
+    a, expired, _ = resigned_ca
+    chain = tmp_path / "chain.crt"
+    pki.write_cert(chain, a.gateway.cert, expired)
+    server = pki.grant_server_context(chain, a.gateway_key_path)
+    with pytest.raises(
+        pki.CaPinMismatch,
+        match=(
+            r"^the grant endpoint's CA matches the token's pin but that CA certificate "
+            rf"expired at {expired.not_valid_after_utc:%Y-%m-%d %H:%M}Z$"
+        ),
+    ):
+        handshake(pki.pinned_client_context(a.pin), server)
+
+
+@pytest.mark.parametrize("expired_first", [True, False])
+def test_pinned_chain_refusal_names_the_furthest_check(
+    resigned_ca: tuple[pki.SiteIdentity, x509.Certificate, x509.Certificate],
+    expired_first: bool,
+) -> None:
+    """Two candidates with the pin, both unusable: one did not sign the leaf (another
+    subject name), the other signed it but expired; the refusal names the expiry."""
+    a, expired, _ = resigned_ca
+    other_name = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "not it")]))
+        .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "not it")]))
+        .public_key(a.ca.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(pki.utcnow() - timedelta(days=1))
+        .not_valid_after(pki.utcnow() + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(a.ca.key, hashes.SHA256())
+    )
+    cas = (expired, other_name) if expired_first else (other_name, expired)
+    with pytest.raises(pki.CaPinMismatch) as err:
+        pki.verify_pinned_chain(_der(a.gateway.cert, *cas), a.pin)
+    assert str(err.value) == (
+        "the grant endpoint's CA matches the token's pin but that CA certificate expired at "
+        f"{expired.not_valid_after_utc:%Y-%m-%d %H:%M}Z "
+        "(2 certificates have that pin, none is usable)"
+    )
+    assert err.value.seen == (a.pin, a.pin)
+
+
+def test_pinned_chain_not_a_ca_and_expired_leaf(
+    ca_a: pki.CertKey,
+) -> None:
+    """Each remaining check has its own words: a pinned certificate that is no CA, and a leaf
+    out of its validity under a good CA."""
+    leaf_key = pki.new_key()
+    old_leaf = pki.issue_cert(
+        ca_a,
+        "site-a",
+        leaf_key.public_key(),
+        lifetime=timedelta(days=1),
+        now=pki.utcnow() - timedelta(days=3),
+    )
+    with pytest.raises(pki.CaPinMismatch, match="but the endpoint's certificate expired at"):
+        pki.verify_pinned_chain(_der(old_leaf, ca_a.cert), pki.ca_pin(ca_a.cert))
+    # the leaf itself repeated as "CA": its pin is the leaf key's, and it is no CA
+    with pytest.raises(pki.CaPinMismatch, match=r"with that pin is not a CA certificate$"):
+        pki.verify_pinned_chain(_der(old_leaf, old_leaf), pki.ca_pin(old_leaf))
