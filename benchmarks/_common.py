@@ -52,6 +52,12 @@ def ensure_tools(tools: Mapping[str, str]) -> None:
     subprocess.run([*prefix, "apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
 
 
+def cpu_s(pid: int) -> float:
+    """user + system CPU seconds (all threads) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def median(values: Iterable[float]) -> float:
     vals = [v for v in values if v == v]  # drop NaN (a failed run)
     return statistics.median(vals) if vals else float("nan")

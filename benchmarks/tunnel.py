@@ -223,8 +223,7 @@ http {{
         total = 0.0
         for p in self.procs:
             if p.name in names.get(mode, ()):
-                fields = Path(f"/proc/{p.p.pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                total += C.cpu_s(p.p.pid)
         return total
 
     def iperf(self, mode: str, flows: int, seconds: float) -> float:
