@@ -26,7 +26,12 @@ from meshlink.config import HostPort
 from meshlink.errors import MeshlinkError
 from meshlink.links.issuer import GrantRefused, decide_redeem
 from meshlink.links.tokens import split_hostport
-from meshlink.pki import LINK_CERT_LIFETIME, SiteIdentity, grant_server_context
+from meshlink.pki import (
+    LINK_CERT_LIFETIME,
+    ReloadingServerContext,
+    SiteIdentity,
+    grant_server_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +103,7 @@ class RunningGrant:
     runner: web.AppRunner
     host: str
     port: int
+    tls: ReloadingServerContext
 
     @property
     def address(self) -> str:
@@ -118,12 +124,16 @@ async def start_grant_server(
     *,
     middlewares: Iterable[Middleware] = (),
 ) -> RunningGrant:
-    """Serve ``server`` over TLS on ``host:port`` (port 0: any free port)."""
-    ident = server.identity
-    ctx = grant_server_context(ident.gateway_chain_path, ident.gateway_key_path)
+    """Serve ``server`` over TLS on ``host:port`` (port 0: any free port).
+
+    The certificate is read from the identity's files again on the first handshake after
+    they change, so a renewed gateway certificate is served without a restart.
+    """
+    chain, key = server.identity.gateway_chain_path, server.identity.gateway_key_path
+    tls = ReloadingServerContext(lambda: grant_server_context(chain, key), [chain, key])
     runner = web.AppRunner(server.make_app(middlewares), access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ctx, shutdown_timeout=2.0)
+    site = web.TCPSite(runner, host, port, ssl_context=tls.context, shutdown_timeout=2.0)
     try:
         await site.start()
     except OSError as e:
@@ -131,4 +141,4 @@ async def start_grant_server(
         raise MeshlinkError(f"cannot listen for grants on {host}:{port}: {e.strerror}") from None
     bound = runner.addresses[0]
     log.info("grant endpoint listening on %s:%s", host, bound[1])
-    return RunningGrant(runner=runner, host=host, port=int(bound[1]))
+    return RunningGrant(runner=runner, host=host, port=int(bound[1]), tls=tls)

@@ -16,14 +16,19 @@ the leaf must be signed by such a CA and both be within their validity. Otherwis
 handshake raises ``CaPinMismatch`` (an ``ssl.SSLCertVerificationError``), so asyncio, uvloop
 and aiohttp fail the connection before a single byte of application data (the token secret)
 is written. The verified CA is then available as ``ssl_object.pinned_ca``.
+
+``ReloadingServerContext`` serves certificate files that are rewritten while the server runs
+(the gateway certificate renewed by ``SiteIdentity.load_or_create``): each handshake moves
+to a context rebuilt when the files changed, found by ``stat``.
 """
 
 from __future__ import annotations
 
 import _ssl
+import logging
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -41,6 +46,8 @@ from meshlink.pki.certs import (
     utcnow,
 )
 from meshlink.pki.files import check_key_file
+
+log = logging.getLogger(__name__)
 
 StrPath = str | os.PathLike[str]
 
@@ -125,6 +132,65 @@ def grant_server_context(chain_path: StrPath, key_path: StrPath) -> ssl.SSLConte
     _load_chain(ctx, chain_path, key_path)
     ctx.set_alpn_protocols([ALPN_GRANT])
     return ctx
+
+
+def _stamp(paths: Sequence[StrPath]) -> tuple[tuple[int, int, int, int, int], ...]:
+    """What changes when a file is rewritten (atomic renames give a new inode, too)."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(out)
+
+
+class ReloadingServerContext:
+    """A server context that follows certificate files rewritten on disk (renewal).
+
+    ``context`` is built by ``build()`` at once (its errors are the caller's, at start). Its
+    SNI callback, which OpenSSL runs for every ClientHello (with or without a server name),
+    stats the ``watch`` files and moves the handshake to a context built afresh when any of
+    them changed since the last build; otherwise to the last one built, so an unchanged
+    certificate costs a few ``stat`` calls per handshake, not a PEM parse. If a rebuild fails
+    (a renewal caught between two file writes, a damaged file) the last good context goes on
+    serving, the error is logged once, and the next handshake tries again.
+    """
+
+    def __init__(self, build: Callable[[], ssl.SSLContext], watch: Sequence[StrPath]):
+        self._build = build
+        self._watch = tuple(watch)
+        stamp = _stamp(self._watch)  # before the build: a write in between is seen later
+        self.context = self.current = build()
+        self.context.sni_callback = self._pick
+        self._stamp = stamp
+        self._failed: object = None
+        self.rebuilds = 0
+
+    def refresh(self) -> ssl.SSLContext:
+        """The context for a handshake starting now (rebuilt if a watched file changed)."""
+        try:
+            stamp = _stamp(self._watch)
+        except OSError as e:
+            self._fail(("stat", str(e)), f"cannot read a certificate file: {e}")
+            return self.current
+        if stamp == self._stamp:
+            return self.current
+        try:
+            ctx = self._build()
+        except (PkiError, OSError, ssl.SSLError, ValueError) as e:
+            self._fail(stamp, str(e))
+            return self.current
+        self.current, self._stamp, self._failed = ctx, stamp, None
+        self.rebuilds += 1
+        log.info("TLS certificate files changed: new handshakes use them")
+        return ctx
+
+    def _fail(self, key: object, message: str) -> None:
+        if key != self._failed:
+            log.error("%s; serving the previous certificate until it is fixed", message)
+            self._failed = key
+
+    def _pick(self, obj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        obj.context = self.refresh()
 
 
 def _candidate_failure(

@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import uvloop
 from aiohttp import web
+from cryptography import x509
 
 from meshlink import links, pki
 from meshlink.errors import (
@@ -375,3 +376,83 @@ def test_pinned_context_with_blocking_sockets(tmp_path: Path) -> None:
             c.close()
             t.join(5)
         assert not t.is_alive()
+
+
+async def served_leaf(grant: links.RunningGrant) -> x509.Certificate:
+    """The leaf certificate a real TLS client is shown by the grant endpoint right now."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    _, writer = await asyncio.wait_for(
+        asyncio.open_connection(grant.host, grant.port, ssl=ctx), timeout=5
+    )
+    try:
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+    return x509.load_der_x509_certificate(der)
+
+
+async def renewal_is_served(tmp_path: Path) -> None:
+    """A gateway certificate that is due (10 minutes of its 35 left) is re-issued by the
+    runtime's hourly ``load_or_create``; the running grant endpoint serves the new one at the
+    next handshake, rebuilding its TLS context once, and a pinned redeem still works."""
+    old = pki.SiteIdentity.load_or_create(
+        tmp_path / "site-a",
+        "site-a",
+        gateway_lifetime=timedelta(minutes=30),
+        now=pki.utcnow() - timedelta(minutes=20),
+    )
+    server = links.GrantServer(old, old.state_dir, GATEWAY_EPS)
+    grant = await links.start_grant_server(server, "127.0.0.1", 0)
+    try:
+        assert await served_leaf(grant) == old.gateway.cert
+        assert await served_leaf(grant) == old.gateway.cert
+        assert grant.tls.rebuilds == 0  # unchanged files: no rebuild per handshake
+
+        renewed = pki.SiteIdentity.load_or_create(old.state_dir, "site-a")  # as the runtime
+        assert renewed.gateway.cert != old.gateway.cert
+        assert renewed.gateway.cert.not_valid_after_utc > old.gateway.cert.not_valid_after_utc
+
+        assert await served_leaf(grant) == renewed.gateway.cert
+        assert await served_leaf(grant) == renewed.gateway.cert
+        assert grant.tls.rebuilds == 1
+
+        b = site(tmp_path, "site-b")
+        rec = await links.redeem(b, b.state_dir, links.create_token(old, grant.address))
+        assert rec.peer_site == "site-a"
+    finally:
+        await grant.close()
+
+
+async def test_renewed_gateway_certificate_is_served(tmp_path: Path) -> None:
+    await renewal_is_served(tmp_path)
+
+
+def test_renewed_gateway_certificate_is_served_under_uvloop(tmp_path: Path) -> None:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(renewal_is_served(tmp_path))
+
+
+async def test_damaged_certificate_file_keeps_the_last_good_one(
+    issuer: Issuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    ident = issuer.identity
+    caplog.set_level(logging.ERROR, logger="meshlink.pki.tls")
+    pki.atomic_write(ident.gateway_chain_path, b"not a certificate\n", 0o644)
+    for _ in range(3):
+        assert await served_leaf(issuer.grant) == ident.gateway.cert
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1, caplog.text
+    assert "serving the previous certificate until it is fixed" in errors[0].getMessage()
+    assert issuer.grant.tls.rebuilds == 0
+
+    # a renewal that writes good files again (here: a new SAN asked for) is picked up
+    renewed = pki.SiteIdentity.load_or_create(
+        ident.state_dir, "site-a", gateway_sans={"dns": ["grant.site-a.example"]}
+    )
+    assert renewed.gateway.cert != ident.gateway.cert
+    assert await served_leaf(issuer.grant) == renewed.gateway.cert
+    assert issuer.grant.tls.rebuilds == 1

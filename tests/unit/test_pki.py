@@ -5,6 +5,7 @@ TLS checks here run real OpenSSL handshakes over in-memory BIO pairs (no sockets
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import stat
@@ -608,3 +609,39 @@ def test_pinned_chain_not_a_ca_and_expired_leaf(
     # the leaf itself repeated as "CA": its pin is the leaf key's, and it is no CA
     with pytest.raises(pki.CaPinMismatch, match=r"with that pin is not a CA certificate$"):
         pki.verify_pinned_chain(_der(old_leaf, old_leaf), pki.ca_pin(old_leaf))
+
+
+def test_reloading_context_rebuilds_only_when_files_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = pki.SiteIdentity.load_or_create(tmp_path / "a", "site-a")
+    builds: list[int] = []
+
+    def build() -> ssl.SSLContext:
+        builds.append(1)
+        return pki.grant_server_context(a.gateway_chain_path, a.gateway_key_path)
+
+    tls = pki.ReloadingServerContext(build, [a.gateway_chain_path, a.gateway_key_path])
+
+    def served() -> x509.Certificate:
+        c, _ = handshake(pki.pinned_client_context(a.pin), tls.context)
+        der = c.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+
+    assert served() == served() == a.gateway.cert
+    assert (len(builds), tls.rebuilds) == (1, 0)
+
+    # a missing file: the last good context serves on, one error line for any number of tries
+    caplog.set_level(logging.ERROR, logger="meshlink.pki.tls")
+    moved = a.gateway_chain_path.rename(tmp_path / "chain.bak")
+    assert served() == served() == a.gateway.cert
+    assert len(caplog.records) == 1
+    assert "cannot read a certificate file" in caplog.records[0].getMessage()
+    moved.rename(a.gateway_chain_path)
+
+    renewed = pki.SiteIdentity.load_or_create(
+        a.state_dir, "site-a", gateway_sans={"ip": ["127.0.0.1"]}
+    )
+    assert served() == served() == renewed.gateway.cert
+    assert (len(builds), tls.rebuilds) == (2, 1)
