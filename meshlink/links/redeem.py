@@ -27,6 +27,7 @@ from meshlink.errors import (
     TokenExpired,
     TokenPinMismatch,
 )
+from meshlink.links.certcheck import check_link_cert
 from meshlink.links.grant import REDEEM_PATH
 from meshlink.links.issuer import REFUSALS, _ts
 from meshlink.links.records import (
@@ -45,14 +46,10 @@ from meshlink.pki import (
     ca_pin,
     cert_from_pem,
     cert_to_pem,
-    check_valid_now,
     csr_to_pem,
     ensure_dir,
-    is_issued_by,
     make_csr,
     pinned_client_context,
-    public_keys_equal,
-    site_id_of,
     write_cert,
 )
 
@@ -198,16 +195,7 @@ def _accept(
                 f"site {site} answered with a CA whose pin {ca_pin(ca)} is not the token's {pin}"
             )
         cert = cert_from_pem(data["cert_pem"], "the link certificate")
-        if site_id_of(cert) != identity.site_id:
-            raise TokenError(
-                f"site {site} signed a certificate for {site_id_of(cert)!r}, "
-                f"not for this site ({identity.site_id})"
-            )
-        if not public_keys_equal(cert.public_key(), identity.gateway.key.public_key()):  # type: ignore[arg-type]
-            raise TokenError(f"site {site} signed a certificate for another key than ours")
-        if not is_issued_by(cert, ca):
-            raise TokenError(f"the certificate from site {site} is not signed by its CA")
-        check_valid_now(cert, f"the link certificate from site {site}")
+        check_link_cert(identity, cert, ca, site)
     except PkiError as e:
         raise TokenError(f"site {site}'s grant answer is unusable: {e}") from None
     endpoints = data.get("endpoints")

@@ -15,20 +15,16 @@ from pathlib import Path
 
 from cryptography import x509
 
-from meshlink.errors import PkiError
+from meshlink.links.certcheck import check_link_cert
 from meshlink.links.issuer import sign_renewal
 from meshlink.links.records import RecordNotFound, link_cert_path, load_link
 from meshlink.pki import (
     SiteIdentity,
     cert_from_pem,
-    check_valid_now,
     csr_to_pem,
-    is_issued_by,
     load_cert,
     make_csr,
-    public_keys_equal,
     renewal_due,
-    site_id_of,
     write_cert,
 )
 
@@ -60,12 +56,6 @@ def store_renewed_cert(
         raise RecordNotFound(f"no link named {name!r} to store a renewed certificate for")
     cert = cert_from_pem(cert_pem, "the renewed link certificate")
     ca = cert_from_pem(rec.peer_ca_pem, f"the CA of site {rec.peer_site}")
-    if site_id_of(cert) != identity.site_id:
-        raise PkiError(f"site {rec.peer_site} renewed a certificate for another site")
-    if not public_keys_equal(cert.public_key(), identity.gateway.key.public_key()):  # type: ignore[arg-type]
-        raise PkiError(f"site {rec.peer_site} renewed a certificate for another key")
-    if not is_issued_by(cert, ca):
-        raise PkiError(f"the renewed certificate is not signed by site {rec.peer_site}'s CA")
-    check_valid_now(cert, "the renewed link certificate")
+    check_link_cert(identity, cert, ca, rec.peer_site, "the renewed link certificate")
     write_cert(link_cert_path(state_dir, name), cert)
     return cert
