@@ -3,7 +3,8 @@
 Modules: ``tokens`` (token text, pure), ``records`` (files under the state directory),
 ``issuer`` (token creation and the grant decision, no network), ``grant`` (the HTTPS grant
 endpoint), ``redeem`` (the redeeming client), ``renewal`` (link certificate renewal pieces),
-``certcheck`` (the checks of a link certificate a peer signed, for both), ``contexts`` (gateway TLS contexts from records), ``commands`` (CLI text).
+``certcheck`` (the checks of a link certificate a peer signed, for redeem and renewal),
+``contexts`` (gateway TLS contexts from records), ``commands`` (CLI text).
 """
 
 from meshlink.links.commands import (
