@@ -96,6 +96,11 @@ class KubernetesConfig:
     request_timeout: float = 10.0
     """Every API request carries this timeout (seconds)."""
     resync_seconds: float = 300.0
+    import_address: str = "0.0.0.0"
+    """Where the gateway listens for imported traffic (the derived Services' endpoints are
+    the gateway pods, each imported port on a target port of its own)."""
+    import_ports: tuple[int, int] = (20000, 29999)
+    """The range target ports are allocated from, inclusive; below Linux's ephemeral range."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +305,8 @@ def _kubernetes(r: _Reader) -> KubernetesConfig:
             "exportKubeSystem",
             "requestTimeout",
             "resyncSeconds",
+            "importAddress",
+            "importPorts",
         }
     )
     kubeconfig = r.data.get("kubeconfig")
@@ -313,7 +320,26 @@ def _kubernetes(r: _Reader) -> KubernetesConfig:
         export_kube_system=r.flag("exportKubeSystem", False),
         request_timeout=r.number("requestTimeout", 10.0, 0.5, 300.0),
         resync_seconds=r.number("resyncSeconds", 300.0, 5.0, 86400.0),
+        import_address=_ip(
+            r.data.get("importAddress", "0.0.0.0"), r.key("importAddress"), r.source
+        ),
+        import_ports=_port_range(r, "importPorts", (20000, 29999)),
     )
+
+
+def _port_range(r: _Reader, k: str, default: tuple[int, int]) -> tuple[int, int]:
+    v = r.data.get(k)
+    if v is None:
+        return default
+    first, sep, last = str(v).partition("-")
+    if (
+        not sep
+        or not first.strip().isdigit()
+        or not last.strip().isdigit()
+        or not 1024 <= int(first) <= int(last) <= 65535
+    ):
+        raise r.err(k, f"{v!r} is not a port range FIRST-LAST within 1024-65535")
+    return int(first), int(last)
 
 
 def parse(data: object, source: str = "<config>") -> SiteConfig:
@@ -388,7 +414,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         namespaces = tuple(ns_raw)
     grant_adv = grant.data.get("advertise")
     kube = _kubernetes(r.sub("kubernetes")) if "kubernetes" in r.data else None
-    return SiteConfig(
+    cfg = SiteConfig(
         site=site,
         state_dir=state_dir,
         gateway_listen=listen,
@@ -412,6 +438,21 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         kubernetes=kube,
         source=source,
     )
+    if kube is not None:
+        first, last = kube.import_ports
+        for what, hp in (
+            ("gateway.listen", cfg.gateway_listen),
+            ("grant.listen", cfg.grant_listen),
+            ("ops.listen", cfg.ops_listen),
+            ("dns.listen", cfg.dns.listen),
+        ):
+            if first <= hp.port <= last:
+                raise ConfigError(
+                    f"{first}-{last} contains {what}'s port {hp.port}; choose a range without it",
+                    key="kubernetes.importPorts",
+                    source=source,
+                )
+    return cfg
 
 
 def load(path: str | os.PathLike[str]) -> SiteConfig:

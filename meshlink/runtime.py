@@ -29,13 +29,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from meshlink import __version__, links, pki
 from meshlink.catalog.records import ExportRecord
 from meshlink.catalog.sync import Catalog, Send
-from meshlink.catalog.view import ImportedService
+from meshlink.catalog.view import ImportedService, ListenerSpec
 from meshlink.config import SiteConfig
 from meshlink.dns import run as dns_run
 from meshlink.dns.server import DnsServer
 from meshlink.dns.snapshot import build_snapshot
 from meshlink.errors import CatalogError, MeshlinkError
-from meshlink.local.site import ListenerSpec, LocalSite
+from meshlink.local.site import LocalSite
 from meshlink.ops.server import OpsServer
 from meshlink.proto import MAX_CONTROL, FlowTarget
 from meshlink.tunnel import (
@@ -129,6 +129,11 @@ class SiteRuntime:
         self._listeners: dict[tuple[str, int], ImportListener] = {}
         self._listener_specs: dict[tuple[str, int], ListenerSpec] = {}
         self._dirty = asyncio.Event()
+        self._controller_view: tuple[tuple[ImportedService, ...], tuple[ListenerSpec, ...]] = (
+            (),
+            (),
+        )
+        self._controller_dirty = asyncio.Event()
         self._seen_generation = -1
         self._ready_reason = "starting"
         self._renewal_pending: set[str] = set()
@@ -280,7 +285,17 @@ class SiteRuntime:
             self.metrics.sites.set(len(self.catalog.sites()))
 
     def on_controller_imports(self, imports: tuple[ImportedService, ...]) -> None:
-        self._set_dns(imports)
+        """The controller's import state changed: DNS and listeners follow (in that task,
+        listeners first, so a name never resolves before its traffic has a listener)."""
+        specs: tuple[ListenerSpec, ...] = self.controller.listeners if self.controller else ()
+        self._controller_view = (imports, specs)
+        self._controller_dirty.set()
+
+    async def _controller_imports_loop(self) -> None:
+        while True:
+            await self._controller_dirty.wait()
+            self._controller_dirty.clear()
+            await self._set_imports(*self._controller_view)
 
     def _set_dns(self, imports: tuple[ImportedService, ...]) -> None:
         self.imports = imports
@@ -308,15 +323,22 @@ class SiteRuntime:
                 await listener.start()
             except OSError as e:
                 log.error(
-                    "cannot listen on %s:%d for %s: %s (check imports.pool)",
+                    "cannot listen on %s:%d for %s: %s (check %s)",
                     addr[0],
                     addr[1],
                     spec.key,
                     e.strerror,
+                    "imports.pool" if self.local is not None else "kubernetes.importPorts",
                 )
                 continue
             self._listeners[addr] = listener
-            log.info("import listener: %s:%d -> %s", addr[0], addr[1], spec.key)
+            log.info(
+                "import listener: %s:%d -> %s port %d",
+                addr[0],
+                addr[1],
+                spec.key,
+                spec.service_port,
+            )
         self._set_dns(imports)
 
     def _chooser(self, addr: tuple[str, int]) -> Callable[[], list[FlowTarget]]:
@@ -329,7 +351,9 @@ class SiteRuntime:
             rtt = self._rtts()
             # Prefer this site, then fewer hops, then the lower RTT of the first hop.
             live.sort(key=lambda o: (sites[o].hops, rtt.get(sites[o].via or "", 0.0), o))
-            return [FlowTarget(o, spec.key.namespace, spec.key.name, spec.port) for o in live]
+            return [
+                FlowTarget(o, spec.key.namespace, spec.key.name, spec.service_port) for o in live
+            ]
 
         return choose
 
@@ -439,6 +463,15 @@ class SiteRuntime:
                 }
                 for i in self.imports
             ][:1000],
+            "listeners": [
+                {
+                    "address": f"{a[0]}:{a[1]}",
+                    "service": str(self._listener_specs[a].key),
+                    "port": self._listener_specs[a].service_port,
+                }
+                for a in sorted(self._listeners)
+                if a in self._listener_specs
+            ][:1000],
             "conflicts": self._conflicts(),
         }
 
@@ -487,6 +520,7 @@ class SiteRuntime:
                     self.publish(self.local.export_records())
                 elif "controller" in self.components:
                     tg.create_task(self._run_controller(), name="controller")
+                    tg.create_task(self._controller_imports_loop(), name="controller-imports")
                 self._ready_reason = "ok"
                 dns_run.settle_heap()  # keep full GCs off the DNS answer path
                 log.info(

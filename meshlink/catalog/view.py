@@ -2,15 +2,16 @@
 
 This is the one interface between the catalog and its consumers (DNS, import listeners,
 the Kubernetes controller). Producers (local mode, the k8s controller) build a tuple of
-``ImportedService`` after applying namespace sameness and the merge rules; consumers treat
-it as an immutable snapshot.
+``ImportedService`` after applying namespace sameness and the merge rules, and a tuple of
+``ListenerSpec`` (the gateway listeners that carry the imports' traffic); consumers treat
+both as immutable snapshots.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshlink.catalog.records import Endpoint, Port, ServiceType
+from meshlink.catalog.records import Endpoint, Port, ServiceKey, ServiceType
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,3 +37,17 @@ class ImportedService:
     ips: tuple[str, ...]
     ports: tuple[Port, ...]
     clusters: tuple[ClusterEndpoints, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """One import listener of the gateway: a connection to ``address:port`` becomes a flow to
+    port ``service_port`` of the service, on one of ``origins`` (the sites exporting that
+    port). In local mode ``port`` is the service port on the import's own address; in
+    Kubernetes mode it is the gateway target port allocated to that service port."""
+
+    key: ServiceKey
+    address: str
+    port: int
+    service_port: int
+    origins: tuple[str, ...]

@@ -27,7 +27,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from meshlink.catalog.merge import MergedService, merge
 from meshlink.catalog.records import ExportRecord, ServiceKey, ServiceType
-from meshlink.catalog.view import ClusterEndpoints, ImportedService
+from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec
 from meshlink.config import KubernetesConfig, SiteConfig, is_dns_label
 from meshlink.errors import ConfigError
 from meshlink.k8s import model
@@ -47,6 +47,7 @@ from meshlink.k8s.api import (
     Unavailable,
 )
 from meshlink.k8s.model import Condition
+from meshlink.k8s.ports import PortAllocator, PortOwner
 from meshlink.k8s.watch import ApiHealth, ObjKey, Watcher, trim_managed_fields
 from meshlink.k8s.workqueue import WorkQueue
 
@@ -142,6 +143,8 @@ class Controller:
         self._derived_ips: dict[ServiceKey, tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._gateway: tuple[tuple[str, bool], ...] = ()
         self._imports: dict[ServiceKey, ImportedService] = {}
+        self._listeners: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
+        self.ports = PortAllocator(*self.kconfig.import_ports)
         self._imports_wanted = asyncio.Event()
         self.import_queue: WorkQueue[ServiceKey] = WorkQueue(
             "import", self._reconcile_import, workers, transient=self._transient
@@ -232,6 +235,13 @@ class Controller:
     def imports(self) -> tuple[ImportedService, ...]:
         return tuple(self._imports[k] for k in sorted(self._imports))
 
+    @property
+    def listeners(self) -> tuple[ListenerSpec, ...]:
+        """The gateway listeners the imports need: one per imported TCP port of every
+        ClusterSetIP import, on ``kubernetes.importAddress`` and the port its derived
+        Service targets. Changes are announced through ``on_imports`` like the imports."""
+        return tuple(spec for k in sorted(self._listeners) for spec in self._listeners[k])
+
     def idle(self) -> bool:
         """No reconcile queued or running (for tests and benchmarks)."""
         return not len(self.export_queue) and not len(self.import_queue)
@@ -274,6 +284,7 @@ class Controller:
             len(self.exports_w.cache),
             len(self.namespaces_w.cache),
         )
+        self._seed_ports()
         # Imports wait for the first catalog: before it, every import would look orphaned.
         await self._catalog_seen.wait()
         for ikey in self._managed_keys() | set(self._catalog):
@@ -281,6 +292,19 @@ class Controller:
         tg.create_task(self.import_queue.run(), name="import-queue")
         tg.create_task(self._imports_feed(), name="imports-feed")
         tg.create_task(self._resync(), name="resync")
+
+    def _seed_ports(self) -> None:
+        """Take the gateway ports recorded on existing derived Services, before the first
+        import reconcile, so a restart moves no import to another port."""
+        for svc in self.services_w.cache.values():
+            key = self._import_key_of(svc) if model.is_managed(svc) else None
+            if key is None:
+                continue
+            for p in (svc.get("spec") or {}).get("ports") or ():
+                target, proto = p.get("targetPort"), str(p.get("protocol") or "TCP")
+                if proto == "TCP" and isinstance(target, int) and isinstance(p.get("port"), int):
+                    self.ports.claim(PortOwner(key, proto, p["port"]), target)
+        log.info("cluster %s: %d import ports in use", self.cluster_id, len(self.ports))
 
     async def _resync(self) -> None:
         """Every ``resyncSeconds``, look at every key again: anything missed (an event lost
@@ -594,7 +618,9 @@ class Controller:
         ):
             self._applied.pop(k, None)
         self._derived_ips.pop(key, None)
-        if self._imports.pop(key, None) is not None:
+        self.ports.release(key)
+        listeners = self._listeners.pop(key, None)
+        if self._imports.pop(key, None) is not None or listeners:
             self._imports_wanted.set()
         if deleted:
             log.info("import %s removed (%d objects)", key, deleted)
@@ -607,8 +633,10 @@ class Controller:
         ns = key.namespace
         derived = model.derived_name(ns, key.name)
 
-        # 1. The derived Service: its ClusterIP(s) are the clusterset IPs.
-        body = model.derived_service_body(merged, dict(self.kconfig.gateway_selector))
+        # 1. The derived Service: its ClusterIP(s) are the clusterset IPs, its target ports
+        # the gateway ports of this import.
+        targets = self._target_ports(merged)
+        body = model.derived_service_body(merged, dict(self.kconfig.gateway_selector), targets)
         current = self.services_w.cache.get((ns, derived))
         want_headless = merged.type == ServiceType.HEADLESS
         if (
@@ -656,7 +684,7 @@ class Controller:
             self._applied[skey] = sig
 
         # 3. EndpointSlices, one per source cluster (and address family).
-        slices = model.endpoint_slice_bodies(merged, self._gateway)
+        slices = model.endpoint_slice_bodies(merged, self._gateway, targets)
         want = {s["metadata"]["name"] for s in slices}
         await asyncio.gather(
             *(self._apply_if_changed(ENDPOINT_SLICE, self.slices_w, s) for s in slices)
@@ -678,6 +706,15 @@ class Controller:
                 for r in sorted(merged.serving, key=lambda r: r.origin)
             ),
         )
+        bind = self.kconfig.import_address
+        listeners = tuple(
+            ListenerSpec(key, bind, targets[(p.protocol, p.port)], p.port, origins)
+            for p, origins in merged.port_origins
+            if (p.protocol, p.port) in targets
+        )
+        if self._listeners.get(key, ()) != listeners:
+            self._listeners[key] = listeners
+            self._imports_wanted.set()
         if self._imports.get(key) != imported:
             if key not in self._imports:
                 log.info(
@@ -688,6 +725,18 @@ class Controller:
                 )
             self._imports[key] = imported
             self._imports_wanted.set()
+
+    def _target_ports(self, merged: MergedService) -> dict[tuple[str, int], int]:
+        """Gateway ports of a ClusterSetIP import's TCP ports (allocated on first use;
+        ports the import no longer has are released). Headless imports have none: their
+        traffic goes to the remote endpoints' own addresses."""
+        key = merged.key
+        if merged.type != ServiceType.CLUSTERSET_IP:
+            self.ports.release(key)
+            return {}
+        owners = {PortOwner(key, p.protocol, p.port) for p in merged.ports if p.protocol == "TCP"}
+        self.ports.retain(key, owners)
+        return {(o.protocol, o.port): self.ports.get(o) for o in sorted(owners)}
 
 
 def _ns_usable(ns: Obj | None) -> bool:

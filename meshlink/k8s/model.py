@@ -369,15 +369,27 @@ def _import_labels(key: ServiceKey) -> dict[str, str]:
     return {MANAGED_BY_LABEL: MANAGED_BY, MCS_SERVICE_NAME: key.name}
 
 
-def derived_service_body(merged: MergedService, selector: Mapping[str, str]) -> Obj:
+TargetPorts = Mapping[tuple[str, int], int]
+"""(protocol, service port) -> the gateway port that carries it (see k8s/ports.py)."""
+
+
+def derived_service_body(
+    merged: MergedService, selector: Mapping[str, str], target_ports: TargetPorts
+) -> Obj:
     """The derived Service: its ClusterIP is the clusterset IP. ClusterSetIP selects the
-    gateway pods (traffic is tunnelled by them); Headless has no selector and no IP, so
-    only meshlink's EndpointSlices (the remote endpoints) back it."""
+    gateway pods (traffic is tunnelled by them), each port's ``targetPort`` being the
+    gateway port allocated to it; Headless has no selector and no IP, so only meshlink's
+    EndpointSlices (the remote endpoints) back it."""
     key = merged.key
     names = service_port_names(merged.ports)
     spec: Obj = {
         "ports": [
-            {"name": n, "protocol": p.protocol, "port": p.port, "targetPort": p.port}
+            {
+                "name": n,
+                "protocol": p.protocol,
+                "port": p.port,
+                "targetPort": target_ports.get((p.protocol, p.port), p.port),
+            }
             | ({"appProtocol": p.app_protocol} if p.app_protocol else {})
             for n, p in zip(names, merged.ports, strict=True)
         ],
@@ -495,6 +507,7 @@ def slice_name(derived: str, cluster: str, family: str) -> str:
 def endpoint_slice_bodies(
     merged: MergedService,
     gateway_endpoints: Sequence[tuple[str, bool]],
+    target_ports: TargetPorts,
 ) -> list[Obj]:
     """EndpointSlices of one import: per serving source cluster and address family.
 
@@ -502,21 +515,28 @@ def endpoint_slice_bodies(
     ClusterSetIP: the local gateway pods (``gateway_endpoints``: address, ready), ready only
     while the source cluster reports ready endpoints; the gateway tunnels each connection
     to that cluster. Ports are those the source cluster exposes (a conflicting port only
-    reaches the clusters that have it). Every source cluster gets at least one slice.
+    reaches the clusters that have it). A slice port is the endpoint's port: the remote
+    endpoints' own port for Headless, the gateway port of ``target_ports`` for ClusterSetIP.
+    Every source cluster gets at least one slice.
     """
     key = merged.key
     derived = derived_name(key.namespace, key.name)
     names = dict(zip(merged.ports, service_port_names(merged.ports), strict=True))
+    headless = merged.type == ServiceType.HEADLESS
     bodies = []
     for rec in merged.serving:
         ports = [
-            {"name": names[p], "protocol": p.protocol, "port": p.port}
+            {
+                "name": names[p],
+                "protocol": p.protocol,
+                "port": p.port if headless else target_ports.get((p.protocol, p.port), p.port),
+            }
             | ({"appProtocol": p.app_protocol} if p.app_protocol else {})
             for p, origins in merged.port_origins
             if rec.origin in origins
         ]
         by_family: dict[str, list[Obj]] = {}
-        if merged.type == ServiceType.HEADLESS:
+        if headless:
             for ep in rec.endpoints:
                 for addr in ep.addresses:
                     entry: Obj = {"addresses": [addr], "conditions": {"ready": ep.ready}}

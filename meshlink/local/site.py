@@ -19,7 +19,6 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from meshlink.catalog.merge import MergedService, merge
@@ -30,23 +29,12 @@ from meshlink.catalog.records import (
     ServiceKey,
     ServiceType,
 )
-from meshlink.catalog.view import ClusterEndpoints, ImportedService
+from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec
 from meshlink.config import ExportConfig, SiteConfig
 from meshlink.errors import ConfigError
 from meshlink.pki.files import atomic_write
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerSpec:
-    """One import listener: ``address:port`` forwards to ``port`` of the service, on one of
-    ``origins`` (sites that export that port)."""
-
-    key: ServiceKey
-    address: str
-    port: int
-    origins: tuple[str, ...]
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -184,7 +172,7 @@ class LocalSite:
                 ImportedService(key.namespace, key.name, m.type, (addr,), m.ports, clusters)
             )
             listeners.extend(
-                ListenerSpec(key, addr, p.port, origins)
+                ListenerSpec(key, addr, p.port, p.port, origins)
                 for p, origins in m.port_origins
                 if p.protocol == "TCP"
             )

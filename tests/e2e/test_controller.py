@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from meshlink.catalog.records import ServiceKey
 from meshlink.k8s import Controller
 from meshlink.k8s.api import (
     ENDPOINT_SLICE,
@@ -273,7 +274,12 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
         assert ready["status"] == "True"
         # The derived Service selects the gateway pods and carries the union of ports.
         assert derived["spec"]["selector"] == {"app.kubernetes.io/name": "meshlink"}
-        assert [(p["name"], p["port"]) for p in derived["spec"]["ports"]] == [("http", 80)]
+        # Each imported port targets a gateway port of its own (the gateway listens there).
+        ((name, port, target),) = [
+            (p["name"], p["port"], p["targetPort"]) for p in derived["spec"]["ports"]
+        ]
+        assert (name, port) == ("http", 80)
+        assert 20000 <= target <= 29999
 
         async def two_slices(i: int = i) -> list[Obj] | None:
             sl = await env.mcs_slices(i, ns, "web")
@@ -287,7 +293,8 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
             lab = s["metadata"]["labels"]
             assert lab["endpointslice.kubernetes.io/managed-by"] == "meshlink.io"
             assert lab["kubernetes.io/service-name"] == derived_name(ns, "web")
-            assert [(p["name"], p["port"]) for p in s["ports"]] == [("http", 80)]
+            # A slice port is the endpoint's port: the gateway pods' port for this import.
+            assert [(p["name"], p["port"]) for p in s["ports"]] == [("http", target)]
 
     for i in (0, 1):
         conds = await env.wait_condition(i, ns, "web", "Ready", "True", "Exported")
@@ -310,6 +317,12 @@ async def test_export_by_crd_imports_in_every_cluster(env: Env) -> None:
     assert list(imp.ips) == derived3["spec"]["clusterIPs"]
     assert [c.cluster for c in imp.clusters] == ["c1", "c2"]
     assert [(p.name, p.port) for p in imp.ports] == [("http", 80)]
+    (target3,) = [p["targetPort"] for p in derived3["spec"]["ports"]]
+    assert [
+        (s.address, s.port, s.service_port, s.origins)
+        for s in env.controllers["c3"].listeners
+        if s.key == ServiceKey(ns, "web")
+    ] == [("0.0.0.0", target3, 80, ("c1", "c2"))]
 
     rec = next(r for r in env.controllers["c1"].records if r.name == "web")
     assert rec.ready_endpoints == 2
@@ -422,8 +435,14 @@ async def test_conflicts_resolved_as_the_kep_says(env: Env) -> None:
             return by_source if sorted(by_source) == ["c1", "c2"] else None
 
         slices = await eventually(both_slices, WAIT, f"slices of c1 and c2 in c{i + 1}")
-        assert [p["port"] for p in slices["c1"]["ports"]] == [80]
-        assert [p["port"] for p in slices["c2"]["ports"]] == [9090]
+        derived = await env.derived(i, ns, "api")
+        assert derived is not None
+        target = {p["port"]: p["targetPort"] for p in derived["spec"]["ports"]}
+        assert sorted(target) == [80, 9090]
+        assert target[80] != target[9090]
+        # Each cluster's slice carries the gateway ports of the ports that cluster has.
+        assert [p["port"] for p in slices["c1"]["ports"]] == [target[80]]
+        assert [p["port"] for p in slices["c2"]["ports"]] == [target[9090]]
 
         db = await env.wait_si(i, ns, "db", lambda o: clusters_of(o) == ["c1"])
         assert db["spec"]["type"] == "ClusterSetIP"
@@ -633,6 +652,17 @@ async def test_controller_restart_rebuilds_state_without_orphans(env: Env) -> No
         assert (
             keep_after["metadata"]["resourceVersion"] == keep_before["metadata"]["resourceVersion"]
         )
+        # The restarted controller took the gateway ports from the derived Services: the
+        # kept import listens where its Service already points; the new one got another.
+        (keep_port,) = [p["targetPort"] for p in keep_after["spec"]["ports"]]
+        new_derived = await env.derived(1, ns, "new")
+        assert new_derived is not None
+        (new_port,) = [p["targetPort"] for p in new_derived["spec"]["ports"]]
+        assert new_port != keep_port
+        assert {s.key.name: s.port for s in second.listeners if s.key.namespace == ns} == {
+            "keep": keep_port,
+            "new": new_port,
+        }
         assert si_after["metadata"]["uid"] == si_before["metadata"]["uid"]
         # Nothing duplicated: exactly one derived Service and one slice per import.
         items, _ = await env.kubes[1].list(SERVICE, ns, "app.kubernetes.io/managed-by=meshlink")
@@ -692,7 +722,13 @@ async def test_gateway_pods_back_the_clusterset_ip(env: Env) -> None:
 
     sl = await eventually(gateway_slice, WAIT, "slice pointing at the gateway pod")
     assert sl["endpoints"][0]["conditions"]["ready"] is True
-    assert json.dumps(sl["ports"]) == json.dumps([{"name": "http", "protocol": "TCP", "port": 80}])
+    # The slice port is the gateway port the derived Service targets for this import.
+    derived = await env.derived(1, ns, "web")
+    assert derived is not None
+    (target,) = [p["targetPort"] for p in derived["spec"]["ports"]]
+    assert json.dumps(sl["ports"]) == json.dumps(
+        [{"name": "http", "protocol": "TCP", "port": target}]
+    )
 
 
 async def test_v1alpha1_export_is_the_same_object(env: Env) -> None:

@@ -6,6 +6,7 @@ catalog sync, and goes away when the exporting site's lease (its link) runs out.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 
+from meshlink.k8s.model import DERIVED_ANNOTATION
 from tests.kube import KubeCluster, install_crds
 from tests.sites import SiteProc, wait_until
 
@@ -39,11 +41,27 @@ metadata: {name: web, namespace: shop}
 """
 
 
+IMPORT_PORTS = (20000, 20999)
+
+
+def import_address(cluster: KubeCluster) -> str:
+    # A loopback address of its own: the API servers listen on 127.0.0.1 ports in the same
+    # range, and a listener on another address does not collide with them.
+    return f"127.78.{cluster.name.removeprefix('c')}.1"
+
+
 def k8s_site(root: Path, cluster: KubeCluster) -> SiteProc:
     return SiteProc(
         cluster.name,
         root,
-        extra={"kubernetes": {"kubeconfig": str(cluster.kubeconfig), "requestTimeout": 5}},
+        extra={
+            "kubernetes": {
+                "kubeconfig": str(cluster.kubeconfig),
+                "requestTimeout": 5,
+                "importAddress": import_address(cluster),
+                "importPorts": "{}-{}".format(*IMPORT_PORTS),
+            }
+        },
     )
 
 
@@ -95,6 +113,18 @@ def test_export_in_c1_is_imported_in_c2_through_real_sites(
         assert slices[0]["metadata"]["labels"]["endpointslice.kubernetes.io/managed-by"] == (
             "meshlink.io"
         )
+        # The derived Service targets a gateway port of this import's own; the slice (the
+        # gateway pods' endpoints) carries that port, and c2's gateway listens on it.
+        derived = c2.get_json(
+            "services", "-n", "shop", imp["metadata"]["annotations"][DERIVED_ANNOTATION]
+        )
+        ((sport,),) = [[p["targetPort"] for p in derived["spec"]["ports"]]]
+        assert IMPORT_PORTS[0] <= sport <= IMPORT_PORTS[1]
+        assert [p["port"] for p in slices[0]["ports"]] == [sport]
+        want = {"address": f"{import_address(c2)}:{sport}", "service": "shop/web", "port": 80}
+        wait_until("c2's listener for shop/web", lambda: want in s2.status()["listeners"])
+        with socket.create_connection((import_address(c2), sport), timeout=5):
+            pass
         # The exporter imports too (MCS: exporters import), and its export is Valid/Ready.
         wait_until(
             "ServiceImport shop/web in c1 too",
@@ -126,6 +156,7 @@ def test_export_in_c1_is_imported_in_c2_through_real_sites(
             "endpointslices", "-n", "shop", "-l", "multicluster.kubernetes.io/service-name=web"
         )["items"]
         assert dns_a(s2, "web.shop.svc.clusterset.local") == []
+        wait_until("c2's listener closed", lambda: not s2.status()["listeners"])
     except BaseException:
         for s in (s1, s2):
             print(f"--- log of site {s.name}:\n{s.log_tail(60)}")

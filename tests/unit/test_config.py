@@ -37,6 +37,17 @@ def test_export_parsed_with_target_port() -> None:
     assert e.endpoints[1].hostname == "web-0"
 
 
+def test_kubernetes_import_listeners() -> None:
+    c = config.parse({"site": "a", "kubernetes": {}})
+    assert c.kubernetes is not None
+    assert (c.kubernetes.import_address, c.kubernetes.import_ports) == ("0.0.0.0", (20000, 29999))
+    c = config.parse(
+        {"site": "a", "kubernetes": {"importAddress": "::", "importPorts": "41000-41099"}}
+    )
+    assert c.kubernetes is not None
+    assert (c.kubernetes.import_address, c.kubernetes.import_ports) == ("::", (41000, 41099))
+
+
 @pytest.mark.parametrize(
     ("data", "key"),
     [
@@ -55,6 +66,14 @@ def test_export_parsed_with_target_port() -> None:
         ),
         ({"site": "a", "dns": {"ttl": -1}}, "dns.ttl"),
         ({"site": "a", "imports": {"pool": "10.0.0.0/31"}}, "imports.pool"),
+        ({"site": "a", "kubernetes": {"importPorts": "30000"}}, "kubernetes.importPorts"),
+        ({"site": "a", "kubernetes": {"importPorts": "900-1000"}}, "kubernetes.importPorts"),
+        ({"site": "a", "kubernetes": {"importPorts": "2-1"}}, "kubernetes.importPorts"),
+        (
+            {"site": "a", "ops": {"listen": "0.0.0.0:20500"}, "kubernetes": {}},
+            "kubernetes.importPorts",
+        ),
+        ({"site": "a", "kubernetes": {"importAddress": "pod"}}, "kubernetes.importAddress"),
     ],
 )
 def test_errors_name_the_key(data: object, key: str) -> None:

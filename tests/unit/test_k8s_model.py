@@ -205,24 +205,30 @@ def test_import_bodies() -> None:
             rec("c2", 2.0, ports=(Port(80, "TCP", "http"),), ready_endpoints=0),
         ]
     )
-    derived = model.derived_service_body(merged, {"app": "gw"})
+    targets = {("TCP", 80): 20123}  # the gateway port allocated to 80/TCP
+    derived = model.derived_service_body(merged, {"app": "gw"}, targets)
     assert derived["metadata"]["name"] == model.derived_name("demo", "web")
     assert derived["spec"]["selector"] == {"app": "gw"}
-    # Every port of a multi-port Service needs a name; slices use the same names.
-    assert [(p["name"], p["port"]) for p in derived["spec"]["ports"]] == [
-        ("http", 80),
-        ("udp-53", 53),
+    # Every port of a multi-port Service needs a name; slices use the same names. The
+    # TCP port targets its gateway port; UDP is not tunnelled and keeps its own.
+    assert [(p["name"], p["port"], p["targetPort"]) for p in derived["spec"]["ports"]] == [
+        ("http", 80, 20123),
+        ("udp-53", 53, 53),
     ]
     si = model.service_import_body(merged, ["10.0.0.9"], ["IPv4"])
     assert si["spec"]["ips"] == ["10.0.0.9"]
     assert si["spec"]["ipFamilies"] == ["IPv4"]
     assert si["metadata"]["labels"]["tier"] == "web"
     assert si["metadata"]["annotations"][model.DERIVED_ANNOTATION] == derived["metadata"]["name"]
-    slices = model.endpoint_slice_bodies(merged, [("10.244.0.5", True)])
+    slices = model.endpoint_slice_bodies(merged, [("10.244.0.5", True)], targets)
     by_cluster = {s["metadata"]["labels"][model.MCS_SOURCE_CLUSTER]: s for s in slices}
     assert sorted(by_cluster) == ["c1", "c2"]
-    assert [p["port"] for p in by_cluster["c1"]["ports"]] == [80, 53]
-    assert [p["port"] for p in by_cluster["c2"]["ports"]] == [80]
+    # A slice port is the endpoint's port: the gateway pod's port for this import.
+    assert [(p["name"], p["port"]) for p in by_cluster["c1"]["ports"]] == [
+        ("http", 20123),
+        ("udp-53", 53),
+    ]
+    assert [p["port"] for p in by_cluster["c2"]["ports"]] == [20123]
     assert by_cluster["c1"]["endpoints"] == [
         {"addresses": ["10.244.0.5"], "conditions": {"ready": True}}
     ]
