@@ -23,6 +23,7 @@ cluster's kubeconfig (https://127.0.0.1:PORT) works unchanged inside.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import itertools
 import os
@@ -40,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tests.kube import KubeCluster, wait_until
+from tests.netbed.kubeproxy import KubeProxy
 
 REPO = Path(__file__).resolve().parent.parent.parent
 WAN = 0
@@ -89,10 +91,8 @@ def _kill_netns_pids(ns: str) -> None:
     except NetbedError:
         return
     for pid in out.split():
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
 
 
 def _delete_netns(ns: str) -> None:
@@ -151,6 +151,8 @@ class Testbed:
     logs of the processes started here; unix sockets always go to the short directory.
     """
 
+    __test__ = False  # not a pytest test class, despite the name
+
     def __init__(self, n: int, workdir: Path | None = None) -> None:
         if not 1 <= n <= MAX_CLUSTERS:
             raise ValueError(f"n must be between 1 and {MAX_CLUSTERS}, not {n}")
@@ -200,10 +202,8 @@ class Testbed:
             _sh(["ip", "-batch", "-"], input="".join(f"netns add {ns}\n" for ns in names))
             wan_batch = ["link set lo up"]
             for c in self.clusters:
-                _sh(
-                    ["ip", "-n", self.wan, "link", "add", c.wan_if, "type", "veth"]
-                    + ["peer", "name", "eth0", "netns", c.netns]
-                )
+                veth = ["link", "add", c.wan_if, "type", "veth", "peer", "name", "eth0"]
+                _sh(["ip", "-n", self.wan, *veth, "netns", c.netns])
                 wan_batch += [f"addr add {c.wan_ip}/24 dev {c.wan_if}", f"link set {c.wan_if} up"]
                 _sh(
                     ["ip", "-n", c.netns, "-batch", "-"],
@@ -214,11 +214,8 @@ class Testbed:
                         f"route add default via {c.wan_ip}\n"
                     ),
                 )
-                self._iptables(
-                    c.index,
-                    ["-t", "nat", "-A", "POSTROUTING", "-s", c.pod_cidr, "-o", "eth0"]
-                    + ["-j", "MASQUERADE"],
-                )
+                masq = ["-s", c.pod_cidr, "-o", "eth0", "-j", "MASQUERADE"]
+                self._iptables(c.index, ["-t", "nat", "-A", "POSTROUTING", *masq])
             _sh(["ip", "-n", self.wan, "-batch", "-"], input="".join(f"{x}\n" for x in wan_batch))
             self.run(WAN, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         except BaseException:
@@ -351,9 +348,7 @@ class Testbed:
         wait_until(up, 15, f"pod {name} listening on {ip}:{port} in cluster {i}")
         return Pod(cluster=i, name=name, ip=ip, port=port, proc=proc)
 
-    def curl(
-        self, i: int, *urls: str, timeout: float = 5.0
-    ) -> subprocess.CompletedProcess[str]:
+    def curl(self, i: int, *urls: str, timeout: float = 5.0) -> subprocess.CompletedProcess[str]:
         """GET each URL from inside cluster i with curl, one new connection per URL. Each
         body is followed by a newline in stdout; errors go to stderr (curl's exit code is
         that of the last URL: 7 = connection refused, 28 = timed out)."""
@@ -443,6 +438,26 @@ class Testbed:
 
         wait_until(ready, timeout, f"{kube.name}'s API server /readyz from inside cluster {i}")
         return kube.kubeconfig
+
+    def start_kubeproxy(
+        self, i: int, kubeconfig: Path, *, chain_prefix: str = "MLKP", timeout: float = 20.0
+    ) -> KubeProxy:
+        """Start the kube-proxy stand-in inside cluster i (call `connect_apiserver` first)
+        and wait for its first full sync."""
+        state = self._rundir / f"kubeproxy-c{i}-{chain_prefix}.json"
+        name = f"kubeproxy-c{i}-{chain_prefix}"
+        argv = [sys.executable, "-m", "tests.netbed.kubeproxy", "--kubeconfig", str(kubeconfig)]
+        argv += ["--state-file", str(state), "--chain-prefix", chain_prefix]
+        proc = self.popen(i, argv, log=name)
+        kp = KubeProxy(cluster=i, state_file=state, proc=proc, log=self.log_path(name))
+
+        def synced() -> bool:
+            if proc.poll() is not None:
+                raise NetbedError(f"kubeproxy exited with {proc.returncode}: {self._tail(name)}")
+            return bool(kp.state())
+
+        wait_until(synced, timeout, f"kubeproxy's first sync in cluster {i}")
+        return kp
 
     def kubectl(
         self, i: int, kube: KubeCluster, *args: str, timeout: float = CMD_TIMEOUT

@@ -10,6 +10,7 @@ load-balancing decision. The ready file is written once the socket listens.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.server
 import os
 import signal
@@ -57,10 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.ready_file.with_suffix(".tmp")
         tmp.write_text(f"{args.bind}:{server.server_address[1]}\n")
         tmp.replace(args.ready_file)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

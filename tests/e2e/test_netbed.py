@@ -1,0 +1,252 @@
+"""The network-namespace testbed itself (tests/netbed): namespaces and routes, DROP faults,
+the API server bridge, the kube-proxy stand-in against a real kube-apiserver, teardown.
+
+Needs root (network namespaces, iptables): skipped otherwise, except under CI, where a
+missing privilege is a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.kube import KubeCluster, endpoint_slice, wait_until
+from tests.netbed.netns import NetbedError, Testbed, netns_list
+
+TOOLS = ("ip", "iptables", "iptables-restore", "socat", "curl")
+
+
+@pytest.fixture(autouse=True)
+def _needs_root() -> None:
+    if os.geteuid() != 0:
+        reason = "the netns testbed needs root (network namespaces, iptables)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI runs as root", pytrace=False)
+        pytest.skip(reason)
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing tools {missing}: run `bash hack/setup.sh --test`", pytrace=False)
+
+
+@pytest.fixture
+def netbed(tmp_path: Path) -> Iterator[Callable[[int], Testbed]]:
+    """`tb = netbed(n)`: a started testbed of n clusters, closed at the end of the test."""
+    beds: list[Testbed] = []
+
+    def make(n: int) -> Testbed:
+        tb = Testbed(n, tmp_path / f"netbed{len(beds)}")
+        beds.append(tb)
+        tb.start()
+        return tb
+
+    yield make
+    for tb in reversed(beds):
+        tb.close()
+
+
+def bodies(tb: Testbed, i: int, url: str, count: int = 1, timeout: float = 5.0) -> list[str]:
+    out = tb.curl(i, *([url] * count), timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+# ----------------------------------------------------------------------------- namespaces
+
+
+@pytest.mark.timeout(60)
+def test_nodes_reach_each_other_through_the_wan_and_pods_stay_local(
+    netbed: Callable[[int], Testbed],
+) -> None:
+    tb = netbed(2)
+    c1, c2 = tb.clusters
+    assert {tb.wan, c1.netns, c2.netns} <= set(netns_list())
+    node2 = tb.start_pod(2, "node2", ip=c2.node_ip, port=8081)
+    pod2 = tb.start_pod(2, "pod2")
+    assert pod2.ip.startswith("10.202.")
+
+    # Node to node across the WAN: a real TCP connection and HTTP exchange.
+    assert bodies(tb, 1, node2.url) == ["node2"]
+    # A pod address answers inside its cluster, not from another cluster (no route).
+    assert bodies(tb, 2, pod2.url) == ["pod2"]
+    far = tb.curl(1, pod2.url, timeout=2)
+    assert far.returncode != 0, far.stdout
+    # A pod's egress to another cluster's node is masqueraded to its node address.
+    pod1_ip = tb.add_pod_ip(1)
+    out = tb.run(1, ["curl", "-sS", "--max-time", "5", "--interface", pod1_ip, node2.url])
+    assert out.stdout == "node2"
+    # The default route of a cluster is its WAN veth.
+    route = tb.run(1, ["ip", "route", "show", "default"]).stdout
+    assert f"via {c1.wan_ip} dev eth0" in route
+
+
+@pytest.mark.timeout(60)
+def test_drop_and_isolate_cut_exactly_the_chosen_paths(netbed: Callable[[int], Testbed]) -> None:
+    tb = netbed(3)
+    n2 = tb.start_pod(2, "n2", ip=tb.cluster(2).node_ip)
+    n3 = tb.start_pod(3, "n3", ip=tb.cluster(3).node_ip)
+    assert bodies(tb, 1, n2.url) == ["n2"]
+
+    tb.drop(1, 2)
+    cut = tb.curl(1, n2.url, timeout=1)
+    assert cut.returncode == 28, cut.stderr  # dropped: the connect times out
+    back = tb.curl(2, f"http://{tb.cluster(1).node_ip}:1/", timeout=1)
+    assert back.returncode == 28, back.stderr  # both directions
+    assert bodies(tb, 1, n3.url) == ["n3"]  # other paths untouched
+    assert bodies(tb, 3, n2.url) == ["n2"]
+    tb.drop(1, 2)  # idempotent
+    tb.undrop(1, 2)
+    assert bodies(tb, 1, n2.url) == ["n2"]
+
+    tb.isolate(3)
+    assert tb.curl(1, n3.url, timeout=1).returncode == 28
+    assert tb.curl(2, n3.url, timeout=1).returncode == 28
+    assert bodies(tb, 3, n3.url) == ["n3"]  # inside the cluster all still works
+    tb.unisolate(3)
+    assert bodies(tb, 1, n3.url) == ["n3"]
+    assert "DROP" not in tb.run(0, ["iptables", "-w", "5", "-S", "FORWARD"]).stdout
+
+
+@pytest.mark.timeout(60)
+def test_teardown_leaves_no_namespace_and_no_process(tmp_path: Path) -> None:
+    with Testbed(2, tmp_path) as tb:
+        names = [tb.wan, *(c.netns for c in tb.clusters)]
+        pod = tb.start_pod(1, "p")
+        # A process the testbed does not track (daemonized inside the namespace).
+        stray = int(tb.run(2, ["sh", "-c", "sleep 300 >/dev/null 2>&1 & echo $!"]).stdout)
+        assert Path(f"/proc/{stray}").exists()
+    assert not set(names) & set(netns_list())
+    assert pod.proc.poll() is not None
+    wait_until(lambda: not _running(stray), 10, f"stray process {stray} gone")
+    tb.close()  # idempotent
+
+
+@pytest.mark.timeout(60)
+def test_teardown_after_a_failed_setup_leaves_nothing(tmp_path: Path) -> None:
+    tb = Testbed(2, tmp_path)
+    names = [tb.wan, *(c.netns for c in tb.clusters)]
+    subprocess.run(["ip", "netns", "add", tb.netns(2)], check=True, timeout=10)
+    with pytest.raises(NetbedError, match="File exists"):
+        tb.start()
+    assert not set(names) & set(netns_list())
+
+
+def _running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# ----------------------------------------------------------------------------- API server
+
+
+@pytest.mark.timeout(120)
+def test_api_server_answers_inside_the_cluster_namespace(
+    kube_cluster: KubeCluster, netbed: Callable[[int], Testbed]
+) -> None:
+    tb = netbed(1)
+    before = tb.kubectl(1, kube_cluster, "--request-timeout=3s", "get", "ns", "default")
+    assert before.returncode != 0  # the root namespace's loopback is not reachable as is
+    kubeconfig = tb.connect_apiserver(1, kube_cluster)
+    assert kubeconfig == kube_cluster.kubeconfig  # the usual kubeconfig, unchanged
+    out = tb.kubectl(1, kube_cluster, "get", "ns", "default", "-o", "name")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "namespace/default"
+
+
+# ----------------------------------------------------------------------------- kube-proxy
+
+
+def _service(ns: str, name: str, ports: list[dict[str, object]]) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"type": "ClusterIP", "ports": ports},
+        }
+    )
+
+
+@pytest.mark.timeout(120)
+def test_kubeproxy_standin_routes_cluster_ips_to_ready_endpoints(
+    kube_cluster: KubeCluster, netbed: Callable[[int], Testbed]
+) -> None:
+    kube = kube_cluster
+    tb = netbed(1)
+    kp = tb.start_kubeproxy(1, tb.connect_apiserver(1, kube))
+    a = tb.start_pod(1, "a")
+    b = tb.start_pod(1, "b")
+    a_admin = tb.start_pod(1, "a-admin", ip=a.ip, port=9090)
+    for ns in ("demo", "other"):
+        kube.kubectl("create", "namespace", ns)
+    ports: list[dict[str, object]] = [
+        {"name": "http", "port": 80, "targetPort": 8080},
+        {"name": "admin", "port": 81, "targetPort": 9090},
+    ]
+    kube.apply(_service("demo", "web", ports))
+    cip = kube.get_json("service", "web", "-n", "demo")["spec"]["clusterIP"]
+    assert cip.startswith(kube.service_cidr.split(".0.0/")[0])
+    url, admin_url = f"http://{cip}:80/", f"http://{cip}:81/"
+
+    # No EndpointSlice yet: both ports are rejected (connection refused, at once).
+    kp.wait_rules(cip, 80, [])
+    assert tb.curl(1, url).returncode == 7
+
+    # One slice, two ports matched by name (slice ports are the target ports).
+    kube.apply(
+        endpoint_slice("demo", "web", [a.ip], [("admin", 9090, "TCP"), ("http", 8080, "TCP")])
+    )
+    kp.wait_rules(cip, 80, [f"{a.ip}:8080"])
+    kp.wait_rules(cip, 81, [f"{a.ip}:9090"])
+    assert bodies(tb, 1, url) == ["a"]
+    assert bodies(tb, 1, admin_url) == ["a-admin"]
+
+    # A second slice of the same Service: both endpoints get traffic.
+    kube.apply(endpoint_slice("demo", "web", [b.ip], [("http", 8080, "TCP")], name="web-2"))
+    kp.wait_rules(cip, 80, [f"{a.ip}:8080", f"{b.ip}:8080"])
+    seen: set[str] = set()
+    for _ in range(5):  # 5 x 20 requests; both missing all 100 has odds 2**-99
+        seen |= set(bodies(tb, 1, url, count=20))
+        if seen == {"a", "b"}:
+            break
+    assert seen == {"a", "b"}
+
+    # Endpoints becoming not ready leave the rules; none ready means REJECT.
+    kube.apply(
+        endpoint_slice("demo", "web", [b.ip], [("http", 8080, "TCP")], name="web-2", ready=False)
+    )
+    kp.wait_rules(cip, 80, [f"{a.ip}:8080"])
+    assert set(bodies(tb, 1, url, count=10)) == {"a"}
+    kube.apply(
+        endpoint_slice(
+            "demo", "web", [a.ip], [("admin", 9090, "TCP"), ("http", 8080, "TCP")], ready=False
+        )
+    )
+    kp.wait_rules(cip, 80, [])
+    kp.wait_rules(cip, 81, [])
+    refused = tb.curl(1, url)
+    assert refused.returncode == 7, refused.stderr
+
+    # Another namespace, an unnamed single port.
+    kube.apply(_service("other", "solo", [{"port": 8000, "targetPort": 8080}]))
+    kube.apply(endpoint_slice("other", "solo", [b.ip], [("", 8080, "TCP")]))
+    solo = kube.get_json("service", "solo", "-n", "other")["spec"]["clusterIP"]
+    kp.wait_rules(solo, 8000, [f"{b.ip}:8080"])
+    assert bodies(tb, 1, f"http://{solo}:8000/") == ["b"]
+
+    # Deleting the Service removes its rules (nat and filter).
+    kube.kubectl("delete", "service", "web", "-n", "demo")
+    kp.wait_rules(cip, 80, None)
+    kp.wait_rules(cip, 81, None)
+    saved = tb.run(1, ["iptables-save"]).stdout
+    assert cip not in saved
+    assert solo in saved
+    assert a_admin.proc.poll() is None
