@@ -32,6 +32,7 @@ if [ "$want_test" = 1 ]; then
 	need iptables iptables
 	need go golang-go
 	need curl curl
+	need socat socat
 fi
 if [ "$want_bench" = 1 ]; then
 	need stunnel4 stunnel4
