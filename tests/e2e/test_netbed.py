@@ -1,8 +1,9 @@
 """The network-namespace testbed itself (tests/netbed): namespaces and routes, DROP faults,
 the API server bridge, the kube-proxy stand-in against a real kube-apiserver, teardown.
 
-Needs root (network namespaces, iptables): skipped otherwise, except under CI, where a
-missing privilege is a failure.
+The testbed tests need root (network namespaces, iptables): skipped otherwise, except
+under CI, where a missing privilege is a failure. The kube-proxy stand-in's rule rendering
+is also checked as a pure function, without root.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from pathlib import Path
 import pytest
 
 from tests.kube import KubeCluster, endpoint_slice, wait_until
+from tests.netbed.kubeproxy import render
 from tests.netbed.netns import NetbedError, Testbed, netns_list
 
 TOOLS = ("ip", "iptables", "iptables-restore", "socat", "curl")
 
 
-@pytest.fixture(autouse=True)
-def _needs_root() -> None:
+@pytest.fixture
+def root() -> None:
+    """Skip (fail under CI) unless root with the testbed's tools."""
     if os.geteuid() != 0:
         reason = "the netns testbed needs root (network namespaces, iptables)"
         if os.environ.get("CI"):
@@ -35,7 +38,7 @@ def _needs_root() -> None:
 
 
 @pytest.fixture
-def netbed(tmp_path: Path) -> Iterator[Callable[[int], Testbed]]:
+def netbed(root: None, tmp_path: Path) -> Iterator[Callable[[int], Testbed]]:
     """`tb = netbed(n)`: a started testbed of n clusters, closed at the end of the test."""
     beds: list[Testbed] = []
 
@@ -113,6 +116,7 @@ def test_drop_and_isolate_cut_exactly_the_chosen_paths(netbed: Callable[[int], T
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.usefixtures("root")
 def test_teardown_leaves_no_namespace_and_no_process(tmp_path: Path) -> None:
     with Testbed(2, tmp_path) as tb:
         names = [tb.wan, *(c.netns for c in tb.clusters)]
@@ -127,6 +131,7 @@ def test_teardown_leaves_no_namespace_and_no_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.usefixtures("root")
 def test_teardown_after_a_failed_setup_leaves_nothing(tmp_path: Path) -> None:
     tb = Testbed(2, tmp_path)
     names = [tb.wan, *(c.netns for c in tb.clusters)]
@@ -250,3 +255,126 @@ def test_kubeproxy_standin_routes_cluster_ips_to_ready_endpoints(
     assert cip not in saved
     assert solo in saved
     assert a_admin.proc.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_kubeproxy_standin_recovers_from_an_api_server_restart(
+    kube_cluster: KubeCluster, netbed: Callable[[int], Testbed]
+) -> None:
+    kube = kube_cluster
+    tb = netbed(1)
+    kp = tb.start_kubeproxy(1, tb.connect_apiserver(1, kube))
+    a, b = tb.start_pod(1, "a"), tb.start_pod(1, "b")
+    kube.apply(_service("default", "web", [{"name": "http", "port": 80, "targetPort": 8080}]))
+    kube.apply(endpoint_slice("default", "web", [a.ip], [("http", 8080, "TCP")]))
+    cip = kube.get_json("service", "web")["spec"]["clusterIP"]
+    kp.wait_rules(cip, 80, [f"{a.ip}:8080"])
+    generation = kp.state()["generation"]
+
+    kube.stop_apiserver()  # the watches break; the stand-in keeps its rules and retries
+    assert bodies(tb, 1, f"http://{cip}/") == ["a"]
+    kube.start_apiserver()
+    kube.apply(endpoint_slice("default", "web", [b.ip], [("http", 8080, "TCP")]))
+    kp.wait_rules(cip, 80, [f"{b.ip}:8080"])
+    assert kp.state()["generation"] > generation
+    assert bodies(tb, 1, f"http://{cip}/") == ["b"]
+    assert kp.proc.poll() is None
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _svc(ns: str, name: str, ip: str, *ports: tuple[str, int, str]) -> dict[str, object]:
+    return {
+        "metadata": {"namespace": ns, "name": name},
+        "spec": {
+            "clusterIP": ip,
+            "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
+        },
+    }
+
+
+def _slice(
+    ns: str,
+    svc: str,
+    eps: list[tuple[str, bool | None]],
+    *ports: tuple[str, int],
+    family: str = "IPv4",
+) -> dict[str, object]:
+    return {
+        "metadata": {
+            "namespace": ns,
+            "name": f"{svc}-x",
+            "labels": {"kubernetes.io/service-name": svc},
+        },
+        "addressType": family,
+        "endpoints": [
+            {"addresses": [ip], **({} if ready is None else {"conditions": {"ready": ready}})}
+            for ip, ready in eps
+        ],
+        "ports": [{"name": n, "port": p, "protocol": "TCP"} for n, p in ports],
+    }
+
+
+def test_render_matches_ports_by_name_and_spreads_over_ready_endpoints() -> None:
+    services = [
+        _svc(
+            "a", "web", "10.96.0.10", ("http", 80, "TCP"), ("dns", 53, "UDP"), ("admin", 81, "TCP")
+        ),
+        _svc("b", "web", "10.96.0.11", ("", 8000, "TCP")),  # same name, other namespace
+        _svc("a", "headless", "None", ("http", 80, "TCP")),
+        _svc("a", "six", "fd00::1", ("http", 80, "TCP")),
+    ]
+    slices = [
+        _slice("a", "web", [("10.201.0.1", True), ("10.201.0.2", None)], ("http", 8080)),
+        # A second slice: one more endpoint, a not-ready one, and the admin port.
+        _slice(
+            "a",
+            "web",
+            [("10.201.0.3", True), ("10.201.0.4", False)],
+            ("http", 8080),
+            ("admin", 9090),
+        ),
+        _slice("a", "web", [("fd00::5", True)], ("http", 8080), family="IPv6"),
+        _slice("b", "web", [("10.201.0.9", True)], ("", 7000)),
+    ]
+    prog = render(services, slices, prefix="T")
+    assert prog.rules == {
+        "10.96.0.10:80": ["10.201.0.1:8080", "10.201.0.2:8080", "10.201.0.3:8080"],
+        "10.96.0.10:81": ["10.201.0.3:9090"],
+        "10.96.0.11:8000": ["10.201.0.9:7000"],
+    }
+    lines = prog.text.splitlines()
+    (jump,) = [x for x in lines if x.startswith("-A T-SERVICES -d 10.96.0.10/32") and "80 " in x]
+    chain = jump.split("-j ")[1]
+    dnat = [x for x in lines if x.startswith(f"-A {chain} ")]
+    assert [x.split("--to-destination ")[1] for x in dnat] == prog.rules["10.96.0.10:80"]
+    probs = [
+        x.split("--probability ")[1].split()[0] if "--probability" in x else None for x in dnat
+    ]
+    assert probs == ["0.3333333333", "0.5000000000", None]  # 1/3, then 1/2, then the rest
+    assert not any("REJECT" in x for x in lines)
+    assert lines[0] == "*nat"
+    assert lines.count("COMMIT") == 2
+    assert len(prog.chains) == 3
+
+
+def test_render_rejects_ports_without_ready_endpoints_and_deletes_stale_chains() -> None:
+    svc = _svc("a", "web", "10.96.0.10", ("http", 80, "TCP"))
+    first = render([svc], [_slice("a", "web", [("10.201.0.1", True)], ("http", 8080))])
+    assert first.rules == {"10.96.0.10:80": ["10.201.0.1:8080"]}
+    (chain,) = first.chains
+
+    gone = render(
+        [svc], [_slice("a", "web", [("10.201.0.1", False)], ("http", 8080))], stale=first.chains
+    )
+    assert gone.rules == {"10.96.0.10:80": []}
+    reject = "-d 10.96.0.10/32 -p tcp -m tcp --dport 80 -j REJECT --reject-with tcp-reset"
+    assert f"-A MLKP-SERVICES {reject}" in gone.text
+    # The old chain is declared (so flushed) and then deleted.
+    assert f":{chain} - [0:0]" in gone.text
+    assert f"-X {chain}" in gone.text
+    # A slice port named differently from the Service port matches nothing.
+    other = render([svc], [_slice("a", "web", [("10.201.0.1", True)], ("web", 8080))])
+    assert other.rules == {"10.96.0.10:80": []}
+    assert render([], [], stale=first.chains).rules == {}

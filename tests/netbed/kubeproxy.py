@@ -50,7 +50,8 @@ Obj = dict[str, Any]
 Key = tuple[str, str]
 DEFAULT_PREFIX = "MLKP"
 _RESTORE_TIMEOUT = 10.0
-_RETRY_DELAY = 0.2
+_RETRY_DELAY = 0.1
+_MAX_RETRY_DELAY = 1.0
 _WATCH_SECONDS = 240
 
 
@@ -253,6 +254,7 @@ async def informer(
     """Keep `store` equal to the collection at `path`: list, then watch from the list's
     resourceVersion; relist on 410 or any error. Sets `changed` on every change."""
     url = api.server + path
+    delay = _RETRY_DELAY
     while True:
         try:
             async with session.get(url, headers=api.headers, ssl=api.ssl) as r:
@@ -265,6 +267,7 @@ async def informer(
                 store[(o["metadata"].get("namespace", ""), o["metadata"]["name"])] = o
             synced.set()
             changed.set()
+            delay = _RETRY_DELAY
             while True:
                 rv = await _watch(session, api, url, rv, store, changed)
         except _Relist:
@@ -272,8 +275,9 @@ async def informer(
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.warning("watch %s: %s; relisting", path, e)
-            await asyncio.sleep(_RETRY_DELAY)  # a retry backoff, not a wait for a condition
+            log.warning("watch %s: %s; relisting in %.1f s", path, e or type(e).__name__, delay)
+            await asyncio.sleep(delay)  # a retry backoff, not a wait for a condition
+            delay = min(delay * 2, _MAX_RETRY_DELAY)
 
 
 async def _watch(
