@@ -96,9 +96,9 @@ def test_drop_and_isolate_cut_exactly_the_chosen_paths(netbed: Callable[[int], T
     assert bodies(tb, 1, n2.url) == ["n2"]
 
     tb.drop(1, 2)
-    cut = tb.curl(1, n2.url, timeout=1)
+    cut = tb.curl(1, n2.url, timeout=0.5)
     assert cut.returncode == 28, cut.stderr  # dropped: the connect times out
-    back = tb.curl(2, f"http://{tb.cluster(1).node_ip}:1/", timeout=1)
+    back = tb.curl(2, f"http://{tb.cluster(1).node_ip}:1/", timeout=0.5)
     assert back.returncode == 28, back.stderr  # both directions
     assert bodies(tb, 1, n3.url) == ["n3"]  # other paths untouched
     assert bodies(tb, 3, n2.url) == ["n2"]
@@ -107,8 +107,8 @@ def test_drop_and_isolate_cut_exactly_the_chosen_paths(netbed: Callable[[int], T
     assert bodies(tb, 1, n2.url) == ["n2"]
 
     tb.isolate(3)
-    assert tb.curl(1, n3.url, timeout=1).returncode == 28
-    assert tb.curl(2, n3.url, timeout=1).returncode == 28
+    assert tb.curl(1, n3.url, timeout=0.5).returncode == 28
+    assert tb.curl(2, n3.url, timeout=0.5).returncode == 28
     assert bodies(tb, 3, n3.url) == ["n3"]  # inside the cluster all still works
     tb.unisolate(3)
     assert bodies(tb, 1, n3.url) == ["n3"]

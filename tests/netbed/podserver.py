@@ -14,6 +14,7 @@ import contextlib
 import http.server
 import os
 import signal
+import socketserver
 import sys
 from pathlib import Path
 from types import FrameType
@@ -38,6 +39,17 @@ def _handler(name: bytes) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks the address up in DNS (getfqdn), which inside a
+        # namespace without a resolver waits for a timeout; the name is not needed.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="podserver", description=__doc__)
     p.add_argument("--name", required=True)
@@ -45,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--ready-file", type=Path)
     args = p.parse_args(argv)
-    http.server.ThreadingHTTPServer.allow_reuse_address = True
-    server = http.server.ThreadingHTTPServer((args.bind, args.port), _handler(args.name.encode()))
-    server.daemon_threads = True
+    server = _Server((args.bind, args.port), _handler(args.name.encode()))
 
     def stop(signum: int, frame: FrameType | None) -> None:
         server.server_close()
