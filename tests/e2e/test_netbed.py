@@ -224,6 +224,12 @@ def test_kubeproxy_standin_routes_cluster_ips_to_ready_endpoints(
             break
     assert seen == {"a", "b"}
 
+    # Deleting a slice takes its endpoints out; bringing it back puts them in again.
+    kube.kubectl("delete", "endpointslice", "web-2", "-n", "demo")
+    kp.wait_rules(cip, 80, [f"{a.ip}:8080"])
+    kube.apply(endpoint_slice("demo", "web", [b.ip], [("http", 8080, "TCP")], name="web-2"))
+    kp.wait_rules(cip, 80, [f"{a.ip}:8080", f"{b.ip}:8080"])
+
     # Endpoints becoming not ready leave the rules; none ready means REJECT.
     kube.apply(
         endpoint_slice("demo", "web", [b.ip], [("http", 8080, "TCP")], name="web-2", ready=False)
