@@ -161,6 +161,7 @@ def test_api_server_answers_inside_the_cluster_namespace(
     assert before.returncode != 0  # the root namespace's loopback is not reachable as is
     kubeconfig = tb.connect_apiserver(1, kube_cluster)
     assert kubeconfig == kube_cluster.kubeconfig  # the usual kubeconfig, unchanged
+    assert tb.connect_apiserver(1, kube_cluster) == kubeconfig  # idempotent
     out = tb.kubectl(1, kube_cluster, "get", "ns", "default", "-o", "name")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "namespace/default"

@@ -177,6 +177,7 @@ class Testbed:
         self._created: list[str] = []
         self._procs: list[subprocess.Popen[bytes]] = []
         self._drops: set[tuple[str, ...]] = set()
+        self._bridges: dict[int, int] = {}
         self._pod_ips: dict[int, set[str]] = {i: set() for i in range(1, n + 1)}
         self._next_host: dict[int, int] = dict.fromkeys(range(1, n + 1), 10)
         self._log_seq = itertools.count(1)
@@ -406,11 +407,16 @@ class Testbed:
     def connect_apiserver(self, i: int, kube: KubeCluster, *, timeout: float = 30.0) -> Path:
         """Make `kube`'s API server (127.0.0.1:PORT in the root namespace) answer on
         127.0.0.1:PORT inside cluster i, and wait until /readyz answers from inside.
-        Returns the kubeconfig to use inside (the cluster's own, unchanged)."""
+        Returns the kubeconfig to use inside (the cluster's own, unchanged). Calling it
+        again for the same cluster and API server does nothing."""
         u = urlsplit(kube.server)
         if u.hostname != "127.0.0.1" or u.port is None:
             raise NetbedError(f"cannot bridge API server {kube.server}: not 127.0.0.1:PORT")
         port = u.port
+        if self._bridges.get(i) == port:
+            return kube.kubeconfig
+        if i in self._bridges:
+            raise NetbedError(f"cluster {i} is already bridged to another API server")
         sock = self._rundir / f"api-c{i}.sock"
         root = self.popen(
             None,
@@ -437,6 +443,7 @@ class Testbed:
             return self.run(i, argv, check=False, timeout=10).stdout.strip() == "ok"
 
         wait_until(ready, timeout, f"{kube.name}'s API server /readyz from inside cluster {i}")
+        self._bridges[i] = port
         return kube.kubeconfig
 
     def start_kubeproxy(
