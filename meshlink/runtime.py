@@ -295,7 +295,11 @@ class SiteRuntime:
         while True:
             await self._controller_dirty.wait()
             self._controller_dirty.clear()
+            t0 = time.monotonic()
             await self._set_imports(*self._controller_view)
+            # At thousands of imports a DNS snapshot takes tens of ms to build: wait as
+            # long as the last update took, so a burst of changes costs at most half a core.
+            await asyncio.sleep(min(time.monotonic() - t0, 1.0))
 
     def _set_dns(self, imports: tuple[ImportedService, ...]) -> None:
         self.imports = imports
