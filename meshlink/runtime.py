@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import ssl
 import time
@@ -128,6 +129,8 @@ class SiteRuntime:
         self.imports: tuple[ImportedService, ...] = ()
         self._listeners: dict[tuple[str, int], ImportListener] = {}
         self._listener_specs: dict[tuple[str, int], ListenerSpec] = {}
+        self._listener_errors: dict[tuple[str, int], str] = {}
+        self._listeners_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
         self._controller_view: tuple[tuple[ImportedService, ...], tuple[ListenerSpec, ...]] = (
             (),
@@ -312,38 +315,49 @@ class SiteRuntime:
     async def _set_imports(
         self, imports: tuple[ImportedService, ...], specs: Sequence[ListenerSpec]
     ) -> None:
-        wanted = {(s.address, s.port): s for s in specs}
-        for addr in [a for a in self._listeners if a not in wanted]:
-            listener = self._listeners.pop(addr)
-            self._listener_specs.pop(addr, None)
-            await listener.close()
-            log.info("import listener closed: %s:%d", *addr)
-        for addr, spec in wanted.items():
-            self._listener_specs[addr] = spec
-            if addr in self._listeners:
-                continue
-            listener = ImportListener(self.gateway, addr, self._chooser(addr))
-            try:
-                await listener.start()
-            except OSError as e:
-                log.error(
-                    "cannot listen on %s:%d for %s: %s (check %s)",
+        await self._apply_listeners({(s.address, s.port): s for s in specs})
+        self._set_dns(imports)
+
+    async def _apply_listeners(self, wanted: dict[tuple[str, int], ListenerSpec]) -> None:
+        """Close the listeners no longer wanted, open the missing ones. One that cannot bind
+        is logged once, shown by status and `meshlink check`, and retried by the state loop."""
+        async with self._listeners_lock:
+            for addr in [a for a in self._listeners if a not in wanted]:
+                listener = self._listeners.pop(addr)
+                await listener.close()
+                log.info("import listener closed: %s:%d", *addr)
+            self._listener_specs = dict(wanted)
+            self._listener_errors = {a: e for a, e in self._listener_errors.items() if a in wanted}
+            for addr, spec in wanted.items():
+                if addr in self._listeners:
+                    continue
+                listener = ImportListener(self.gateway, addr, self._chooser(addr))
+                try:
+                    await listener.start()
+                except OSError as e:
+                    # asyncio rewords bind errors ("error while attempting to bind ..."):
+                    # the errno's own text is the one line that says it.
+                    why = os.strerror(e.errno) if e.errno else str(e)
+                    if self._listener_errors.get(addr) != why:
+                        log.error(
+                            "cannot listen on %s:%d for %s: %s (check %s; retrying)",
+                            addr[0],
+                            addr[1],
+                            spec.key,
+                            why,
+                            "imports.pool" if self.local is not None else "kubernetes.importPorts",
+                        )
+                    self._listener_errors[addr] = why
+                    continue
+                self._listener_errors.pop(addr, None)
+                self._listeners[addr] = listener
+                log.info(
+                    "import listener: %s:%d -> %s port %d",
                     addr[0],
                     addr[1],
                     spec.key,
-                    e.strerror,
-                    "imports.pool" if self.local is not None else "kubernetes.importPorts",
+                    spec.service_port,
                 )
-                continue
-            self._listeners[addr] = listener
-            log.info(
-                "import listener: %s:%d -> %s port %d",
-                addr[0],
-                addr[1],
-                spec.key,
-                spec.service_port,
-            )
-        self._set_dns(imports)
 
     def _chooser(self, addr: tuple[str, int]) -> Callable[[], list[FlowTarget]]:
         def choose() -> list[FlowTarget]:
@@ -411,6 +425,8 @@ class SiteRuntime:
                 if st.rtt_ms is not None:
                     self.metrics.rtt.labels(st.peer_site).set(st.rtt_ms / 1000)
             self.metrics.links_up.set(sum(1 for st in statuses if st.state == "up"))
+            if self._listener_errors and ticks % 10 == 0:  # every 5 s
+                await self._apply_listeners(dict(self._listener_specs))
             await asyncio.sleep(STATE_POLL)
 
     # -- status --------------------------------------------------------------------------
@@ -476,6 +492,16 @@ class SiteRuntime:
                 for a in sorted(self._listeners)
                 if a in self._listener_specs
             ][:1000],
+            "listener_errors": [
+                {
+                    "address": f"{a[0]}:{a[1]}",
+                    "service": str(self._listener_specs[a].key),
+                    "port": self._listener_specs[a].service_port,
+                    "error": err,
+                }
+                for a, err in sorted(self._listener_errors.items())
+                if a in self._listener_specs
+            ][:100],
             "conflicts": self._conflicts(),
         }
 

@@ -124,6 +124,15 @@ def check(s: dict[str, Any]) -> list[tuple[bool, str]]:
             )
     if s["imports"] and all(i["reachable"] or i["type"] != "ClusterSetIP" for i in s["imports"]):
         out.append((True, f"{len(s['imports'])} import(s), each with a reachable exporting site"))
+    for e in s.get("listener_errors", []):
+        out.append(
+            (
+                False,
+                f"import {e['service']} port {e['port']}: cannot listen on {e['address']}: "
+                f"{e['error']}; free that address or change the import range "
+                "(imports.pool or kubernetes.importPorts)",
+            )
+        )
     for c in s.get("conflicts", []):
         out.append(
             (

@@ -7,6 +7,7 @@ site allocated, so every byte crosses two gateways and a TLS 1.3 link (three sit
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import signal
 import socket
@@ -307,6 +308,40 @@ def test_status_and_check_render(tmp_path: Path, backend: Backend) -> None:
         chk = cli("check", "--config", str(b.config), check=False)
         assert chk.returncode == 1
         assert "FAIL" in chk.stdout
+
+
+def test_import_listener_that_cannot_bind_is_reported_and_retried(
+    tmp_path: Path, backend: Backend
+) -> None:
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        # The first import of b's pool gets its second host address; something else
+        # already listens there on the service's port.
+        taken = str(ipaddress.ip_network(b.pool)[2])
+        squatter = socket.create_server((taken, 9000))
+        try:
+            b.link_to(a)
+            err = wait_until(
+                "b reports the listener it cannot open",
+                lambda: b.status()["listener_errors"],
+            )
+            assert err == [
+                {
+                    "address": f"{taken}:9000",
+                    "service": "test/svc",
+                    "port": 9000,
+                    "error": "Address already in use",
+                }
+            ]
+            chk = cli("check", "--config", str(b.config), check=False)
+            assert chk.returncode == 1
+            assert f"cannot listen on {taken}:9000: Address already in use" in chk.stdout
+        finally:
+            squatter.close()
+        # Freed: the state loop retries (every 5 s) and traffic flows.
+        wait_until("listener opened on retry", lambda: not b.status()["listener_errors"], 15)
+        with connect(b) as s:
+            s.sendall(b"Ex")  # echo protocol, then one byte to echo
+            assert s.recv(1) == b"x"
 
 
 def test_broken_config_is_one_line_naming_the_key(tmp_path: Path) -> None:

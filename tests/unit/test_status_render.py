@@ -71,3 +71,22 @@ def test_check_passes_healthy_and_names_what_is_wrong() -> None:
     assert any("no reachable exporting site" in f for f in fails)
     lonely = {**STATUS, "links": [], "imports": []}
     assert any("meshlink token create" in line for ok, line in check(lonely) if not ok)
+
+
+def test_check_names_an_import_listener_that_cannot_listen() -> None:
+    st = {
+        **STATUS,
+        "listener_errors": [
+            {
+                "address": "0.0.0.0:20001",
+                "service": "shop/web",
+                "port": 80,
+                "error": "Address already in use",
+            }
+        ],
+    }
+    fails = [line for ok, line in check(st) if not ok]
+    assert fails == [
+        "import shop/web port 80: cannot listen on 0.0.0.0:20001: Address already in use; "
+        "free that address or change the import range (imports.pool or kubernetes.importPorts)"
+    ]
