@@ -81,6 +81,13 @@ def render(s: dict[str, Any]) -> str:
             ]
         )
     out += _table(rows)
+    if s.get("listener_errors"):
+        out += ["", "IMPORT LISTENERS THAT CANNOT LISTEN (retried every 5 s)"]
+        rows = [["SERVICE", "PORT", "ADDRESS", "ERROR"]]
+        rows += [
+            [e["service"], str(e["port"]), e["address"], e["error"]] for e in s["listener_errors"]
+        ]
+        out += _table(rows)
     if s.get("conflicts"):
         out += ["", "CONFLICTS"]
         rows = [["SERVICE", "WINNER", "REASONS"]]

@@ -85,6 +85,7 @@ def test_check_names_an_import_listener_that_cannot_listen() -> None:
             }
         ],
     }
+    assert "0.0.0.0:20001  Address already in use" in render(st)
     fails = [line for ok, line in check(st) if not ok]
     assert fails == [
         "import shop/web port 80: cannot listen on 0.0.0.0:20001: Address already in use; "
