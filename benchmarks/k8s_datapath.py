@@ -1,6 +1,6 @@
 """Kubernetes data path: a client pod in cluster B -> clusterset IP -> meshlink -> a pod in A.
 
-    python benchmarks/k8s_datapath.py [--quick] [--json PATH] [--runs N]
+    python benchmarks/k8s_datapath.py [--quick] [--json PATH] [--runs N] [--profile DIR]
 
 Needs root (network namespaces, iptables). Two real kube-apiservers (tests/kube.py) and the
 network-namespace testbed (tests/netbed: a WAN namespace and one namespace per cluster, the
@@ -21,7 +21,10 @@ Three paths to the same pod, measured with the same clients (tools of benchmarks
 Metrics: iperf3 1 and 8 flows (Gbit/s), wrk -t2 -c50 (req/s, p50, p99), flow setup
 (connect, one HTTP request and response, close; p50 and p99) and the CPU seconds both
 gateways spend per GB moved. Runs are interleaved (the mode order flips every round); the
-table shows medians with the ratios meshlink/incluster and meshlink/wan.
+table shows medians with the ratios meshlink/incluster and meshlink/wan. --quick: one round
+of 3 s runs (about 45 s in all, control planes included); default: three rounds of 8 s runs
+(about 4 min). --profile DIR samples both gateways with py-spy during the first round's
+meshlink runs and prints each one's top functions (self time).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +54,14 @@ if TYPE_CHECKING:
     from tests.netbed.netns import Testbed
 
 MODES = ("meshlink", "incluster", "wan")
-TOOLS = {"iperf3": "iperf3", "wrk": "wrk", "nginx": "nginx-light", "socat": "socat"}
+TOOLS = {
+    "iperf3": "iperf3",
+    "wrk": "wrk",
+    "nginx": "nginx-light",
+    "socat": "socat",
+    "curl": "curl",
+    "ss": "iproute2",
+}
 HTTP_PORT, IPERF_PORT = 8080, 5201
 WAN_HTTP_PORT, WAN_IPERF_PORT = 18080, 15201
 PAGE = 612  # nginx's default page size, as in tunnel.py
@@ -97,7 +108,8 @@ class Bench:
         self.pod_ip = ""
         # mode -> (client cluster index, HTTP host:port, iperf3 host:port)
         self.targets: dict[str, tuple[int, tuple[str, int], tuple[str, int]]] = {}
-        self.cpu_per_gb: list[float] = []
+        self.pids: dict[int, int] = {}
+        self.cpu: dict[str, list[float]] = {}
 
     def start_servers(self) -> None:
         """nginx and iperf3 on one pod address of c1."""
@@ -230,10 +242,10 @@ metadata: {{name: {name}, namespace: {NS}}}
 
     # ------------------------------------------------------------------ measurements
 
-    def gateway_cpu(self) -> float:
-        """CPU seconds used so far by both meshlink processes (found by their command
-        line among the namespaces' processes; `ip netns exec` execs, so the pid is it)."""
-        total = 0.0
+    def gateway_pids(self) -> dict[int, int]:
+        """{cluster index: pid} of the meshlink processes, found by their command line
+        among the namespaces' processes (`ip netns exec` execs, so its pid is meshlink's)."""
+        pids: dict[int, int] = {}
         for i in (1, 2):
             out = subprocess.run(
                 ["ip", "netns", "pids", self.tb.netns(i)],
@@ -245,11 +257,25 @@ metadata: {{name: {name}, namespace: {NS}}}
             for pid in out.stdout.split():
                 try:
                     cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                    if b"meshlink" in cmd and b"run" in cmd:
-                        total += C.cpu_s(int(pid))
-                except (OSError, ValueError):
+                except OSError:
                     continue
-        return total
+                if b"meshlink" in cmd and b"run" in cmd:
+                    pids[i] = int(pid)
+        if sorted(pids) != [1, 2]:
+            raise RuntimeError(f"meshlink processes not found in both clusters: {pids}")
+        return pids
+
+    def gateway_cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by the exporting (c1) and importing (c2) gateway."""
+        return C.cpu_s(self.pids[1]), C.cpu_s(self.pids[2])
+
+    def add_cpu(self, key: str, cpu0: tuple[float, float], per: float) -> None:
+        """Record each gateway's CPU since `cpu0`, divided by `per` (GB or flows)."""
+        if per > 0:
+            for side, before, now in zip(
+                ("exporter", "importer"), cpu0, self.gateway_cpu(), strict=True
+            ):
+                self.cpu.setdefault(f"{key}_{side}", []).append((now - before) / per)
 
     def iperf(self, mode: str, flows: int, seconds: int) -> float:
         """Gbit/s received; for meshlink also the gateways' CPU seconds per GB."""
@@ -259,7 +285,7 @@ metadata: {{name: {name}, namespace: {NS}}}
         if flows > 1:
             argv += ["-P", str(flows)]
         for _attempt in range(5):  # the server runs one test at a time: wait out the last
-            cpu0 = self.gateway_cpu() if mode == "meshlink" else 0.0
+            cpu0 = self.gateway_cpu()
             out = self.tb.run(i, argv, check=False, timeout=seconds + 60)
             try:
                 data = json.loads(out.stdout)
@@ -276,8 +302,7 @@ metadata: {{name: {name}, namespace: {NS}}}
                 return float("nan")
             if mode == "meshlink":
                 moved = float(data["end"]["sum_received"]["bytes"]) / 1e9
-                if moved > 0:
-                    self.cpu_per_gb.append((self.gateway_cpu() - cpu0) / moved)
+                self.add_cpu("gateway_cpu_s_per_gb", cpu0, moved)
             return gbps
         print(f"iperf3 {mode}: the server stayed busy", file=sys.stderr)
         return float("nan")
@@ -295,10 +320,56 @@ metadata: {{name: {name}, namespace: {NS}}}
             _ms(_grab_str(r"\s99%\s+([\d.]+\w+)", out)),
         )
 
+    def profiled(self, step: Callable[[str], None], mode: str, out: Path | None, name: str) -> None:
+        """Run `step(mode)`; with `out`, sample both gateways with py-spy meanwhile (collapsed
+        stacks to out/<name>-c<i>.txt) and print each one's top leaf functions."""
+        if out is None:
+            step(mode)
+            return
+        spy = Path(sys.executable).parent / "py-spy"
+        spies = {}
+        for i, pid in self.pids.items():
+            argv = [
+                str(spy) if spy.exists() else "py-spy",
+                "record",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+            ]
+            argv += ["--pid", str(pid), "--output", str(out / f"{name}-c{i}.txt")]
+            spies[i] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(0.5)  # py-spy attaches
+            step(mode)
+        finally:
+            for p in spies.values():
+                p.send_signal(signal.SIGINT)
+            for p in spies.values():
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(5)
+        for i in spies:
+            print(f"profile {name} c{i}: {top_leaves(out / f'{name}-c{i}.txt')}", file=sys.stderr)
+
+    def log_problems(self) -> list[str]:
+        """WARNING and ERROR lines the two meshlink processes logged (shown, counted)."""
+        lines = []
+        for c in (self.c1, self.c2):
+            path = self.tb.log_path(f"meshlink-{c.kube.name}")
+            for line in path.read_text(errors="replace").splitlines():
+                if re.search(r" (WARNING|WARN|ERROR|CRITICAL) ", line):
+                    lines.append(f"{c.kube.name}: {line}")
+        return lines
+
     def setup(self, mode: str, count: int) -> tuple[float, float]:
         i, (host, port), _ = self.targets[mode]
         argv = [sys.executable, str(Path(__file__).resolve()), "--setup-loop"]
         argv += [f"{host}:{port}", "--count", str(count)]
+        cpu0 = self.gateway_cpu()
         out = self.tb.run(i, argv, check=False, timeout=count * 0.5 + 30)
         try:
             data = json.loads(out.stdout)
@@ -308,7 +379,29 @@ metadata: {{name: {name}, namespace: {NS}}}
         if data["failures"]:
             print(f"setup {mode}: {data['failures']} failed connections", file=sys.stderr)
         times: list[float] = data["times"]
+        if mode == "meshlink":
+            self.add_cpu("gateway_cpu_ms_per_flow", cpu0, len(times) / 1000)
         return C.percentile(times, 50), C.percentile(times, 99)
+
+
+def top_leaves(path: Path, n: int = 6) -> str:
+    """The `n` functions with the most samples at the top of the stack (self time), in
+    percent, from py-spy's collapsed-stack output."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no profile)"
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in text.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        leaf = stack.rsplit(";", 1)[-1]
+        leaves[leaf] = leaves.get(leaf, 0) + int(count)
+        total += int(count)
+    top = sorted(leaves.items(), key=lambda kv: -kv[1])[:n]
+    return "; ".join(f"{k} {100 * v / total:.0f}%" for k, v in top) if total else "(empty)"
 
 
 def _grab(pattern: str, text: str) -> float:
@@ -337,7 +430,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     from tests.netbed.netns import Testbed
 
     runs = args.runs or (1 if args.quick else 3)
-    secs = 2 if args.quick else 5
+    profile = Path(args.profile).resolve() if args.profile else None
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+    secs = 3 if args.quick else 8
     setup_n = 300 if args.quick else 1000
     results: dict[str, list[float]] = {}
 
@@ -372,6 +468,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     bench.wan_forward()
                     bench.plan(web_ip, bulk_ip, ms_web, ms_bulk)
                     bench.check_paths()
+                    bench.pids = bench.gateway_pids()
                     startup_s = time.monotonic() - t_start
                     print(f"ready after {startup_s:.1f} s; {C.load_line()}", file=sys.stderr)
 
@@ -397,7 +494,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                         for name, step in steps:
                             for mode in order:
                                 print(f"run {r + 1}/{runs}: {name} {mode} ...", file=sys.stderr)
-                                step(mode)
+                                prof = profile if r == 0 and mode == "meshlink" else None
+                                bench.profiled(step, mode, prof, name)
+                    problems = bench.log_problems()
+                    for line in problems[:20]:
+                        print(f"meshlink log: {line}", file=sys.stderr)
                 except BaseException:
                     for c in clusters:
                         print(
@@ -407,7 +508,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         finally:
             cp.close()
     med: dict[str, object] = {k: C.median(v) for k, v in sorted(results.items())}
-    med["gateway_cpu_s_per_gb"] = C.median(bench.cpu_per_gb)
+    med.update({k: C.median(v) for k, v in sorted(bench.cpu.items())})
+    med["meshlink_log_warnings"] = len(problems)
     med["startup_s"] = round(startup_s, 1)
     med["total_s"] = round(time.monotonic() - t_start, 1)
     med["runs"] = runs
@@ -420,6 +522,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 round of short runs (< 2 min)")
     ap.add_argument("--json", help="write the results (medians) to this file")
     ap.add_argument("--runs", type=int, help="interleaved rounds (default 3, quick 1)")
+    ap.add_argument("--profile", help="directory for py-spy samples of both gateways (first round)")
     ap.add_argument("--setup-loop", help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, default=300, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -468,11 +571,18 @@ def main() -> int:
         ["metric", "meshlink", "incluster", "wan", "meshlink/incluster", "meshlink/wan"], rows
     )
     print(
-        f"meshlink gateways' CPU per GB (both, iperf3): {get('gateway_cpu_s_per_gb'):.2f} s; "
-        f"control planes + testbed + sites ready in {med['startup_s']} s, "
-        f"whole run {med['total_s']} s"
+        "meshlink gateway CPU, exporter (c1) / importer (c2): "
+        f"{get('gateway_cpu_s_per_gb_exporter'):.2f} / {get('gateway_cpu_s_per_gb_importer'):.2f}"
+        " s per GB (iperf3); "
+        f"{get('gateway_cpu_ms_per_flow_exporter'):.3f} / "
+        f"{get('gateway_cpu_ms_per_flow_importer'):.3f} ms per flow (setup loop)"
     )
-    out = {**med, **ratios, "load": load}
+    print(
+        f"control planes + testbed + sites ready in {med['startup_s']} s, whole run "
+        f"{med['total_s']} s; meshlink logged {med['meshlink_log_warnings']} warnings/errors"
+    )
+    out = {k: round(v, 4) if isinstance(v, float) else v for k, v in {**med, **ratios}.items()}
+    out["load"] = load
     print(json.dumps({k: (None if v != v else v) for k, v in out.items()}, sort_keys=True))
     C.write_json(args.json, out)
     return 0
