@@ -534,12 +534,9 @@ def main() -> int:
         return 2
     C.ensure_tools(TOOLS)
     print(f"# {C.load_line()} (before)", file=sys.stderr)
-    from tests.kube import KubeError
-    from tests.netbed.netns import NetbedError
-
     try:
         med = run(args)
-    except (KubeError, NetbedError, AssertionError) as e:
+    except (RuntimeError, AssertionError) as e:  # KubeError, NetbedError, wait_until
         print(f"k8s_datapath.py: the testbed failed: {e}", file=sys.stderr)
         return 1
     load = C.load_line()
