@@ -16,6 +16,10 @@
 
 The snapshot also owns the packed-reply caches (see ``answer``), so replacing the snapshot
 replaces the caches: a reply never mixes two snapshots.
+
+Rebuilding is incremental in effect: each service's records (its "fragment") are computed
+once per distinct ``ImportedService`` value and zone and kept in an LRU cache, so a rebuild
+after one import changed costs a merge of the others, not their recomputation.
 """
 
 from __future__ import annotations
@@ -267,6 +271,33 @@ def _add_service(b: _Builder, svc: ImportedService) -> None:
     b.records.setdefault(base.encode("ascii"), {})
 
 
+ByType: TypeAlias = Mapping[int, tuple[Value, ...]]
+Fragment: TypeAlias = tuple[tuple[bytes, ByType], ...]
+"""One service's names, each with its records by type (possibly none: NODATA). Shared by
+every snapshot built while the service is unchanged, so never mutated."""
+
+
+@functools.lru_cache(maxsize=32768)
+def _fragment(svc: ImportedService, zone: str) -> Fragment | str:
+    """The records of one service, or why it cannot be served."""
+    why = _invalid(svc)
+    if why is not None:
+        return why
+    b = _Builder(zone, 0)
+    _add_service(b, svc)
+    return _frozen(b)
+
+
+def _frozen(b: _Builder) -> Fragment:
+    return tuple(
+        (name, {t: tuple(v) for t, v in by_type.items()}) for name, by_type in b.records.items()
+    )
+
+
+def _merged(a: ByType, b: ByType) -> ByType:
+    return {t: tuple(dict.fromkeys((*a.get(t, ()), *b.get(t, ())))) for t in {*a, *b}}
+
+
 def build_snapshot(
     services: Iterable[ImportedService],
     *,
@@ -280,38 +311,41 @@ def build_snapshot(
     ``ns_addresses`` (optional) gives ``ns.dns.<zone>`` (the apex NS target) addresses.
     """
     zone = zone.strip(".").lower()
-    b = _Builder(zone, ttl)
+    records: dict[bytes, ByType] = {}
     for svc in services:
-        why = _invalid(svc)
-        if why is not None:
-            log.warning("dns: not serving %s/%s: %s", svc.namespace, svc.name, why)
+        frag = _fragment(svc, zone)
+        if isinstance(frag, str):
+            log.warning("dns: not serving %s/%s: %s", svc.namespace, svc.name, frag)
             continue
-        _add_service(b, svc)
+        for name, by_type in frag:
+            have = records.get(name)  # names normally belong to one service
+            records[name] = by_type if have is None else _merged(have, by_type)
     mname = f"ns.dns.{zone}."
     soa = SOA(
         mname=mname,
         rname=f"hostmaster.{zone}.",
         times=(serial if serial is not None else next(_serials), 7200, 1800, 86400, ttl),
     )
-    b.add(zone, _T_SOA, "")
-    b.add(zone, _T_NS, mname)
-    b.add(f"dns-version.{zone}", _T_TXT, DNS_SCHEMA_VERSION)
-    b.records.setdefault(f"ns.dns.{zone}".encode("ascii"), {})
+    apex = _Builder(zone, ttl)
+    apex.add(zone, _T_SOA, "")
+    apex.add(zone, _T_NS, mname)
+    apex.add(f"dns-version.{zone}", _T_TXT, DNS_SCHEMA_VERSION)
+    apex.records.setdefault(f"ns.dns.{zone}".encode("ascii"), {})
     for addr in ns_addresses:
-        b.add_address(f"ns.dns.{zone}", addr)
+        apex.add_address(f"ns.dns.{zone}", addr)
+    for name, by_type in _frozen(apex):
+        have = records.get(name)
+        records[name] = by_type if have is None else _merged(have, by_type)
     zone_key = zone.encode("ascii")
     suffix = b"." + zone_key
     existing: set[bytes] = set()
-    for name in b.records:
+    for name in records:
         n = name
         while n not in existing and n != zone_key:
             existing.add(n)
             n = n.split(b".", 1)[1]
         existing.add(zone_key)
     assert all(n == zone_key or n.endswith(suffix) for n in existing)
-    records = {
-        name: {t: tuple(v) for t, v in by_type.items()} for name, by_type in b.records.items()
-    }
     return Snapshot(
         zone=zone,
         ttl=ttl,

@@ -6,6 +6,7 @@ the same questions of the real server with dig, kdig and dnspython.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -621,3 +622,39 @@ def test_a_bad_service_in_the_view_is_skipped_not_fatal(caplog: pytest.LogCaptur
     assert rdatas(ask(s, f"web.default.svc.{Z}"), "A") == ["10.0.0.1"]
     assert rcode(ask(s, f"badip.default.svc.{Z}")) == "NXDOMAIN"
     assert rcode(ask(s, f"badhost.default.svc.{Z}")) == "NXDOMAIN"
+
+
+def _plain(s: Snapshot) -> dict[bytes, dict[int, tuple[object, ...]]]:
+    return {n: dict(t) for n, t in s.records.items()}
+
+
+def test_rebuilds_from_cached_fragments_equal_a_fresh_build() -> None:
+    from meshlink.dns import snapshot as snapshot_module
+
+    snapshot_module._fragment.cache_clear()
+    fresh = build_snapshot(services())
+    again = build_snapshot(services())  # every fragment now comes from the cache
+    assert snapshot_module._fragment.cache_info().hits >= len(services())
+    assert _plain(again) == _plain(fresh)
+    assert again.existing == fresh.existing
+    # One service changes: only its names change.
+    changed = [
+        dataclasses.replace(s, ips=("10.0.0.7",)) if s.name == "v4only" else s for s in services()
+    ]
+    after = _plain(build_snapshot(changed))
+    v4 = b"v4only.default.svc." + Z.encode()
+    assert after[v4][QTYPE.A] == ("10.0.0.7",)
+    assert {n: t for n, t in after.items() if n != v4} == {
+        n: t for n, t in _plain(fresh).items() if n != v4
+    }
+
+
+def test_two_views_of_one_name_are_merged() -> None:
+    # Producers send one ImportedService per service; if a bug sent two, their records
+    # are merged (deduplicated), as they were before fragments were cached.
+    web = services()[0]
+    other = dataclasses.replace(web, ips=("10.0.0.9",))
+    recs = _plain(build_snapshot([web, other]))
+    name = b"web.default.svc." + Z.encode()
+    assert recs[name][QTYPE.A] == ("10.0.0.1", "10.0.0.9")
+    assert recs[name][QTYPE.AAAA] == ("fd00::1",)
