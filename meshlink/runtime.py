@@ -34,7 +34,7 @@ from meshlink.catalog.view import ImportedService, ListenerSpec
 from meshlink.config import SiteConfig
 from meshlink.dns import run as dns_run
 from meshlink.dns.server import DnsServer
-from meshlink.dns.snapshot import build_snapshot
+from meshlink.dns.snapshot import SnapshotBuilder, build_snapshot
 from meshlink.errors import CatalogError, MeshlinkError
 from meshlink.local.site import LocalSite
 from meshlink.ops.server import OpsServer
@@ -125,6 +125,7 @@ class SiteRuntime:
             heartbeat_interval=config.heartbeat_interval,
         )
         self.dns: DnsServer | None = None
+        self._dns_builder = SnapshotBuilder(zone=config.dns.zone, ttl=config.dns.ttl)
         self.ops: OpsServer | None = None
         self.imports: tuple[ImportedService, ...] = ()
         self._listeners: dict[tuple[str, int], ImportListener] = {}
@@ -308,9 +309,7 @@ class SiteRuntime:
         self.imports = imports
         self.metrics.services.set(len(imports))
         if self.dns is not None:
-            self.dns.update(
-                build_snapshot(imports, zone=self.config.dns.zone, ttl=self.config.dns.ttl)
-            )
+            self.dns.update(self._dns_builder.build(imports))
 
     async def _set_imports(
         self, imports: tuple[ImportedService, ...], specs: Sequence[ListenerSpec]

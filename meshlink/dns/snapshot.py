@@ -17,9 +17,10 @@
 The snapshot also owns the packed-reply caches (see ``answer``), so replacing the snapshot
 replaces the caches: a reply never mixes two snapshots.
 
-Rebuilding is incremental in effect: each service's records (its "fragment") are computed
-once per distinct ``ImportedService`` value and zone and kept in an LRU cache, so a rebuild
-after one import changed costs a merge of the others, not their recomputation.
+A ``SnapshotBuilder`` makes rebuilding incremental in effect: it keeps each service's
+records (its "fragment") from the previous build, so a rebuild after one import changed
+costs a merge of the others, not their recomputation; what it keeps is exactly the last
+view, so memory follows the view and never thrashes.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import ipaddress
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, TypeAlias
 
@@ -277,7 +278,6 @@ Fragment: TypeAlias = tuple[tuple[bytes, ByType], ...]
 every snapshot built while the service is unchanged, so never mutated."""
 
 
-@functools.lru_cache(maxsize=32768)
 def _fragment(svc: ImportedService, zone: str) -> Fragment | str:
     """The records of one service, or why it cannot be served."""
     why = _invalid(svc)
@@ -298,6 +298,39 @@ def _merged(a: ByType, b: ByType) -> ByType:
     return {t: tuple(dict.fromkeys((*a.get(t, ()), *b.get(t, ())))) for t in {*a, *b}}
 
 
+FragmentKey: TypeAlias = tuple[ImportedService, str]
+
+
+class SnapshotBuilder:
+    """``build_snapshot`` for a producer that rebuilds as its view changes: fragments of
+    services unchanged since the previous build are reused."""
+
+    def __init__(self, *, zone: str = "clusterset.local", ttl: int = 5) -> None:
+        self.zone = zone
+        self.ttl = ttl
+        self._last: dict[FragmentKey, Fragment | str] = {}
+        self.reused = 0
+        """Fragments taken from the previous build (all builds; for tests and metrics)."""
+
+    def build(self, services: Iterable[ImportedService]) -> Snapshot:
+        last, current = self._last, {}
+        zone = self.zone.strip(".").lower()
+
+        def fragment(svc: ImportedService, zone: str) -> Fragment | str:
+            key = (svc, zone)
+            frag = last.get(key)
+            if frag is None:
+                frag = _fragment(svc, zone)
+            else:
+                self.reused += 1
+            current[key] = frag
+            return frag
+
+        snap = _build(services, zone=zone, ttl=self.ttl, fragment=fragment)
+        self._last = current
+        return snap
+
+
 def build_snapshot(
     services: Iterable[ImportedService],
     *,
@@ -311,9 +344,23 @@ def build_snapshot(
     ``ns_addresses`` (optional) gives ``ns.dns.<zone>`` (the apex NS target) addresses.
     """
     zone = zone.strip(".").lower()
+    return _build(
+        services, zone=zone, ttl=ttl, serial=serial, ns_addresses=ns_addresses, fragment=_fragment
+    )
+
+
+def _build(
+    services: Iterable[ImportedService],
+    *,
+    zone: str,
+    ttl: int,
+    fragment: Callable[[ImportedService, str], Fragment | str],
+    serial: int | None = None,
+    ns_addresses: tuple[str, ...] = (),
+) -> Snapshot:
     records: dict[bytes, ByType] = {}
     for svc in services:
-        frag = _fragment(svc, zone)
+        frag = fragment(svc, zone)
         if isinstance(frag, str):
             log.warning("dns: not serving %s/%s: %s", svc.namespace, svc.name, frag)
             continue

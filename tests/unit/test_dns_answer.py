@@ -18,6 +18,7 @@ from meshlink.dns.answer import answer, compute
 from meshlink.dns.snapshot import (
     NEGATIVE_CACHE_ENTRIES,
     Snapshot,
+    SnapshotBuilder,
     build_snapshot,
     dashed_ip,
 )
@@ -628,25 +629,31 @@ def _plain(s: Snapshot) -> dict[bytes, dict[int, tuple[object, ...]]]:
     return {n: dict(t) for n, t in s.records.items()}
 
 
-def test_rebuilds_from_cached_fragments_equal_a_fresh_build() -> None:
-    from meshlink.dns import snapshot as snapshot_module
-
-    snapshot_module._fragment.cache_clear()
+def test_builder_rebuilds_from_the_last_fragments_and_equals_a_fresh_build() -> None:
     fresh = build_snapshot(services())
-    again = build_snapshot(services())  # every fragment now comes from the cache
-    assert snapshot_module._fragment.cache_info().hits >= len(services())
-    assert _plain(again) == _plain(fresh)
-    assert again.existing == fresh.existing
-    # One service changes: only its names change.
+    builder = SnapshotBuilder(zone=Z, ttl=5)
+    first = builder.build(services())
+    assert builder.reused == 0
+    again = builder.build(services())  # every fragment comes from the previous build
+    assert builder.reused == len(services())
+    for built in (first, again):
+        assert _plain(built) == _plain(fresh)
+        assert built.existing == fresh.existing
+    # One service changes: only its names change, the others are reused.
     changed = [
         dataclasses.replace(s, ips=("10.0.0.7",)) if s.name == "v4only" else s for s in services()
     ]
-    after = _plain(build_snapshot(changed))
+    after = _plain(builder.build(changed))
+    assert builder.reused == 2 * len(services()) - 1
     v4 = b"v4only.default.svc." + Z.encode()
     assert after[v4][QTYPE.A] == ("10.0.0.7",)
     assert {n: t for n, t in after.items() if n != v4} == {
         n: t for n, t in _plain(fresh).items() if n != v4
     }
+    # Only the last view is kept: a service gone from it is computed afresh.
+    builder.build(changed[:1])
+    builder.build(changed)
+    assert builder.reused == 2 * len(services()) - 1 + 1 + 1
 
 
 def test_two_views_of_one_name_are_merged() -> None:
