@@ -482,26 +482,22 @@ class SiteRuntime:
                 }
                 for i in self.imports
             ][:1000],
-            "listeners": [
-                {
-                    "address": f"{a[0]}:{a[1]}",
-                    "service": str(self._listener_specs[a].key),
-                    "port": self._listener_specs[a].service_port,
-                }
-                for a in sorted(self._listeners)
-                if a in self._listener_specs
-            ][:1000],
+            "listeners": [self._listener_row(a) for a in sorted(self._listeners)][:1000],
             "listener_errors": [
-                {
-                    "address": f"{a[0]}:{a[1]}",
-                    "service": str(self._listener_specs[a].key),
-                    "port": self._listener_specs[a].service_port,
-                    "error": err,
-                }
+                self._listener_row(a) | {"error": err}
                 for a, err in sorted(self._listener_errors.items())
-                if a in self._listener_specs
             ][:100],
             "conflicts": self._conflicts(),
+        }
+
+    def _listener_row(self, addr: tuple[str, int]) -> dict[str, Any]:
+        # Every listener and listener error has its spec: _apply_listeners keeps both
+        # within _listener_specs' keys (under the lock, with no await in between).
+        spec = self._listener_specs[addr]
+        return {
+            "address": f"{addr[0]}:{addr[1]}",
+            "service": str(spec.key),
+            "port": spec.service_port,
         }
 
     def _conflicts(self) -> list[dict[str, Any]]:
