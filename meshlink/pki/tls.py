@@ -252,10 +252,10 @@ def verify_pinned_chain(chain_der: Sequence[bytes], expected_pin: str) -> x509.C
     if failures:
         # max() keeps the first of equals: the earliest candidate that got furthest.
         _, reason = max(failures, key=lambda f: f[0])
-        tried = f" ({len(failures)} certificates have that pin, none is usable)"
+        if len(failures) > 1:
+            reason += f" ({len(failures)} certificates have that pin, none is usable)"
         raise CaPinMismatch(
-            f"the grant endpoint's CA matches the token's pin but {reason}"
-            f"{tried if len(failures) > 1 else ''}",
+            f"the grant endpoint's CA matches the token's pin but {reason}",
             expected=expected_pin,
             seen=seen,
         )
