@@ -9,8 +9,6 @@ is also checked as a pure function, without root.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,22 +17,13 @@ import pytest
 
 from tests.kube import KubeCluster, endpoint_slice, wait_until
 from tests.netbed.kubeproxy import render
-from tests.netbed.netns import NetbedError, Testbed, netns_list
-
-TOOLS = ("ip", "iptables", "iptables-restore", "socat", "curl")
+from tests.netbed.netns import NetbedError, Testbed, netns_list, require_root
 
 
 @pytest.fixture
 def root() -> None:
     """Skip (fail under CI) unless root with the testbed's tools."""
-    if os.geteuid() != 0:
-        reason = "the netns testbed needs root (network namespaces, iptables)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI runs as root", pytrace=False)
-        pytest.skip(reason)
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing:
-        pytest.fail(f"missing tools {missing}: run `bash hack/setup.sh --test`", pytrace=False)
+    require_root()
 
 
 @pytest.fixture

@@ -428,11 +428,6 @@ class KubeProxy:
             return {}
         return data
 
-    def rules(self) -> dict[str, list[str]]:
-        """{"CLUSTERIP:PORT": sorted ["EP:PORT", ...]} as programmed ([] = REJECT)."""
-        rules: dict[str, list[str]] = self.state().get("rules", {})
-        return rules
-
     def wait_rules(
         self,
         cluster_ip: str,

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,8 @@ WAN = 0
 """The index that names the WAN namespace in `cmd`, `run` and `popen`."""
 MAX_CLUSTERS = 40
 CMD_TIMEOUT = 30.0
+TOOLS = ("ip", "iptables", "iptables-restore", "socat", "curl")
+"""What the testbed runs besides Python (`require_root` checks them)."""
 _STOP_GRACE = 3.0
 _NAME_RE = re.compile(r"^nb(\d+)-\d+-(?:wan|c\d+)$")
 _counter = itertools.count(1)
@@ -57,17 +59,42 @@ class NetbedError(RuntimeError):
     """The testbed could not be built or used; the message says which command failed."""
 
 
-def _sh(argv: Sequence[str], *, timeout: float = CMD_TIMEOUT, input: str | None = None) -> str:
+def require_root() -> None:
+    """For a test that builds a testbed: skip it unless root (fail it under CI, which runs
+    as root), and fail it when one of `TOOLS` is missing."""
+    import pytest
+
+    if os.geteuid() != 0:
+        reason = "the netns testbed needs root (network namespaces, iptables)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason}; CI runs as root", pytrace=False)
+        pytest.skip(reason)
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing:
+        pytest.fail(f"missing tools {missing}: run `bash hack/setup.sh --test`", pytrace=False)
+
+
+def _run(
+    argv: Sequence[str],
+    *,
+    timeout: float = CMD_TIMEOUT,
+    check: bool = True,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     try:
         proc = subprocess.run(
             list(argv), input=input, capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired:
         raise NetbedError(f"{' '.join(argv)} timed out after {timeout:g} s") from None
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
         raise NetbedError(f"{' '.join(argv)} failed (exit {proc.returncode}): {detail}")
-    return proc.stdout
+    return proc
+
+
+def _sh(argv: Sequence[str], *, timeout: float = CMD_TIMEOUT, input: str | None = None) -> str:
+    return _run(argv, timeout=timeout, input=input).stdout
 
 
 def netns_list() -> list[str]:
@@ -181,7 +208,6 @@ class Testbed:
         self._pod_ips: dict[int, set[str]] = {i: set() for i in range(1, n + 1)}
         self._next_host: dict[int, int] = dict.fromkeys(range(1, n + 1), 10)
         self._log_seq = itertools.count(1)
-        self.setup_seconds = 0.0
         self.closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -195,7 +221,6 @@ class Testbed:
 
     def start(self) -> None:
         """Create the namespaces, links, addresses and routes. On failure, undo it all."""
-        t0 = time.monotonic()
         try:
             sweep_stale()
             names = [self.wan, *(c.netns for c in self.clusters)]
@@ -222,7 +247,6 @@ class Testbed:
         except BaseException:
             self.close()
             raise
-        self.setup_seconds = time.monotonic() - t0
 
     def close(self) -> None:
         """Kill tracked processes, then any other process in our namespaces; delete them.
@@ -271,17 +295,7 @@ class Testbed:
         input: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run `argv` to completion inside cluster i (bounded by `timeout`)."""
-        full = self.cmd(i, argv)
-        try:
-            proc = subprocess.run(
-                full, input=input, capture_output=True, text=True, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired:
-            raise NetbedError(f"{' '.join(full)} timed out after {timeout:g} s") from None
-        if check and proc.returncode != 0:
-            detail = (proc.stderr.strip() or proc.stdout.strip())[-2000:]
-            raise NetbedError(f"{' '.join(full)} failed (exit {proc.returncode}): {detail}")
-        return proc
+        return _run(self.cmd(i, argv), timeout=timeout, check=check, input=input)
 
     def popen(
         self, i: int | None, argv: Sequence[str], *, log: str | None = None, **popen_kw: Any
@@ -304,6 +318,31 @@ class Testbed:
 
     def log_path(self, name: str) -> Path:
         return self.workdir / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        """The last `lines` lines of the log of the process `popen` started as `name`."""
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_running(
+        self,
+        proc: subprocess.Popen[bytes],
+        log: str,
+        ready: Callable[[], bool],
+        timeout: float,
+        what: str,
+    ) -> None:
+        """Wait until `ready()` is true; fail at once, with the tail of its log, if `proc`
+        (started by `popen` with `log`) exits first."""
+
+        def check() -> bool:
+            if proc.poll() is not None:
+                raise NetbedError(f"{log} exited with {proc.returncode}: {self.log_tail(log)}")
+            return ready()
+
+        wait_until(check, timeout, what)
 
     # ------------------------------------------------------------------ addresses
 
@@ -337,16 +376,11 @@ class Testbed:
         ready = self._rundir / f"pod-{i}-{name}-{port}.ready"
         argv = [sys.executable, "-m", "tests.netbed.podserver", "--name", name]
         argv += ["--bind", ip, "--port", str(port), "--ready-file", str(ready)]
-        proc = self.popen(i, argv, log=f"pod-c{i}-{name}")
-
-        def up() -> bool:
-            if proc.poll() is not None:
-                raise NetbedError(
-                    f"pod {name} exited with {proc.returncode}: {self._tail(f'pod-c{i}-{name}')}"
-                )
-            return ready.exists()
-
-        wait_until(up, 15, f"pod {name} listening on {ip}:{port} in cluster {i}")
+        log = f"pod-c{i}-{name}"
+        proc = self.popen(i, argv, log=log)
+        self.wait_running(
+            proc, log, ready.exists, 15, f"pod {name} listening on {ip}:{port} in cluster {i}"
+        )
         return Pod(cluster=i, name=name, ip=ip, port=port, proc=proc)
 
     def curl(self, i: int, *urls: str, timeout: float = 5.0) -> subprocess.CompletedProcess[str]:
@@ -356,12 +390,6 @@ class Testbed:
         argv = ["curl", "-sS", "--max-time", f"{timeout:g}", "-w", r"\n"]
         argv += [x for u in urls for x in ("-H", "Connection: close", u)]
         return self.run(i, argv, check=False, timeout=timeout * len(urls) + 10)
-
-    def _tail(self, log: str, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path(log).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     # ------------------------------------------------------------------ faults
 
@@ -418,31 +446,22 @@ class Testbed:
         if i in self._bridges:
             raise NetbedError(f"cluster {i} is already bridged to another API server")
         sock = self._rundir / f"api-c{i}.sock"
+        log = f"apibridge-root-c{i}"
         root = self.popen(
-            None,
-            ["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port}"],
-            log=f"apibridge-root-c{i}",
+            None, ["socat", f"UNIX-LISTEN:{sock},fork,mode=600", f"TCP:127.0.0.1:{port}"], log=log
         )
-        wait_until(
-            lambda: _alive_and(root, sock.exists), 10, f"unix socket {sock} of the API bridge"
-        )
-        inner = self.popen(
-            i,
-            [
-                "socat",
-                f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr",
-                f"UNIX-CONNECT:{sock}",
-            ],
-            log=f"apibridge-ns-c{i}",
-        )
-        argv = [str(kube.kubectl_bin), "--kubeconfig", str(kube.kubeconfig)]
-        argv += ["--request-timeout=5s", "get", "--raw", "/readyz"]
+        self.wait_running(root, log, sock.exists, 10, f"unix socket {sock} of the API bridge")
+        log = f"apibridge-ns-c{i}"
+        listen = f"TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"
+        inner = self.popen(i, ["socat", listen, f"UNIX-CONNECT:{sock}"], log=log)
 
         def ready() -> bool:
-            _alive_and(inner, lambda: True)
-            return self.run(i, argv, check=False, timeout=10).stdout.strip() == "ok"
+            readyz = ("--request-timeout=5s", "get", "--raw", "/readyz")
+            return self.kubectl(i, kube, *readyz, timeout=10).stdout.strip() == "ok"
 
-        wait_until(ready, timeout, f"{kube.name}'s API server /readyz from inside cluster {i}")
+        self.wait_running(
+            inner, log, ready, timeout, f"{kube.name}'s API server /readyz from inside cluster {i}"
+        )
         self._bridges[i] = port
         return kube.kubeconfig
 
@@ -457,13 +476,9 @@ class Testbed:
         argv += ["--state-file", str(state), "--chain-prefix", chain_prefix]
         proc = self.popen(i, argv, log=name)
         kp = KubeProxy(cluster=i, state_file=state, proc=proc, log=self.log_path(name))
-
-        def synced() -> bool:
-            if proc.poll() is not None:
-                raise NetbedError(f"kubeproxy exited with {proc.returncode}: {self._tail(name)}")
-            return bool(kp.state())
-
-        wait_until(synced, timeout, f"kubeproxy's first sync in cluster {i}")
+        self.wait_running(
+            proc, name, lambda: bool(kp.state()), timeout, f"kubeproxy's first sync in cluster {i}"
+        )
         return kp
 
     def kubectl(
@@ -472,9 +487,3 @@ class Testbed:
         """kubectl against `kube`, run inside cluster i (after `connect_apiserver`)."""
         argv = [str(kube.kubectl_bin), "--kubeconfig", str(kube.kubeconfig), *args]
         return self.run(i, argv, check=False, timeout=timeout)
-
-
-def _alive_and(proc: subprocess.Popen[bytes], pred: Any) -> bool:
-    if proc.poll() is not None:
-        raise NetbedError(f"{proc.args!r} exited with {proc.returncode}")
-    return bool(pred())
