@@ -1,5 +1,6 @@
-"""Shared benchmark helpers: free loopback ports, waiting for a port, apt installs, the
-side-by-side table and the JSON output. Generic on purpose: any benchmark may use it.
+"""Shared benchmark helpers: free loopback ports, waiting for a port, apt installs, reading
+wrk's output, the side-by-side table and the JSON output. Generic on purpose: any benchmark
+may use it.
 
 Benchmarks run the real tools (iperf3, wrk, dnsperf, ...) and compare meshlink against a
 reference measured in the same run; performance is reported here, never asserted in tests.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -56,6 +58,36 @@ def cpu_s(pid: int) -> float:
     """user + system CPU seconds (all threads) a process has used so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_result(out: str, label: str) -> tuple[float, float, float]:
+    """(requests/s, p50 ms, p99 ms) from the output of `wrk --latency` (NaN where missing);
+    socket errors and non-2xx answers are printed to stderr, after `wrk <label>:`."""
+    if "Non-2xx" in out or "Socket errors" in out:
+        errs = re.findall(r"(Non-2xx.*|Socket errors.*)", out)
+        print(f"wrk {label}: {'; '.join(errs)}", file=sys.stderr)
+    return (
+        _grab(r"Requests/sec:\s+([\d.]+)", out),
+        _ms(_grab_str(r"\s50%\s+([\d.]+\w+)", out)),
+        _ms(_grab_str(r"\s99%\s+([\d.]+\w+)", out)),
+    )
+
+
+def _grab(pattern: str, text: str) -> float:
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else float("nan")
+
+
+def _grab_str(pattern: str, text: str) -> str:
+    m = re.search(pattern, text)
+    return m.group(1) if m else ""
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
+    if not m:
+        return float("nan")
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
 def median(values: Iterable[float]) -> float:

@@ -65,7 +65,6 @@ TOOLS = {
 HTTP_PORT, IPERF_PORT = 8080, 5201
 WAN_HTTP_PORT, WAN_IPERF_PORT = 18080, 15201
 PAGE = 612  # nginx's default page size, as in tunnel.py
-NS = "shop"
 
 
 # --------------------------------------------------------------------------- setup loop
@@ -153,62 +152,10 @@ http {{
         wait_until(up, 15, f"a listener on {ip}:{port} in cluster {i}")
 
     def export(self) -> tuple[str, str]:
-        """Services web and bulk in c1, their EndpointSlices (as the endpoints controller
-        would write them) and ServiceExports; returns their ClusterIPs once kube-proxy
-        in c1 sends them to the pod."""
-        ips = []
-        for name, port, target, pname in (
-            ("web", 80, HTTP_PORT, "http"),
-            ("bulk", IPERF_PORT, IPERF_PORT, "iperf"),
-        ):
-            self.c1.kube.apply(
-                f"""
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: {NS}}}
-spec:
-  ports: [{{name: {pname}, port: {port}, targetPort: {target}, protocol: TCP}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: {NS}
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{{addresses: ["{self.pod_ip}"], conditions: {{ready: true}}}}]
-ports: [{{name: {pname}, port: {target}, protocol: TCP}}]
----
-apiVersion: multicluster.x-k8s.io/v1beta1
-kind: ServiceExport
-metadata: {{name: {name}, namespace: {NS}}}
-"""
-            )
-            ip = self.c1.kube.get_json("service", "-n", NS, name)["spec"]["clusterIP"]
-            assert self.c1.proxy is not None
-            self.c1.proxy.wait_rules(ip, port, [f"{self.pod_ip}:{target}"])
-            ips.append(ip)
-        return ips[0], ips[1]
-
-    def imported(self, c: Cluster, name: str, port: int) -> str | None:
-        """The clusterset IP of an import in cluster c, once its kube-proxy sends that
-        IP:port to the gateway pod's target port."""
-        from meshlink.k8s.model import DERIVED_ANNOTATION
-
-        kind = "serviceimports.multicluster.x-k8s.io"
-        if not c.kube.exists(kind, "-n", NS, name):
-            return None
-        si = c.kube.get_json(kind, "-n", NS, name)
-        ips = si["spec"].get("ips") or []
-        if not ips:
-            return None
-        derived = c.kube.get_json(
-            "service", "-n", NS, si["metadata"]["annotations"][DERIVED_ANNOTATION]
-        )
-        (target,) = [p["targetPort"] for p in derived["spec"]["ports"] if p["port"] == port]
-        assert c.proxy is not None
-        c.proxy.wait_rules(ips[0], port, [f"{c.gateway_ip}:{target}"])
-        return str(ips[0])
+        """Services web and bulk exported from c1 (`Cluster.export`); their ClusterIPs."""
+        web = self.c1.export("web", self.pod_ip, 80, HTTP_PORT, "http")
+        bulk = self.c1.export("bulk", self.pod_ip, IPERF_PORT, IPERF_PORT, "iperf")
+        return web, bulk
 
     def wan_forward(self) -> None:
         """The no-meshlink cross-cluster path: c1's node address forwards two ports to the
@@ -243,24 +190,8 @@ metadata: {{name: {name}, namespace: {NS}}}
     # ------------------------------------------------------------------ measurements
 
     def gateway_pids(self) -> dict[int, int]:
-        """{cluster index: pid} of the meshlink processes, found by their command line
-        among the namespaces' processes (`ip netns exec` execs, so its pid is meshlink's)."""
-        pids: dict[int, int] = {}
-        for i in (1, 2):
-            out = subprocess.run(
-                ["ip", "netns", "pids", self.tb.netns(i)],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=False,
-            )
-            for pid in out.stdout.split():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                except OSError:
-                    continue
-                if b"meshlink" in cmd and b"run" in cmd:
-                    pids[i] = int(pid)
+        """{cluster index: pid} of the meshlink processes."""
+        pids = {c.i: c.proc.pid for c in (self.c1, self.c2) if c.proc is not None}
         if sorted(pids) != [1, 2]:
             raise RuntimeError(f"meshlink processes not found in both clusters: {pids}")
         return pids
@@ -311,14 +242,7 @@ metadata: {{name: {name}, namespace: {NS}}}
         i, (host, port), _ = self.targets[mode]
         argv = ["wrk", "-t2", "-c50", f"-d{seconds}s", "--latency", f"http://{host}:{port}/"]
         out = self.tb.run(i, argv, check=False, timeout=seconds + 60).stdout
-        if "Non-2xx" in out or "Socket errors" in out:
-            errs = re.findall(r"(Non-2xx.*|Socket errors.*)", out)
-            print(f"wrk {mode}: {'; '.join(errs)}", file=sys.stderr)
-        return (
-            _grab(r"Requests/sec:\s+([\d.]+)", out),
-            _ms(_grab_str(r"\s50%\s+([\d.]+\w+)", out)),
-            _ms(_grab_str(r"\s99%\s+([\d.]+\w+)", out)),
-        )
+        return C.wrk_result(out, mode)
 
     def profiled(self, step: Callable[[str], None], mode: str, out: Path | None, name: str) -> None:
         """Run `step(mode)`; with `out`, sample both gateways with py-spy meanwhile (collapsed
@@ -359,8 +283,7 @@ metadata: {{name: {name}, namespace: {NS}}}
         """WARNING and ERROR lines the two meshlink processes logged (shown, counted)."""
         lines = []
         for c in (self.c1, self.c2):
-            path = self.tb.log_path(f"meshlink-{c.kube.name}")
-            for line in path.read_text(errors="replace").splitlines():
+            for line in self.tb.log_path(c.log).read_text(errors="replace").splitlines():
                 if re.search(r" (WARNING|WARN|ERROR|CRITICAL) ", line):
                     lines.append(f"{c.kube.name}: {line}")
         return lines
@@ -404,23 +327,6 @@ def top_leaves(path: Path, n: int = 6) -> str:
     return "; ".join(f"{k} {100 * v / total:.0f}%" for k, v in top) if total else "(empty)"
 
 
-def _grab(pattern: str, text: str) -> float:
-    m = re.search(pattern, text)
-    return float(m.group(1)) if m else float("nan")
-
-
-def _grab_str(pattern: str, text: str) -> str:
-    m = re.search(pattern, text)
-    return m.group(1) if m else ""
-
-
-def _ms(value: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
-    if not m:
-        return float("nan")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -461,10 +367,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                     bench = Bench(tb, c1, c2, Path(srv))
                     bench.start_servers()
                     web_ip, bulk_ip = bench.export()
-                    ms_web = wait_until(lambda: bench.imported(c2, "web", 80), 30, "web in c2")
-                    ms_bulk = wait_until(
-                        lambda: bench.imported(c2, "bulk", IPERF_PORT), 30, "bulk in c2"
-                    )
+                    ms_web = wait_until(lambda: c2.imported("web", 80), 30, "web in c2")[0]
+                    ms_bulk = wait_until(lambda: c2.imported("bulk", IPERF_PORT), 30, "bulk in c2")[
+                        0
+                    ]
                     bench.wan_forward()
                     bench.plan(web_ip, bulk_ip, ms_web, ms_bulk)
                     bench.check_paths()

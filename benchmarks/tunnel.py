@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -268,13 +267,7 @@ http {{
             text=True,
             timeout=seconds + 60,
         )
-        rps = _grab(r"Requests/sec:\s+([\d.]+)", out.stdout)
-        p50 = _ms(_grab_str(r"\s50%\s+([\d.]+\w+)", out.stdout))
-        p99 = _ms(_grab_str(r"\s99%\s+([\d.]+\w+)", out.stdout))
-        if "Non-2xx" in out.stdout or "Socket errors" in out.stdout:
-            errs = re.findall(r"(Non-2xx.*|Socket errors.*)", out.stdout)
-            print(f"wrk {mode}: {'; '.join(errs)}", file=sys.stderr)
-        return rps, p50, p99
+        return C.wrk_result(out.stdout, mode)
 
     def setup_under_bulk(self, mode: str, count: int) -> tuple[float, float]:
         """Per-flow setup while one bulk iperf3 flow runs through the same tunnel: for
@@ -339,23 +332,6 @@ verifyChain = yes
 
 """
     return conf
-
-
-def _grab(pattern: str, text: str) -> float:
-    m = re.search(pattern, text)
-    return float(m.group(1)) if m else float("nan")
-
-
-def _grab_str(pattern: str, text: str) -> str:
-    m = re.search(pattern, text)
-    return m.group(1) if m else ""
-
-
-def _ms(value: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value)
-    if not m:
-        return float("nan")
-    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
 def main() -> int:

@@ -21,7 +21,7 @@ What is checked, with curl and dig inside the namespaces:
 from __future__ import annotations
 
 import json
-import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -32,23 +32,21 @@ import pytest
 import yaml
 
 from meshlink.k8s.model import DERIVED_ANNOTATION
-from tests.kube import KubeCluster, install_crds, wait_until
+from tests.kube import KubeCluster, endpoint_slice, install_crds, wait_until
 from tests.netbed.kubeproxy import KubeProxy
-from tests.netbed.netns import Testbed
+from tests.netbed.netns import Testbed, require_root
 
 pytestmark = pytest.mark.timeout(300)
 
 SYSTEM_NS = "meshlink-system"
+NS = "shop"
 OPS = "127.0.0.1:7480"
 HEARTBEAT = 0.3
 
 
 @pytest.fixture
 def testbed(tmp_path: Path) -> Iterator[Testbed]:
-    if os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("the network-namespace testbed needs root, and CI runs as root")
-        pytest.skip("the network-namespace testbed needs root (ip netns, iptables)")
+    require_root()
     with Testbed(3, tmp_path / "netbed") as tb:
         yield tb
 
@@ -63,6 +61,10 @@ class Cluster:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.gateway_ip = ""
         self.proxy: KubeProxy | None = None
+        self.log = f"meshlink-{kube.name}"
+        """The name of meshlink's log in the testbed (`Testbed.log_path`)."""
+        self.proc: subprocess.Popen[bytes] | None = None
+        """meshlink's process (its pid is meshlink's: `ip netns exec` execs)."""
 
     @property
     def config(self) -> Path:
@@ -72,7 +74,7 @@ class Cluster:
         install_crds(self.kube)
         self.kube.apply(
             f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {SYSTEM_NS}}}\n---\n"
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n"
+            f"apiVersion: v1\nkind: Namespace\nmetadata: {{name: {NS}}}\n"
         )
         self.tb.connect_apiserver(self.i, self.kube)
         self.proxy = self.tb.start_kubeproxy(self.i, self.kube.kubeconfig)
@@ -129,20 +131,17 @@ spec:
         }
         self.config.write_text(yaml.safe_dump(cfg))
         argv = [sys.executable, "-m", "meshlink", "run", "--config", str(self.config)]
-        proc = self.tb.popen(self.i, argv, log=f"meshlink-{self.kube.name}")
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"meshlink in {self.kube.name} exited: {self.log_tail()}")
-            return (self.curl_text(f"http://{OPS}/readyz") or "").startswith("ok")
-
-        wait_until(ready, 30, f"meshlink in {self.kube.name} ready")
+        self.proc = self.tb.popen(self.i, argv, log=self.log)
+        self.tb.wait_running(
+            self.proc,
+            self.log,
+            lambda: (self.curl_text(f"http://{OPS}/readyz") or "").startswith("ok"),
+            30,
+            f"meshlink in {self.kube.name} ready",
+        )
 
     def log_tail(self, n: int = 40) -> str:
-        path = self.tb.log_path(f"meshlink-{self.kube.name}")
-        if not path.exists():
-            return "(not started)"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        return self.tb.log_tail(self.log, n)
 
     def meshlink(self, *args: str) -> str:
         out = self.tb.run(self.i, [sys.executable, "-m", "meshlink", *args], timeout=60)
@@ -169,51 +168,51 @@ spec:
         wait_until(lambda: self.link_up(issuer.kube.name), 20, f"link to {issuer.kube.name}")
 
     def serve(self, name: str, body: str) -> None:
-        """A pod answering `body`, its Service (port 80 -> 8080), its EndpointSlice as the
-        endpoints controller would write it, and the ServiceExport."""
+        """A pod answering `body`, exported as `name` (port 80 -> 8080)."""
         pod = self.tb.start_pod(self.i, body, port=8080)
+        self.export(name, pod.ip)
+
+    def export(
+        self, name: str, pod_ip: str, port: int = 80, target: int = 8080, port_name: str = "http"
+    ) -> str:
+        """Service `name` (port -> target), its EndpointSlice as the endpoints controller
+        would write it (`pod_ip` ready), and its ServiceExport; returns the Service's
+        ClusterIP once kube-proxy here sends it to the pod."""
         self.kube.apply(
             f"""
 apiVersion: v1
 kind: Service
-metadata: {{name: {name}, namespace: shop}}
+metadata: {{name: {name}, namespace: {NS}}}
 spec:
-  ports: [{{name: http, port: 80, targetPort: 8080, protocol: TCP}}]
+  ports: [{{name: {port_name}, port: {port}, targetPort: {target}, protocol: TCP}}]
 ---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: shop
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{{addresses: ["{pod.ip}"], conditions: {{ready: true}}}}]
-ports: [{{name: http, port: 8080, protocol: TCP}}]
+{endpoint_slice(NS, name, [pod_ip], [(port_name, target, "TCP")], name=f"{name}-1")}
 ---
 apiVersion: multicluster.x-k8s.io/v1beta1
 kind: ServiceExport
-metadata: {{name: {name}, namespace: shop}}
+metadata: {{name: {name}, namespace: {NS}}}
 """
         )
-        ip = self.kube.get_json("service", "-n", "shop", name)["spec"]["clusterIP"]
+        ip: str = self.kube.get_json("service", "-n", NS, name)["spec"]["clusterIP"]
         assert self.proxy is not None
-        self.proxy.wait_rules(ip, 80, [f"{pod.ip}:8080"])
+        self.proxy.wait_rules(ip, port, [f"{pod_ip}:{target}"])
+        return ip
 
-    def imported(self, name: str) -> tuple[str, int] | None:
-        """The clusterset IP and gateway target port of an import, once kube-proxy here
-        sends that IP to the gateway pod."""
-        if not self.kube.exists("serviceimports.multicluster.x-k8s.io", "-n", "shop", name):
+    def imported(self, name: str, port: int = 80) -> tuple[str, int] | None:
+        """The clusterset IP and gateway target port of an import's `port`, once
+        kube-proxy here sends that IP:port to the gateway pod."""
+        if not self.kube.exists("serviceimports.multicluster.x-k8s.io", "-n", NS, name):
             return None
-        si = self.kube.get_json("serviceimports.multicluster.x-k8s.io", "-n", "shop", name)
+        si = self.kube.get_json("serviceimports.multicluster.x-k8s.io", "-n", NS, name)
         ips = si["spec"].get("ips") or []
         if not ips:
             return None
         derived = self.kube.get_json(
-            "service", "-n", "shop", si["metadata"]["annotations"][DERIVED_ANNOTATION]
+            "service", "-n", NS, si["metadata"]["annotations"][DERIVED_ANNOTATION]
         )
-        (target,) = [p["targetPort"] for p in derived["spec"]["ports"]]
+        (target,) = [p["targetPort"] for p in derived["spec"]["ports"] if p["port"] == port]
         assert self.proxy is not None
-        self.proxy.wait_rules(ips[0], 80, [f"{self.gateway_ip}:{target}"])
+        self.proxy.wait_rules(ips[0], port, [f"{self.gateway_ip}:{target}"])
         return ips[0], target
 
     def dig(self, name: str) -> list[str]:
@@ -227,13 +226,11 @@ metadata: {{name: {name}, namespace: shop}}
 
 def served_by(c: Cluster, ip: str, accept: Callable[[str], bool]) -> str:
     """GET http://ip/ from cluster c until the body satisfies `accept`; returns it."""
-    body = wait_until(
+    return wait_until(
         lambda: b if (b := c.curl_text(f"http://{ip}/")) is not None and accept(b) else None,
         20,
         f"an answer from http://{ip}/ in {c.kube.name}",
     )
-    assert body is not None
-    return body
 
 
 def test_clusterset_traffic_through_gateways_and_failover(
@@ -284,7 +281,7 @@ def test_clusterset_traffic_through_gateways_and_failover(
         # lease (the link), DNS included; web stays, served by c3.
         testbed.isolate(c1.i)
         wait_until(
-            lambda: not c2.kube.exists("serviceimports.multicluster.x-k8s.io", "-n", "shop", "api"),
+            lambda: not c2.kube.exists("serviceimports.multicluster.x-k8s.io", "-n", NS, "api"),
             20,
             "api's import withdrawn from c2",
         )
