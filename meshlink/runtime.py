@@ -317,10 +317,16 @@ class SiteRuntime:
         await self._apply_listeners({(s.address, s.port): s for s in specs})
         self._set_dns(imports)
 
-    async def _apply_listeners(self, wanted: dict[tuple[str, int], ListenerSpec]) -> None:
+    async def _apply_listeners(
+        self, wanted: dict[tuple[str, int], ListenerSpec] | None = None
+    ) -> None:
         """Close the listeners no longer wanted, open the missing ones. One that cannot bind
-        is logged once, shown by status and `meshlink check`, and retried by the state loop."""
+        is logged once, shown by status and `meshlink check`, and retried by the state loop
+        (``wanted`` None: the current specs, read under the lock, so a retry can never
+        bring back a set that a newer update replaced while it waited)."""
         async with self._listeners_lock:
+            if wanted is None:
+                wanted = dict(self._listener_specs)
             for addr in [a for a in self._listeners if a not in wanted]:
                 listener = self._listeners.pop(addr)
                 await listener.close()
@@ -425,7 +431,7 @@ class SiteRuntime:
                     self.metrics.rtt.labels(st.peer_site).set(st.rtt_ms / 1000)
             self.metrics.links_up.set(sum(1 for st in statuses if st.state == "up"))
             if self._listener_errors and ticks % 10 == 0:  # every 5 s
-                await self._apply_listeners(dict(self._listener_specs))
+                await self._apply_listeners()
             await asyncio.sleep(STATE_POLL)
 
     # -- status --------------------------------------------------------------------------
