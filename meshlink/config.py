@@ -90,7 +90,7 @@ class KubernetesConfig:
     namespace: str = "meshlink-system"
     """Where meshlink itself runs (its gateway pods live here)."""
     gateway_selector: tuple[tuple[str, str], ...] = DEFAULT_GATEWAY_SELECTOR
-    """Labels of the gateway pods that derived Services select."""
+    """Labels of the gateway pods: the endpoints meshlink writes for derived Services."""
     export_kube_system: bool = False
     """Exports from kube-system are refused unless this is set."""
     request_timeout: float = 10.0
@@ -223,11 +223,16 @@ def parse_hostport(value: object, key: str = "address", source: str | None = Non
     if not isinstance(value, str):
         raise ConfigError(f"{value!r} is not HOST:PORT", key=key, source=source)
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not _is_number(port) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{value!r} is not HOST:PORT", key=key, source=source)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return HostPort(host, int(port))
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _ip(value: object, key: str, source: str) -> str:
@@ -334,8 +339,8 @@ def _port_range(r: _Reader, k: str, default: tuple[int, int]) -> tuple[int, int]
     first, sep, last = str(v).partition("-")
     if (
         not sep
-        or not first.strip().isdigit()
-        or not last.strip().isdigit()
+        or not _is_number(first.strip())
+        or not _is_number(last.strip())
         or not 1024 <= int(first) <= int(last) <= 65535
     ):
         raise r.err(k, f"{v!r} is not a port range FIRST-LAST within 1024-65535")

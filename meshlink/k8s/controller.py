@@ -300,10 +300,8 @@ class Controller:
             key = self._import_key_of(svc) if model.is_managed(svc) else None
             if key is None:
                 continue
-            for p in (svc.get("spec") or {}).get("ports") or ():
-                target, proto = p.get("targetPort"), str(p.get("protocol") or "TCP")
-                if proto == "TCP" and isinstance(target, int) and isinstance(p.get("port"), int):
-                    self.ports.claim(PortOwner(key, proto, p["port"]), target)
+            for proto, port, target in model.recorded_gateway_ports(svc):
+                self.ports.claim(PortOwner(key, proto, port), target)
         log.info("cluster %s: %d import ports in use", self.cluster_id, len(self.ports))
 
     async def _resync(self) -> None:
@@ -636,7 +634,7 @@ class Controller:
         # 1. The derived Service: its ClusterIP(s) are the clusterset IPs, its target ports
         # the gateway ports of this import.
         targets = self._target_ports(merged)
-        body = model.derived_service_body(merged, dict(self.kconfig.gateway_selector), targets)
+        body = model.derived_service_body(merged, targets)
         current = self.services_w.cache.get((ns, derived))
         want_headless = merged.type == ServiceType.HEADLESS
         if (
@@ -657,6 +655,9 @@ class Controller:
             await self.kube.delete(SERVICE, derived, ns)
             self.services_w.cache.pop((ns, derived), None)
             applied = await self._apply_if_changed(SERVICE, self.services_w, body)
+        # Only now that the Service points at the new ports may the old ones go back to
+        # the pool (a failed apply leaves the Service, and its ports, as they were).
+        self.ports.retain(key, {PortOwner(key, *t) for t in targets})
         source = applied or current
         if source is not None:
             spec = source.get("spec") or {}
@@ -727,16 +728,14 @@ class Controller:
             self._imports_wanted.set()
 
     def _target_ports(self, merged: MergedService) -> dict[tuple[str, int], int]:
-        """Gateway ports of a ClusterSetIP import's TCP ports (allocated on first use;
-        ports the import no longer has are released). Headless imports have none: their
-        traffic goes to the remote endpoints' own addresses."""
-        key = merged.key
+        """Gateway ports of a ClusterSetIP import's TCP ports (allocated on first use; the
+        caller releases the ports it no longer has once its derived Service is applied).
+        Headless imports have none: their traffic goes to the remote endpoints' own
+        addresses."""
         if merged.type != ServiceType.CLUSTERSET_IP:
-            self.ports.release(key)
             return {}
-        owners = {PortOwner(key, p.protocol, p.port) for p in merged.ports if p.protocol == "TCP"}
-        self.ports.retain(key, owners)
-        return {(o.protocol, o.port): self.ports.get(o) for o in sorted(owners)}
+        owners = [PortOwner(merged.key, p.protocol, p.port) for p in merged.ports]
+        return {(o.protocol, o.port): self.ports.get(o) for o in owners if o.protocol == "TCP"}
 
 
 def _ns_usable(ns: Obj | None) -> bool:

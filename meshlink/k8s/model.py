@@ -373,13 +373,13 @@ TargetPorts = Mapping[tuple[str, int], int]
 """(protocol, service port) -> the gateway port that carries it (see k8s/ports.py)."""
 
 
-def derived_service_body(
-    merged: MergedService, selector: Mapping[str, str], target_ports: TargetPorts
-) -> Obj:
-    """The derived Service: its ClusterIP is the clusterset IP. ClusterSetIP selects the
-    gateway pods (traffic is tunnelled by them), each port's ``targetPort`` being the
-    gateway port allocated to it; Headless has no selector and no IP, so only meshlink's
-    EndpointSlices (the remote endpoints) back it."""
+def derived_service_body(merged: MergedService, target_ports: TargetPorts) -> Obj:
+    """The derived Service: its ClusterIP is the clusterset IP (none for Headless). It has
+    no selector: only meshlink's EndpointSlices back it (ClusterSetIP: the gateway pods,
+    which tunnel the traffic, ready only while the source cluster has ready endpoints;
+    Headless: the remote endpoints). A selector would have the cluster's EndpointSlice
+    controller publish the gateway pods too, ready or not. Each port's ``targetPort`` is
+    the gateway port allocated to it."""
     key = merged.key
     names = service_port_names(merged.ports)
     spec: Obj = {
@@ -401,7 +401,6 @@ def derived_service_body(
         spec["clusterIP"] = "None"
     else:
         spec["type"] = "ClusterIP"
-        spec["selector"] = dict(selector)
         spec["ipFamilyPolicy"] = "PreferDualStack"
     w = merged.winner
     spec["sessionAffinity"] = w.session_affinity
@@ -422,6 +421,21 @@ def derived_service_body(
             "spec": spec,
         }
     )
+
+
+def recorded_gateway_ports(svc: Mapping[str, Any]) -> list[tuple[str, int, int]]:
+    """(protocol, service port, gateway port) recorded on a ClusterSetIP derived Service:
+    its TCP ports' numeric ``targetPort``. A headless one records none (its target ports
+    are the service ports, which may well lie inside the gateway port range)."""
+    spec = svc.get("spec") or {}
+    if spec.get("clusterIP") == "None":
+        return []
+    out = []
+    for p in spec.get("ports") or ():
+        proto, port, target = str(p.get("protocol") or "TCP"), p.get("port"), p.get("targetPort")
+        if proto == "TCP" and isinstance(port, int) and isinstance(target, int):
+            out.append((proto, port, target))
+    return out
 
 
 def _mcs_port(p: Port) -> Obj:

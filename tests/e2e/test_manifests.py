@@ -122,7 +122,7 @@ def test_site_config_matches_the_pod_and_services(rendered: list[dict[str, Any]]
     assert ports["dns-udp"] == (cfg.dns.listen.port, "UDP")
     assert ports["dns-tcp"] == (cfg.dns.listen.port, "TCP")
     assert ctr["readinessProbe"]["httpGet"]["port"] == "ops"
-    # Derived Services select the gateway pods by the configured selector.
+    # The controller finds the gateway pods (its EndpointSlices' endpoints) by this selector.
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert dict(cfg.kubernetes.gateway_selector).items() <= pod_labels.items()
     mounts = {m["mountPath"] for m in ctr["volumeMounts"]}

@@ -69,6 +69,8 @@ def test_kubernetes_import_listeners() -> None:
         ({"site": "a", "kubernetes": {"importPorts": "30000"}}, "kubernetes.importPorts"),
         ({"site": "a", "kubernetes": {"importPorts": "900-1000"}}, "kubernetes.importPorts"),
         ({"site": "a", "kubernetes": {"importPorts": "2-1"}}, "kubernetes.importPorts"),
+        ({"site": "a", "kubernetes": {"importPorts": "²-3"}}, "kubernetes.importPorts"),
+        ({"site": "a", "ops": {"listen": "0.0.0.0:²"}}, "ops.listen"),
         (
             {"site": "a", "ops": {"listen": "0.0.0.0:20500"}, "kubernetes": {}},
             "kubernetes.importPorts",

@@ -206,9 +206,11 @@ def test_import_bodies() -> None:
         ]
     )
     targets = {("TCP", 80): 20123}  # the gateway port allocated to 80/TCP
-    derived = model.derived_service_body(merged, {"app": "gw"}, targets)
+    derived = model.derived_service_body(merged, targets)
     assert derived["metadata"]["name"] == model.derived_name("demo", "web")
-    assert derived["spec"]["selector"] == {"app": "gw"}
+    # No selector: meshlink's EndpointSlices alone back it (the cluster's EndpointSlice
+    # controller would publish the gateway pods as ready whatever the source cluster says).
+    assert "selector" not in derived["spec"]
     # Every port of a multi-port Service needs a name; slices use the same names. The
     # TCP port targets its gateway port; UDP is not tunnelled and keeps its own.
     assert [(p["name"], p["port"], p["targetPort"]) for p in derived["spec"]["ports"]] == [
@@ -346,3 +348,15 @@ def test_api_health_logs_one_line_down_and_one_up(caplog: pytest.LogCaptureFixtu
     assert len(lines) == 2, lines
     assert "unreachable" in lines[0]
     assert "reachable again" in lines[1]
+
+
+def test_recorded_gateway_ports_come_from_clusterset_ip_derived_services_only() -> None:
+    merged = merge([rec("c1", 1.0, ports=(Port(80, "TCP", "http"), Port(53, "UDP", "dns")))])
+    body = model.derived_service_body(merged, {("TCP", 80): 20007})
+    assert model.recorded_gateway_ports(body) == [("TCP", 80, 20007)]  # UDP is not tunnelled
+    # A headless derived Service's target ports are service ports, whatever their range:
+    # seeding them would hand a ClusterSetIP import's gateway port to it.
+    headless = {"spec": {"clusterIP": "None", "ports": [{"port": 20007, "targetPort": 20007}]}}
+    assert model.recorded_gateway_ports(headless) == []
+    named = {"spec": {"ports": [{"port": 80, "targetPort": "http", "protocol": "TCP"}]}}
+    assert model.recorded_gateway_ports(named) == []
