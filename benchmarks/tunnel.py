@@ -298,7 +298,8 @@ http {{
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     s.sendall(req)
                     got = b""
-                    while b"\r\n\r\n" not in got or len(got) < 612:
+                    # The whole 612-byte body, not 612 bytes of headers and body.
+                    while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 612:
                         chunk = s.recv(65536)
                         if not chunk:
                             break

@@ -357,6 +357,7 @@ async def run(kubeconfig: Path, state_file: Path, prefix: str) -> None:
                 synced[1],
             )
         )
+        backoff = _RETRY_DELAY
         while True:
             await changed.wait()
             changed.clear()
@@ -374,10 +375,12 @@ async def run(kubeconfig: Path, state_file: Path, prefix: str) -> None:
             try:
                 await asyncio.to_thread(restore, prog.text)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
-                log.warning("%s; retrying", e)
-                await asyncio.sleep(_RETRY_DELAY)  # retry backoff
+                log.warning("%s; retrying in %.1f s", e, backoff)
+                await asyncio.sleep(backoff)  # retry backoff, doubling up to 2 s
+                backoff = min(backoff * 2, 2.0)
                 changed.set()
                 continue
+            backoff = _RETRY_DELAY
             applied = prog
             generation += 1
             _write_state(state_file, generation, prog.rules)

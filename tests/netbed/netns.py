@@ -374,6 +374,7 @@ class Testbed:
         if ip is None or (in_pods and ip not in self._pod_ips[i]):
             ip = self.add_pod_ip(i, ip)
         ready = self._rundir / f"pod-{i}-{name}-{port}.ready"
+        ready.unlink(missing_ok=True)  # a pod restarted under the same name: wait for the new one
         argv = [sys.executable, "-m", "tests.netbed.podserver", "--name", name]
         argv += ["--bind", ip, "--port", str(port), "--ready-file", str(ready)]
         log = f"pod-c{i}-{name}"
