@@ -369,19 +369,21 @@ class SiteRuntime:
             spec = self._listener_specs.get(addr)
             if spec is None:
                 return []
-            sites = self.catalog.sites()
-            live = [o for o in spec.origins if o in sites]
-            rtt = self._rtts()
-            # Prefer this site, then fewer hops, then the lower RTT of the first hop.
-            live.sort(key=lambda o: (sites[o].hops, rtt.get(sites[o].via or "", 0.0), o))
+            # Per flow: look up only the exporting sites (the catalog holds every record).
+            routes = [r for o in spec.origins if (r := self.catalog.route_to(o)) is not None]
+            if len(routes) > 1:
+                # Prefer this site, then fewer hops, then the lower RTT of the first hop.
+                routes.sort(key=lambda r: (r.hops, self._rtt(r.via), r.site))
             return [
-                FlowTarget(o, spec.key.namespace, spec.key.name, spec.service_port) for o in live
+                FlowTarget(r.site, spec.key.namespace, spec.key.name, spec.service_port)
+                for r in routes
             ]
 
         return choose
 
-    def _rtts(self) -> dict[str, float]:
-        return {st.peer_site: st.rtt_ms for st in self.gateway.status() if st.rtt_ms is not None}
+    def _rtt(self, peer: str | None) -> float:
+        rtt = self.gateway.rtt_ms(peer) if peer is not None else None
+        return 0.0 if rtt is None else rtt
 
     # -- link and peer records -----------------------------------------------------------
 

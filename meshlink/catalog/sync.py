@@ -343,6 +343,16 @@ class Catalog:
                 out[entry.value.site] = SiteRoute(entry.value.site, path, entry.value)
         return out
 
+    def route_to(self, site: str) -> SiteRoute | None:
+        """One site's route (``sites()`` without walking every record: per-flow use)."""
+        best = self._best.get((site, "", ""))
+        if best is None:
+            return None
+        via, entry = best
+        if not isinstance(entry.value, SiteInfo):
+            return None
+        return SiteRoute(site, entry.path if via is not None else (), entry.value)
+
     def next_hop(self, site: str) -> str | None:
         """The peer to send a flow for ``site`` to; None for this site or no path."""
         best = self._best.get((site, "", ""))

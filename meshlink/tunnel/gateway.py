@@ -572,6 +572,11 @@ class Gateway(LinkOwner):
         end.start()
         return flow
 
+    def rtt_ms(self, peer: str) -> float | None:
+        """The last heartbeat RTT of the link to ``peer`` (None: no link, or not measured)."""
+        link = self._links.get(peer)
+        return None if link is None else link.rtt_ms
+
     def status(self) -> list[LinkStatus]:
         out = []
         seen: set[str] = set()

@@ -103,6 +103,9 @@ def test_chain_a_b_c_reaches_two_hops_and_routes_via_b() -> None:
     assert bus.seen("c") == {KEY: ("a",)}
     assert bus.cat["c"].next_hop("a") == "b"
     assert bus.cat["c"].sites()["a"].path == ("b", "a")
+    assert bus.cat["c"].route_to("a") == bus.cat["c"].sites()["a"]
+    assert bus.cat["c"].route_to("c") == bus.cat["c"].sites()["c"]  # this site, no path
+    assert bus.cat["c"].route_to("zz") is None
     assert bus.cat["a"].next_hop("c") == "b"
     assert not bus.refused
 
@@ -252,4 +255,9 @@ def test_random_topologies_converge_to_exactly_the_reachable_exports(
         expected = tuple(sorted(exporters & seen))
         got = bus.seen(site).get(KEY, ())
         assert got == expected, (site, bus.links)
-        assert set(bus.cat[site].sites()) == seen
+        routes = bus.cat[site].sites()
+        assert set(routes) == seen
+        # The per-flow lookup agrees with the full walk, and knows no other site.
+        assert {x: bus.cat[site].route_to(x) for x in "abcde"} == {
+            x: routes.get(x) for x in "abcde"
+        }
