@@ -135,6 +135,19 @@ def _skip_env_lookups(api: ApiClient) -> None:
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
+def _discard(resp: aiohttp.ClientResponse) -> None:
+    """Drop a response whose body was not read to the end (a watch, a cancelled or timed-out
+    read). ``resp.close()`` alone starts a graceful TLS shutdown that nobody waits for: when
+    the API server does not answer the close_notify before the event loop ends (a busy or
+    stopped server), the socket is never closed (``ResourceWarning: unclosed socket``).
+    Aborting the transport closes the socket on the loop's next turn, whatever the server."""
+    conn = resp.connection
+    transport = conn.transport if conn is not None else None
+    if transport is not None:
+        transport.abort()
+    resp.close()
+
+
 class Kube:
     """Raw JSON access to one API server, every request bounded by ``timeout`` seconds."""
 
@@ -179,15 +192,21 @@ class Kube:
             raise Unavailable(f"{what}: {type(e).__name__}: {e}") from None
         if stream:
             return resp
+        read = False
         try:
             if not 200 <= resp.status <= 299:
                 text = await resp.text()
+                read = True
                 raise _api_error(_status_error(resp.status, text), what)
             data = await resp.read()
+            read = True
         except _TRANSPORT_ERRORS as e:
             raise Unavailable(f"{what}: {type(e).__name__}: {e}") from None
         finally:
-            resp.release()
+            if read:
+                resp.release()  # read to the end: back to the pool
+            else:
+                _discard(resp)
         return json.loads(data) if data else None
 
     async def get(self, res: Resource, name: str, namespace: str | None = None) -> Obj:
@@ -270,7 +289,7 @@ class Kube:
                     )
                 yield event
         finally:
-            resp.close()  # an unfinished watch cannot go back to the pool
+            _discard(resp)  # an unfinished watch cannot go back to the pool
 
     async def apply(
         self, res: Resource, obj: Obj, sub: str | None = None, manager: str = FIELD_MANAGER
