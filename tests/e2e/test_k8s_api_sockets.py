@@ -1,0 +1,70 @@
+"""No socket to the API server outlives its event loop, even when the server is unresponsive.
+
+Regression test for the intermittent ``ResourceWarning: unclosed <socket ...>`` of the e2e
+runs: a watch cancelled at controller stop was closed with ``resp.close()``, which starts a
+TLS shutdown that waits for the server's close_notify. Under load the loop ended first and
+the socket was never closed. A SIGSTOPped kube-apiserver makes that deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import os
+import signal
+import warnings
+
+import pytest
+from kubernetes_asyncio import config as kconfig
+
+from meshlink.k8s.api import NAMESPACE, Kube
+from meshlink.k8s.watch import ApiHealth, Watcher
+from tests.kube import KubeCluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _signal_apiserver(cluster: KubeCluster, sig: signal.Signals) -> None:
+    proc = cluster._procs.apiserver
+    assert proc is not None
+    os.kill(proc.pid, sig)
+
+
+async def cancel_watch_then_stall(cluster: KubeCluster) -> None:
+    """Open a watch, stop the API server (SIGSTOP: it answers nothing, not even the TLS
+    close_notify), then cancel the watch and close the client, as a controller stop does.
+    The caller resumes the server only after the event loop has ended."""
+    api = await kconfig.new_client_from_config(str(cluster.kubeconfig))
+    try:
+        kube = Kube(api, 5.0)
+        watcher = Watcher(kube, NAMESPACE, lambda *_: None, ApiHealth(cluster.name))
+        task = asyncio.create_task(watcher.run())
+        await asyncio.wait_for(watcher.synced.wait(), 20)
+        await asyncio.wait_for(_watching(kube), 10)
+        _signal_apiserver(cluster, signal.SIGSTOP)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await api.close()
+
+
+async def _watching(kube: Kube) -> None:
+    while kube.requests["watch namespaces"] < 1:
+        await asyncio.sleep(0.01)
+    # The generator has the response once the watch request counts; give it the loop turn.
+    await asyncio.sleep(0.1)
+
+
+def test_a_cancelled_watch_leaves_no_socket_behind(kube_cluster: KubeCluster) -> None:
+    for _ in range(3):  # without the fix, every round leaked
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            try:
+                asyncio.run(cancel_watch_then_stall(kube_cluster))
+            finally:
+                _signal_apiserver(kube_cluster, signal.SIGCONT)
+            gc.collect()
+        leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert leaks == []
