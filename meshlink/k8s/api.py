@@ -132,6 +132,25 @@ def _skip_env_lookups(api: ApiClient) -> None:
         session._trust_env = False
 
 
+def _abort_closed_tls(api: ApiClient) -> None:
+    """Have the connector abort the TLS connections it closes (aiohttp's
+    ``enable_cleanup_closed``, which kubernetes_asyncio does not set): a request cancelled
+    in flight is closed inside aiohttp with a graceful TLS shutdown that waits for the
+    server's close_notify; if that never comes before the loop ends, the socket stays open
+    (``ResourceWarning: unclosed socket``). The connector aborts them every 2 s and when the
+    ApiClient closes. Python >= 3.12.7 aborts them itself (``NEEDS_CLEANUP_CLOSED``)."""
+    session = getattr(getattr(api, "rest_client", None), "pool_manager", None)
+    connector = session.connector if isinstance(session, aiohttp.ClientSession) else None
+    if (
+        aiohttp.connector.NEEDS_CLEANUP_CLOSED
+        and isinstance(connector, aiohttp.BaseConnector)
+        and getattr(connector, "_cleanup_closed_disabled", False) is True
+        and not connector.closed
+    ):
+        connector._cleanup_closed_disabled = False
+        connector._cleanup_closed()  # starts the periodic abort
+
+
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
 
@@ -157,6 +176,7 @@ class Kube:
         self.requests: Counter[str] = Counter()
         """Requests sent, by what they did (``apply serviceimports/status``...)."""
         _skip_env_lookups(api)
+        _abort_closed_tls(api)
 
     async def _call(
         self,

@@ -68,3 +68,35 @@ def test_a_cancelled_watch_leaves_no_socket_behind(kube_cluster: KubeCluster) ->
             gc.collect()
         leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
         assert leaks == []
+
+
+async def cancel_request_on_stalled_server(cluster: KubeCluster) -> None:
+    """A request in flight (sent, no answer yet) cancelled while the API server is stopped:
+    aiohttp closes that connection itself, before meshlink ever sees a response."""
+    api = await kconfig.new_client_from_config(str(cluster.kubeconfig))
+    try:
+        kube = Kube(api, 5.0)
+        await kube.list(NAMESPACE)  # a pooled, warmed-up connection
+        _signal_apiserver(cluster, signal.SIGSTOP)
+        task = asyncio.create_task(kube.get(NAMESPACE, "default"))
+        while kube.requests["get Namespace"] < 1:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the request is on the wire, waiting for headers
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await api.close()
+
+
+def test_a_cancelled_request_leaves_no_socket_behind(kube_cluster: KubeCluster) -> None:
+    for _ in range(3):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            try:
+                asyncio.run(cancel_request_on_stalled_server(kube_cluster))
+            finally:
+                _signal_apiserver(kube_cluster, signal.SIGCONT)
+            gc.collect()
+        leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+        assert leaks == []
