@@ -3,7 +3,8 @@
 Regression test for the intermittent ``ResourceWarning: unclosed <socket ...>`` of the e2e
 runs: a watch cancelled at controller stop was closed with ``resp.close()``, which starts a
 TLS shutdown that waits for the server's close_notify. Under load the loop ended first and
-the socket was never closed. A SIGSTOPped kube-apiserver makes that deterministic.
+the socket was never closed; a request cancelled in flight (closed inside aiohttp) did the
+same. A SIGSTOPped kube-apiserver makes both deterministic.
 """
 
 from __future__ import annotations
