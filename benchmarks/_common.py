@@ -90,6 +90,39 @@ def _ms(value: str) -> float:
     return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
 
 
+NGINX_PAGE = 612
+"""nginx's default page size: the body the request benchmarks fetch."""
+
+
+def nginx_config(workdir: Path, listen: str) -> Path:
+    """A one-worker nginx serving a NGINX_PAGE-byte page on ``listen`` (HOST:PORT), with
+    every file under ``workdir``; returns the config (run ``nginx -c CONF -p WORKDIR``)."""
+    www = workdir / "www"
+    www.mkdir()
+    workdir.chmod(0o711)  # nginx workers run as nobody: let them reach www/
+    www.chmod(0o755)
+    (www / "index.html").write_text("x" * NGINX_PAGE)
+    conf = workdir / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    server {{
+        listen {listen} backlog=4096;
+        root {www};
+    }}
+}}
+"""
+    )
+    return conf
+
+
 def median(values: Iterable[float]) -> float:
     vals = [v for v in values if v == v]  # drop NaN (a failed run)
     return statistics.median(vals) if vals else float("nan")

@@ -64,7 +64,7 @@ TOOLS = {
 }
 HTTP_PORT, IPERF_PORT = 8080, 5201
 WAN_HTTP_PORT, WAN_IPERF_PORT = 18080, 15201
-PAGE = 612  # nginx's default page size, as in tunnel.py
+PAGE = C.NGINX_PAGE
 
 
 # --------------------------------------------------------------------------- setup loop
@@ -113,29 +113,7 @@ class Bench:
     def start_servers(self) -> None:
         """nginx and iperf3 on one pod address of c1."""
         self.pod_ip = self.tb.add_pod_ip(1)
-        www = self.work / "www"
-        www.mkdir()
-        self.work.chmod(0o711)  # nginx workers run as nobody: let them reach www/
-        www.chmod(0o755)
-        (www / "index.html").write_text("x" * PAGE)
-        conf = self.work / "nginx.conf"
-        conf.write_text(
-            f"""
-worker_processes 1;
-daemon off;
-pid {self.work}/nginx.pid;
-error_log {self.work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    server {{
-        listen {self.pod_ip}:{HTTP_PORT} backlog=4096;
-        root {www};
-    }}
-}}
-"""
-        )
+        conf = C.nginx_config(self.work, f"{self.pod_ip}:{HTTP_PORT}")
         self.tb.popen(1, ["nginx", "-c", str(conf), "-p", str(self.work)], log="nginx-c1")
         argv = ["iperf3", "-s", "-B", self.pod_ip, "-p", str(IPERF_PORT)]
         self.tb.popen(1, argv, log="iperf3-c1")

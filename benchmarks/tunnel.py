@@ -70,29 +70,7 @@ class Bench:
 
     # ------------------------------------------------------------------ setup
     def start_backends(self) -> None:
-        www = self.tmp / "www"
-        www.mkdir()
-        self.tmp.chmod(0o711)  # nginx workers run as nobody: let them reach www/
-        www.chmod(0o755)
-        (www / "index.html").write_text("x" * 612)  # nginx's default page size
-        conf = self.tmp / "nginx.conf"
-        conf.write_text(
-            f"""
-worker_processes 1;
-daemon off;
-pid {self.tmp}/nginx.pid;
-error_log {self.tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{self.port_http} backlog=4096;
-        root {www};
-    }}
-}}
-"""
-        )
+        conf = C.nginx_config(self.tmp, f"127.0.0.1:{self.port_http}")
         self.procs.append(
             Proc(
                 ["nginx", "-c", str(conf), "-p", str(self.tmp)],
@@ -298,8 +276,10 @@ http {{
                     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     s.sendall(req)
                     got = b""
-                    # The whole 612-byte body, not 612 bytes of headers and body.
-                    while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < 612:
+                    # The whole body, not NGINX_PAGE bytes of headers and body.
+                    while (
+                        b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < C.NGINX_PAGE
+                    ):
                         chunk = s.recv(65536)
                         if not chunk:
                             break
