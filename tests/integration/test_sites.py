@@ -472,7 +472,12 @@ def test_link_certificate_renews_over_the_link(tmp_path: Path, backend: Backend)
             lambda: load_cert(cert_path).serial_number != first,
             timeout=30,
         )
-        assert "link certificate for a renewed" in b.log_tail(200)
+        # The file is stored before the line is logged: wait for the line, do not race it.
+        wait_until(
+            "b logs the renewal",
+            lambda: "link certificate for a renewed" in b.log_tail(200),
+            timeout=10,
+        )
         b.stop()
         b.start()
         wait_until("b relinks with the renewed certificate", lambda: b.link_state("a") == "up")
