@@ -496,7 +496,16 @@ class SiteRuntime:
                 for a, err in sorted(self._listener_errors.items())
             ][:100],
             "conflicts": self._conflicts(),
+            "kubernetes": self._kubernetes_status(),
         }
+
+    def _kubernetes_status(self) -> dict[str, Any] | None:
+        if self.local is not None:
+            return None
+        if self.controller is None:  # not started yet (or not a component of this process)
+            return {"api_server": None, "reachable": None, "synced": False}
+        status: dict[str, Any] = self.controller.status()
+        return status
 
     def _listener_row(self, addr: tuple[str, int]) -> dict[str, Any]:
         # Every listener and listener error has its spec: _apply_listeners keeps both

@@ -38,9 +38,19 @@ def render(s: dict[str, Any]) -> str:
         f"  gateway {s['gateway']}   grant {s['grant']}   dns {s.get('dns') or 'off'}   "
         f"zone {s['zone']}",
         f"  CA pin {s['ca_pin']}",
-        "",
-        "LINKS",
     ]
+    k = s.get("kubernetes")
+    if k:
+        if k.get("reachable") is False:
+            api = f"UNREACHABLE for {k.get('unreachable_for_s')} s"
+        else:
+            api = "synced" if k.get("synced") else "syncing"
+        out.append(
+            f"  kubernetes: API server {k.get('api_server') or '-'} ({api}), "
+            f"{k.get('exports', 0)} exports, {k.get('imports', 0)} imports, "
+            f"{k.get('queued', 0)} queued"
+        )
+    out += ["", "LINKS"]
     rows = [["PEER", "DIR", "STATE", "RTT", "FLOWS", "IN", "OUT", "LAST ERROR"]]
     rows += [
         [
@@ -131,6 +141,34 @@ def check(s: dict[str, Any]) -> list[tuple[bool, str]]:
             )
     if s["imports"] and all(i["reachable"] or i["type"] != "ClusterSetIP" for i in s["imports"]):
         out.append((True, f"{len(s['imports'])} import(s), each with a reachable exporting site"))
+    k = s.get("kubernetes")
+    if k:
+        api = k.get("api_server") or "(not connected yet)"
+        if k.get("reachable") is False:
+            out.append(
+                (
+                    False,
+                    f"API server {api} unreachable for {k.get('unreachable_for_s')} s: exports "
+                    "and imports are frozen; check that it is up and that the kubeconfig or "
+                    "service account can reach it",
+                )
+            )
+        elif not k.get("synced"):
+            out.append(
+                (
+                    False,
+                    f"the controller has not finished listing from API server {api}; if this "
+                    "lasts, check its RBAC (meshlink's logs name the refused request)",
+                )
+            )
+        else:
+            out.append(
+                (
+                    True,
+                    f"API server {api} reachable, controller synced "
+                    f"({k.get('exports', 0)} exports, {k.get('imports', 0)} imports)",
+                )
+            )
     for e in s.get("listener_errors", []):
         out.append(
             (

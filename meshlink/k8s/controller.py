@@ -242,6 +242,23 @@ class Controller:
         Service targets. Changes are announced through ``on_imports`` like the imports."""
         return tuple(spec for k in sorted(self._listeners) for spec in self._listeners[k])
 
+    def status(self) -> dict[str, object]:
+        """What `meshlink status` and `meshlink check` show of the controller."""
+        # Unreachable once announced (failing for a couple of seconds), not at one failure.
+        down = self.health.down and self.health.announced
+        down_for = time.monotonic() - self.health.down_since if down else None
+        return {
+            "api_server": self.health.name,
+            "cluster_id": self.cluster_id,
+            "reachable": not down,
+            "unreachable_for_s": None if down_for is None else round(down_for, 1),
+            "synced": self._synced.is_set(),
+            "exports": len(self._records),
+            "imports": len(self._imports),
+            "import_ports": len(self.ports),
+            "queued": len(self.export_queue) + len(self.import_queue),
+        }
+
     def idle(self) -> bool:
         """No reconcile queued or running (for tests and benchmarks)."""
         return not len(self.export_queue) and not len(self.import_queue)

@@ -19,7 +19,7 @@ import pytest
 
 from meshlink.k8s.model import DERIVED_ANNOTATION
 from tests.kube import KubeCluster, install_crds
-from tests.sites import SiteProc, wait_until
+from tests.sites import SiteProc, cli, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -142,6 +142,28 @@ def test_export_in_c1_is_imported_in_c2_through_real_sites(
             "DNS at c2", lambda: dns_a(s2, "web.shop.svc.clusterset.local"), timeout=10
         )
         assert answer == imp["spec"]["ips"]
+
+        # `meshlink check` in Kubernetes mode vouches for the API server and the controller,
+        # and says so when the API server goes away.
+        def check_s2() -> str:
+            return cli("check", "--config", str(s2.config), check=False).stdout
+
+        assert "PASS  API server https://127.0.0.1:" in check_s2()
+        c2.stop_apiserver()
+        try:
+            wait_until(
+                "check at c2 fails on its unreachable API server",
+                lambda: "unreachable for" in check_s2(),
+                timeout=30,
+            )
+            assert "kubernetes: API server" in cli("status", "--config", str(s2.config)).stdout
+        finally:
+            c2.start_apiserver()
+        wait_until(
+            "check at c2 passes again",
+            lambda: "PASS  API server https://127.0.0.1:" in check_s2(),
+            timeout=60,
+        )
 
         # The exporting site dies: its lease (the link) runs out and c2 drops the import.
         s1.kill()

@@ -91,3 +91,34 @@ def test_check_names_an_import_listener_that_cannot_listen() -> None:
         "import shop/web port 80: cannot listen on 0.0.0.0:20001: Address already in use; "
         "free that address or change the import range (imports.pool or kubernetes.importPorts)"
     ]
+
+
+def test_kubernetes_mode_shows_and_checks_the_api_server() -> None:
+    k8s = {
+        "api_server": "https://10.0.0.1:443",
+        "cluster_id": "c",
+        "reachable": True,
+        "unreachable_for_s": None,
+        "synced": True,
+        "exports": 2,
+        "imports": 3,
+        "import_ports": 3,
+        "queued": 0,
+    }
+    st = {**STATUS, "mode": "kubernetes", "kubernetes": k8s}
+    assert "kubernetes: API server https://10.0.0.1:443 (synced), 2 exports, 3 imports" in render(
+        st
+    )
+    assert (
+        True,
+        "API server https://10.0.0.1:443 reachable, controller synced (2 exports, 3 imports)",
+    ) in check(st)
+    down = {**st, "kubernetes": {**k8s, "reachable": False, "unreachable_for_s": 12.5}}
+    assert "(UNREACHABLE for 12.5 s)" in render(down)
+    fails = [line for ok, line in check(down) if not ok]
+    assert fails == [
+        "API server https://10.0.0.1:443 unreachable for 12.5 s: exports and imports are "
+        "frozen; check that it is up and that the kubeconfig or service account can reach it"
+    ]
+    syncing = {**st, "kubernetes": {**k8s, "synced": False}}
+    assert any("has not finished listing" in line for ok, line in check(syncing) if not ok)
