@@ -439,6 +439,12 @@ class SiteRuntime:
     # -- status --------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
+        if self._ready_reason == "ok" and "controller" in self.components and self.local is None:
+            # Until its first lists are done the import state is empty: DNS would answer
+            # NXDOMAIN for every clusterset name (and resolvers would cache that).
+            k = self._kubernetes_status()
+            if k is None or not k.get("synced"):
+                return (False, "the Kubernetes controller has not finished its first lists")
         return (self._ready_reason == "ok", self._ready_reason)
 
     def status(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,8 +122,14 @@ class SiteProc:
             raise AssertionError(
                 f"site {self.name} exited {self.proc.returncode}:\n{self.log_tail()}"
             )
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['ops']}/readyz", timeout=1) as r:
-            return bool(r.status == 200)
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.ports['ops']}/readyz", timeout=1
+            ) as r:
+                return bool(r.status == 200)
+        except urllib.error.HTTPError as e:  # 503 while not ready: close its connection
+            e.close()
+            return False
 
     def log_tail(self, n: int = 30) -> str:
         p = self.dir / "meshlink.log"
