@@ -439,12 +439,11 @@ class SiteRuntime:
     # -- status --------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
-        if self._ready_reason == "ok" and "controller" in self.components and self.local is None:
+        k = self._kubernetes_status()
+        if self._ready_reason == "ok" and k is not None and not k.get("synced"):
             # Until its first lists are done the import state is empty: DNS would answer
             # NXDOMAIN for every clusterset name (and resolvers would cache that).
-            k = self._kubernetes_status()
-            if k is None or not k.get("synced"):
-                return (False, "the Kubernetes controller has not finished its first lists")
+            return (False, "the Kubernetes controller has not finished its first lists")
         return (self._ready_reason == "ok", self._ready_reason)
 
     def status(self) -> dict[str, Any]:
@@ -506,9 +505,9 @@ class SiteRuntime:
         }
 
     def _kubernetes_status(self) -> dict[str, Any] | None:
-        if self.local is not None:
+        if self.local is not None or "controller" not in self.components:
             return None
-        if self.controller is None:  # not started yet (or not a component of this process)
+        if self.controller is None:  # not started yet
             return {"api_server": None, "reachable": None, "synced": False}
         status: dict[str, Any] = self.controller.status()
         return status
