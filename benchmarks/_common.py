@@ -123,6 +123,32 @@ http {{
     return conf
 
 
+def http_setup_times(host: str, port: int, count: int) -> tuple[list[float], int]:
+    """``count`` times: connect, send one GET, read the whole NGINX_PAGE body, close.
+    Returns the times (ms) of the successful ones and the number of failures."""
+    req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+    times: list[float] = []
+    failures = 0
+    for _ in range(count):
+        t0 = time.perf_counter()
+        try:
+            with socket.create_connection((host, port), timeout=10) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                s.sendall(req)
+                got = b""
+                # The whole body, not NGINX_PAGE bytes of headers and body.
+                while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < NGINX_PAGE:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+        except OSError:
+            failures += 1
+            continue
+        times.append((time.perf_counter() - t0) * 1000)
+    return times, failures
+
+
 def median(values: Iterable[float]) -> float:
     vals = [v for v in values if v == v]  # drop NaN (a failed run)
     return statistics.median(vals) if vals else float("nan")

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -64,7 +63,6 @@ TOOLS = {
 }
 HTTP_PORT, IPERF_PORT = 8080, 5201
 WAN_HTTP_PORT, WAN_IPERF_PORT = 18080, 15201
-PAGE = C.NGINX_PAGE
 
 
 # --------------------------------------------------------------------------- setup loop
@@ -73,25 +71,7 @@ PAGE = C.NGINX_PAGE
 def setup_loop(host: str, port: int, count: int) -> int:
     """Hidden mode, run inside a cluster namespace: `count` times connect, send one GET,
     read the response, close. Prints the times (ms) of the successful ones as JSON."""
-    req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-    times: list[float] = []
-    failures = 0
-    for _ in range(count):
-        t0 = time.perf_counter()
-        try:
-            with socket.create_connection((host, port), timeout=10) as s:
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                s.sendall(req)
-                got = b""
-                while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < PAGE:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    got += chunk
-        except OSError:
-            failures += 1
-            continue
-        times.append((time.perf_counter() - t0) * 1000)
+    times, failures = C.http_setup_times(host, port, count)
     print(json.dumps({"times": times, "failures": failures}))
     return 0
 
@@ -161,7 +141,7 @@ class Bench:
 
             def ok(i: int = i, host: str = host, port: int = port) -> bool:
                 out = self.tb.curl(i, f"http://{host}:{port}/", timeout=3)
-                return out.returncode == 0 and out.stdout.strip() == "x" * PAGE
+                return out.returncode == 0 and out.stdout.strip() == "x" * C.NGINX_PAGE
 
             wait_until(ok, 30, f"the page through the {mode} path")
 

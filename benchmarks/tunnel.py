@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -266,28 +265,7 @@ class Bench:
 
     def setup(self, mode: str, count: int) -> tuple[float, float]:
         port = self.ports[mode][1]
-        req = b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
-        times = []
-        failures = 0
-        for _ in range(count):
-            t0 = time.perf_counter()
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    s.sendall(req)
-                    got = b""
-                    # The whole body, not NGINX_PAGE bytes of headers and body.
-                    while (
-                        b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < C.NGINX_PAGE
-                    ):
-                        chunk = s.recv(65536)
-                        if not chunk:
-                            break
-                        got += chunk
-            except OSError:
-                failures += 1
-                continue
-            times.append((time.perf_counter() - t0) * 1000)
+        times, failures = C.http_setup_times("127.0.0.1", port, count)
         if failures:
             print(f"setup {mode}: {failures} failed connections", file=sys.stderr)
         if not times:
