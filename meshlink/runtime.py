@@ -34,7 +34,7 @@ from meshlink.catalog.view import ImportedService, ListenerSpec
 from meshlink.config import SiteConfig
 from meshlink.dns import run as dns_run
 from meshlink.dns.server import DnsServer
-from meshlink.dns.snapshot import SnapshotBuilder, build_snapshot
+from meshlink.dns.snapshot import SnapshotBuilder
 from meshlink.errors import CatalogError, MeshlinkError
 from meshlink.local.site import LocalSite
 from meshlink.ops.server import OpsServer
@@ -552,7 +552,7 @@ class SiteRuntime:
                     )
                 if "dns" in self.components and cfg.dns.enabled:
                     self.dns = await dns_run.start_server(
-                        build_snapshot((), zone=cfg.dns.zone, ttl=cfg.dns.ttl),
+                        self._dns_builder.build(()),
                         cfg.dns.listen.host,
                         cfg.dns.listen.port,
                     )
