@@ -1,7 +1,7 @@
 """Gateway target ports of imports: which port of the gateway pods carries which import.
 
-A derived Service selects the gateway pods, so its ``targetPort`` is all that tells the
-gateway which import a connection is for (kube-proxy DNATs on the client's node; the
+A derived Service's endpoints are the gateway pods, so its ``targetPort`` is all that
+tells the gateway which import a connection is for (kube-proxy DNATs on the client's node; the
 original ClusterIP is gone by the time the connection reaches the pod). Every imported TCP
 port (service, protocol, port) therefore gets a gateway port of its own from the configured
 range. The allocation is recorded where it is used, in the derived Service's
