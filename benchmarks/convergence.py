@@ -70,7 +70,7 @@ async def controller_main(site: str, kubeconfig: str, hub: str, workers: int, *,
     from kubernetes_asyncio import config as kconfig
 
     from meshlink.catalog.records import ExportRecord, ServiceKey, record_from_wire, record_to_wire
-    from meshlink.catalog.view import ImportedService
+    from meshlink.catalog.view import ImportedService, ImportView
     from meshlink.config import DnsConfig, HostPort, KubernetesConfig, SiteConfig
     from meshlink.dns import run as dns_run
     from meshlink.dns.server import DnsServer
@@ -118,10 +118,9 @@ async def controller_main(site: str, kubeconfig: str, hub: str, workers: int, *,
     view: tuple[ImportedService, ...] = ()
     dirty = asyncio.Event()
 
-    def on_imports(imports: tuple[ImportedService, ...], *_more: object) -> None:
-        # *_more: should the callback gain arguments (listener specs), DNS does not use them.
+    def on_view(new: ImportView) -> None:
         nonlocal view
-        view = imports
+        view = new.imports
         dirty.set()
 
     builder = SnapshotBuilder(zone=cfg.dns.zone, ttl=cfg.dns.ttl)
@@ -137,7 +136,7 @@ async def controller_main(site: str, kubeconfig: str, hub: str, workers: int, *,
             builds += 1
             await asyncio.sleep(min(time.monotonic() - t0, 1.0))  # as the runtime paces it
 
-    ctl = Controller(api, cfg, publish=publish, on_imports=on_imports, workers=workers)
+    ctl = Controller(api, cfg, publish=publish, on_view=on_view, workers=workers)
 
     def grouped() -> dict[ServiceKey, list[ExportRecord]]:
         out: dict[ServiceKey, list[ExportRecord]] = {}

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from pathlib import Path
@@ -106,27 +104,14 @@ def cmd_link_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fetch_status(args: argparse.Namespace) -> dict[str, Any]:
-    if args.url:
-        base = args.url.rstrip("/")
-    else:
-        cfg = _load(args)
-        base = f"http://{cfg.ops_listen}"
-    try:
-        with urllib.request.urlopen(f"{base}/api/status", timeout=5) as resp:  # noqa: S310
-            data: dict[str, Any] = json.load(resp)
-            return data
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise MeshlinkError(
-            f"cannot reach the site's status API at {base} ({reason}); is `meshlink run` up?"
-        ) from None
+def _status_url(args: argparse.Namespace) -> str:
+    return str(args.url) if args.url else f"http://{_load(args).ops_listen}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from meshlink import status
 
-    data = _fetch_status(args)
+    data = status.fetch(_status_url(args))
     if args.json:
         print(json.dumps(data, indent=1))
     else:
@@ -137,36 +122,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from meshlink import status
 
-    data = _fetch_status(args)
-    results = status.check(data)
-    if data.get("dns"):
-        results.append(_check_dns(str(data["dns"]), str(data["zone"])))
+    data = status.fetch(_status_url(args))
+    results = status.check(data) + status.probes(data)
     for ok, line in results:
         print(f"{'PASS' if ok else 'FAIL'}  {line}")
     return 0 if all(ok for ok, _ in results) else 1
-
-
-def _check_dns(address: str, zone: str) -> tuple[bool, str]:
-    """Ask the site's DNS server for ``dns-version.<zone>`` TXT over UDP."""
-    import socket
-
-    from dnslib import QTYPE, RCODE, DNSRecord
-
-    hp = config.parse_hostport(address, "dns")
-    name = f"dns-version.{zone}"
-    try:
-        with socket.socket(
-            socket.AF_INET6 if ":" in hp.host else socket.AF_INET, socket.SOCK_DGRAM
-        ) as sock:
-            sock.settimeout(2)
-            sock.sendto(DNSRecord.question(name, "TXT").pack(), (hp.host, hp.port))
-            reply = DNSRecord.parse(sock.recv(4096))
-    except (OSError, ValueError) as e:
-        return (False, f"DNS at {hp} does not answer ({e}); check dns.listen and the logs")
-    texts = [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.TXT]
-    if reply.header.rcode != RCODE.NOERROR or not texts:
-        return (False, f"DNS at {hp} answered {RCODE[reply.header.rcode]} for {name}")
-    return (True, f"DNS at {hp} answers {name} {texts[0]}")
 
 
 def cmd_dns(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import os
 import shutil
 import socket
@@ -25,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dnslib import QTYPE, DNSRecord
+from dnslib import QTYPE
 
+from meshlink import status
 from meshlink.errors import MeshlinkError
 
 STEP_TIMEOUT = 20.0
@@ -87,7 +87,7 @@ async def _wait(what: str, check: Callable[[], Any], limit: float = STEP_TIMEOUT
             result = await asyncio.to_thread(check)
             if result:
                 return result
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, status.StatusUnavailable) as e:
             last = e
         await asyncio.sleep(0.1)
     raise DemoFailed(
@@ -102,10 +102,8 @@ async def _link(*, issuer: DemoSite, redeemer: DemoSite) -> str:
     return await _cli("link", "create", str(token), "--config", str(redeemer.config_path))
 
 
-def _status(site: DemoSite) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{site.ops}/api/status", timeout=2) as resp:  # noqa: S310
-        data: dict[str, Any] = json.load(resp)
-        return data
+def _status(site: DemoSite) -> status.SiteStatus:
+    return status.fetch(site.ops, timeout=2)
 
 
 async def _echo_server() -> tuple[asyncio.Server, int]:
@@ -144,21 +142,7 @@ async def _http_get(host: str, port: int, path: str) -> tuple[str, float]:
 
 
 async def _dns_query(port: int, name: str) -> list[str]:
-    loop = asyncio.get_running_loop()
-    q = DNSRecord.question(name, "A")
-    fut: asyncio.Future[bytes] = loop.create_future()
-
-    class Proto(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            if not fut.done():
-                fut.set_result(data)
-
-    transport, _ = await loop.create_datagram_endpoint(Proto, remote_addr=("127.0.0.1", port))
-    try:
-        transport.sendto(q.pack())
-        reply = DNSRecord.parse(await asyncio.wait_for(fut, 3))
-    finally:
-        transport.close()
+    reply = await asyncio.to_thread(status.dns_query, "127.0.0.1", port, name, "A", timeout=3)
     return [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A]
 
 
@@ -319,7 +303,7 @@ def _ready(site: DemoSite) -> bool:
         return bool(resp.status == 200)
 
 
-def _import_ready(site: DemoSite, service: str) -> dict[str, Any] | None:
+def _import_ready(site: DemoSite, service: str) -> status.SiteStatus | None:
     st = _status(site)
     for i in st["imports"]:
         if i["service"] == service and i["reachable"] and i["ips"]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -23,22 +22,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Final
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from meshlink import __version__, links, pki
+from meshlink import links, pki, status
+from meshlink.catalog import control
 from meshlink.catalog.records import ExportRecord
 from meshlink.catalog.sync import Catalog, Send
-from meshlink.catalog.view import ImportedService, ListenerSpec
+from meshlink.catalog.view import ImportedService, ImportView, ListenerSpec, Platform
 from meshlink.config import SiteConfig
 from meshlink.dns import run as dns_run
 from meshlink.dns.server import DnsServer
 from meshlink.dns.snapshot import SnapshotBuilder
-from meshlink.errors import CatalogError, MeshlinkError
+from meshlink.errors import MeshlinkError
 from meshlink.local.site import LocalSite
 from meshlink.ops.server import OpsServer
-from meshlink.proto import MAX_CONTROL, FlowTarget
+from meshlink.proto import FlowTarget
 from meshlink.tunnel import (
     DialSpec,
     Gateway,
@@ -54,32 +54,6 @@ log = logging.getLogger(__name__)
 ALL_COMPONENTS: Final = frozenset({"gateway", "controller", "dns", "ops", "grant"})
 STATE_POLL: Final = 0.5
 """Seconds between looks at the link and peer records the CLI writes."""
-CONTROL_LIMIT: Final = MAX_CONTROL // 2
-"""Catalog messages above this are split (control frames are at most 1 MiB; a record at
-its limits, 1,000 endpoints, is about 80 KiB)."""
-
-
-def encode_control(message: dict[str, Any], limit: int = CONTROL_LIMIT) -> list[bytes]:
-    """JSON-encode a catalog update, halving its add/del lists until every part fits.
-
-    An entry too large on its own (which the record limits make impossible in practice) is
-    dropped with one log line rather than sent to be refused by the peer."""
-    payload = json.dumps(message, separators=(",", ":")).encode()
-    if len(payload) <= limit:
-        return [payload]
-    adds, dels = message.get("add", []), message.get("del", [])
-    if len(adds) + len(dels) <= 1:
-        log.error("catalog entry of %d bytes exceeds %d: not sent", len(payload), limit)
-        return []
-    parts: list[bytes] = []
-    for half in (
-        {"add": adds[: len(adds) // 2], "del": dels[: len(dels) // 2]},
-        {"add": adds[len(adds) // 2 :], "del": dels[len(dels) // 2 :]},
-    ):
-        msg = {"t": message["t"], **{k: v for k, v in half.items() if v}}
-        if len(msg) > 1:
-            parts += encode_control(msg, limit)
-    return parts
 
 
 @dataclass
@@ -114,8 +88,16 @@ class SiteRuntime:
         self.metrics = _Metrics()
         self.identity = pki.SiteIdentity.load_or_create(config.state_dir, config.site)
         self.catalog = Catalog(config.site, gateway_endpoints=[str(a) for a in config.advertise])
-        self.local = LocalSite(config) if config.kubernetes is None else None
-        self.controller: Any = None
+        self.platform: Platform
+        if config.kubernetes is None:
+            self.platform = LocalSite(config)
+        else:
+            from meshlink.k8s.platform import KubernetesPlatform
+
+            self.platform = KubernetesPlatform(config, controller="controller" in components)
+        self.renewals = links.Renewals(
+            config.state_dir, lifetime=timedelta(seconds=config.link_cert_lifetime)
+        )
         self.gateway = Gateway(
             config.site,
             listen=(config.gateway_listen.host, config.gateway_listen.port),
@@ -133,14 +115,10 @@ class SiteRuntime:
         self._listener_errors: dict[tuple[str, int], str] = {}
         self._listeners_lock = asyncio.Lock()
         self._dirty = asyncio.Event()
-        self._controller_view: tuple[tuple[ImportedService, ...], tuple[ListenerSpec, ...]] = (
-            (),
-            (),
-        )
-        self._controller_dirty = asyncio.Event()
+        self._view = ImportView()
+        self._view_dirty = asyncio.Event()
         self._seen_generation = -1
         self._ready_reason = "starting"
-        self._renewal_pending: set[str] = set()
 
     # -- TLS and authorization -----------------------------------------------------------
 
@@ -168,11 +146,8 @@ class SiteRuntime:
 
     def control_received(self, peer_site: str, payload: bytes) -> None:
         try:
-            msg = json.loads(payload)
-            if not isinstance(msg, dict):
-                raise CatalogError("control message is not a JSON object")
-            kind = msg.get("t")
-            if kind == "update":
+            msg = control.decode(payload)
+            if isinstance(msg, control.Update):
                 sends, refused = self.catalog.receive(peer_site, msg)
                 self._observe_propagation(msg)
                 for line in refused:
@@ -180,53 +155,20 @@ class SiteRuntime:
                     log.warning("catalog entry refused %s", line)
                 self._send(sends)
                 self._changed()
-            elif kind == "renew":
-                self._answer_renewal(peer_site, msg)
-            elif kind == "renewed":
-                self._store_renewal(peer_site, msg)
+            elif isinstance(msg, control.RenewRequest):
+                answer = self.renewals.answer(self.identity, peer_site, msg)
+                for frame in control.encode(answer):
+                    self.gateway.send_control(peer_site, frame)
             else:
-                raise CatalogError(f"unknown control message type {kind!r}")
-        except (ValueError, MeshlinkError) as e:
+                self.renewals.store(self.identity, peer_site, msg)
+        except MeshlinkError as e:
             log.warning("bad control message from %s: %s", peer_site, e)
 
-    # -- link certificate renewal over the link ------------------------------------------
-
-    def _answer_renewal(self, peer_site: str, msg: dict[str, Any]) -> None:
-        csr = msg.get("csr")
-        if not isinstance(csr, str) or len(csr) > 16384:
-            raise CatalogError("renew without a CSR")
-        cert = links.sign_renewal(
-            self.identity,
-            self.config.state_dir,
-            peer_site,
-            csr,
-            lifetime=timedelta(seconds=self.config.link_cert_lifetime),
-        )
-        self.gateway.send_control(peer_site, json.dumps({"t": "renewed", "cert": cert}).encode())
-        log.info("renewed the link certificate of peer %s", peer_site)
-
-    def _store_renewal(self, peer_site: str, msg: dict[str, Any]) -> None:
-        cert = msg.get("cert")
-        rec = links.find_link_to(self.config.state_dir, peer_site)
-        if rec is None or not isinstance(cert, str) or len(cert) > 16384:
-            raise CatalogError(f"unexpected renewed certificate from {peer_site}")
-        links.store_renewed_cert(self.identity, self.config.state_dir, rec.name, cert)
-        self._renewal_pending.discard(peer_site)
-        log.info("link certificate for %s renewed", peer_site)
-
     def _renew_links(self, records: Sequence[links.LinkRecord]) -> None:
-        live = set(self.gateway.live_peers())
-        for rec in records:
-            if (
-                rec.peer_site in live
-                and rec.peer_site not in self._renewal_pending
-                and links.link_renewal_due(self.config.state_dir, rec.name)
-            ):
-                csr = links.renewal_csr(self.identity)
-                payload = json.dumps({"t": "renew", "csr": csr}).encode()
-                if self.gateway.send_control(rec.peer_site, payload):
-                    self._renewal_pending.add(rec.peer_site)
-                    log.info("asked %s to renew our link certificate", rec.peer_site)
+        for rec in self.renewals.due(records, self.gateway.live_peers()):
+            frames = control.encode(self.renewals.request(self.identity))
+            if all(self.gateway.send_control(rec.peer_site, f) for f in frames):
+                self.renewals.asked(rec.peer_site)
 
     def route(self, target: FlowTarget) -> Route:
         if target.site == self.site:
@@ -240,25 +182,18 @@ class SiteRuntime:
         return PeerRoute(hop)
 
     def _local_endpoint(self, target: FlowTarget) -> tuple[str, int] | None:
-        if self.local is not None:
-            return self.local.local_endpoint(target.namespace, target.name, target.port)
-        if self.controller is not None:
-            found: tuple[str, int] | None = self.controller.local_endpoint(
-                target.namespace, target.name, target.port
-            )
-            return found
-        return None
+        return self.platform.local_endpoint(target.namespace, target.name, target.port)
 
     # -- catalog plumbing ----------------------------------------------------------------
 
     def _send(self, sends: Sequence[Send]) -> None:
         for s in sends:
-            for payload in encode_control(s.message):
+            for payload in control.encode(s.message):
                 self.gateway.send_control(s.peer, payload)
 
-    def _observe_propagation(self, msg: dict[str, Any]) -> None:
+    def _observe_propagation(self, msg: control.Update) -> None:
         now = time.time_ns()
-        for entry in msg.get("add", ()):
+        for entry in msg.add:
             rec = entry.get("rec") if isinstance(entry, dict) else None
             if isinstance(rec, dict) and isinstance(rec.get("version"), int):
                 delay = (now - rec["version"]) / 1e9
@@ -280,27 +215,21 @@ class SiteRuntime:
             if self.catalog.generation == self._seen_generation:
                 continue
             self._seen_generation = self.catalog.generation
-            services = self.catalog.services()
-            if self.local is not None:
-                if self.local.update(services):
-                    await self._set_imports(self.local.imports, self.local.listeners)
-            elif self.controller is not None:
-                self.controller.update_catalog(services)
+            self.platform.catalog_changed(self.catalog.services())
             self.metrics.sites.set(len(self.catalog.sites()))
 
-    def on_controller_imports(self, imports: tuple[ImportedService, ...]) -> None:
-        """The controller's import state changed: DNS and listeners follow (in that task,
+    def on_view(self, view: ImportView) -> None:
+        """The platform's import state changed: DNS and listeners follow (in that task,
         listeners first, so a name never resolves before its traffic has a listener)."""
-        specs: tuple[ListenerSpec, ...] = self.controller.listeners if self.controller else ()
-        self._controller_view = (imports, specs)
-        self._controller_dirty.set()
+        self._view = view
+        self._view_dirty.set()
 
-    async def _controller_imports_loop(self) -> None:
+    async def _imports_loop(self) -> None:
         while True:
-            await self._controller_dirty.wait()
-            self._controller_dirty.clear()
+            await self._view_dirty.wait()
+            self._view_dirty.clear()
             t0 = time.monotonic()
-            await self._set_imports(*self._controller_view)
+            await self._set_imports(self._view.imports, self._view.listeners)
             # At thousands of imports a DNS snapshot takes tens of ms to build: wait as
             # long as the last update took, so a burst of changes costs at most half a core.
             await asyncio.sleep(min(time.monotonic() - t0, 1.0))
@@ -350,7 +279,7 @@ class SiteRuntime:
                             addr[1],
                             spec.key,
                             why,
-                            "imports.pool" if self.local is not None else "kubernetes.importPorts",
+                            self.platform.import_range,
                         )
                     self._listener_errors[addr] = why
                     continue
@@ -410,8 +339,6 @@ class SiteRuntime:
             try:
                 records = links.list_links(self.config.state_dir)
                 self.gateway.set_dials(self._dial_specs(records))
-                if ticks % 1200 == 0:
-                    self._renewal_pending.clear()  # retry unanswered renewals every 10 min
                 if ticks % 20 == 1:
                     self._renew_links(records)
                 if ticks % 7200 == 0:  # hourly: re-issues the gateway cert when 2/3 used
@@ -439,97 +366,28 @@ class SiteRuntime:
     # -- status --------------------------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
-        k = self._kubernetes_status()
-        if self._ready_reason == "ok" and k is not None and not k.get("synced"):
-            # Until its first lists are done the import state is empty: DNS would answer
-            # NXDOMAIN for every clusterset name (and resolvers would cache that).
-            return (False, "the Kubernetes controller has not finished its first lists")
-        return (self._ready_reason == "ok", self._ready_reason)
+        if self._ready_reason != "ok":
+            return (False, self._ready_reason)
+        why = self.platform.not_ready()
+        return (False, why) if why is not None else (True, "ok")
 
-    def status(self) -> dict[str, Any]:
-        sites = self.catalog.sites()
-        services = self.catalog.services()
-        return {
-            "site": self.site,
-            "version": __version__,
-            "mode": "local" if self.local is not None else "kubernetes",
-            "uptime_s": round(time.time() - self.started, 1),
-            "gateway": str(self.config.gateway_listen),
-            "grant": str(self.config.grant_address),
-            "dns": str(self.config.dns.listen) if self.dns is not None else None,
-            "zone": self.config.dns.zone,
-            "ca_pin": self.identity.pin,
-            "links": [
-                {
-                    "peer": st.peer_site,
-                    "direction": st.direction,
-                    "state": st.state,
-                    "rtt_ms": st.rtt_ms,
-                    "since": st.since,
-                    "flows": st.flows_open,
-                    "bytes_in": st.bytes_in,
-                    "bytes_out": st.bytes_out,
-                    "last_error": st.last_error,
-                }
-                for st in self.gateway.status()
+    def status(self) -> status.SiteStatus:
+        return status.collect(
+            config=self.config,
+            mode=self.platform.mode,
+            started=self.started,
+            dns_served=self.dns is not None,
+            ca_pin=self.identity.pin,
+            links=self.gateway.status(),
+            catalog=self.catalog,
+            imports=self.imports,
+            listeners=[self._listener_specs[a] for a in self._listeners],
+            listener_errors=[
+                (self._listener_specs[a], e) for a, e in self._listener_errors.items()
             ],
-            "sites": [
-                {"site": r.site, "hops": r.hops, "via": r.via, "path": list(r.path)}
-                for r in sorted(sites.values(), key=lambda r: (r.hops, r.site))
-            ],
-            "exports": [
-                {"service": str(k), "ports": [p.port for p in r.ports]}
-                for k, recs in sorted(services.items())
-                for r in recs
-                if r.origin == self.site
-            ][:1000],
-            "imports": [
-                {
-                    "service": f"{i.namespace}/{i.name}",
-                    "name": f"{i.name}.{i.namespace}.svc.{self.config.dns.zone}",
-                    "type": i.type.value,
-                    "ips": list(i.ips),
-                    "ports": [p.port for p in i.ports],
-                    "clusters": [c.cluster for c in i.clusters],
-                    "reachable": [c.cluster for c in i.clusters if c.cluster in sites],
-                }
-                for i in self.imports
-            ][:1000],
-            "listeners": [self._listener_row(a) for a in sorted(self._listeners)][:1000],
-            "listener_errors": [
-                self._listener_row(a) | {"error": err}
-                for a, err in sorted(self._listener_errors.items())
-            ][:100],
-            "conflicts": self._conflicts(),
-            "kubernetes": self._kubernetes_status(),
-        }
-
-    def _kubernetes_status(self) -> dict[str, Any] | None:
-        if self.local is not None or "controller" not in self.components:
-            return None
-        if self.controller is None:  # not started yet
-            return {"api_server": None, "reachable": None, "synced": False}
-        status: dict[str, Any] = self.controller.status()
-        return status
-
-    def _listener_row(self, addr: tuple[str, int]) -> dict[str, Any]:
-        # Every listener and listener error has its spec: _apply_listeners keeps both
-        # within _listener_specs' keys (under the lock, with no await in between).
-        spec = self._listener_specs[addr]
-        return {
-            "address": f"{addr[0]}:{addr[1]}",
-            "service": str(spec.key),
-            "port": spec.service_port,
-        }
-
-    def _conflicts(self) -> list[dict[str, Any]]:
-        if self.local is None:
-            return []
-        return [
-            {"service": str(k), "reasons": list(m.conflicts), "winner": m.winner.origin}
-            for k, m in sorted(self.local.merged.items())
-            if m.conflicts
-        ]
+            conflicts=self.platform.conflicts(),
+            platform=self.platform.status(),
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -563,11 +421,8 @@ class SiteRuntime:
                     await self.ops.start(cfg.ops_listen.host, cfg.ops_listen.port)
                 tg.create_task(self._state_loop(), name="link-records")
                 tg.create_task(self._reconcile_loop(), name="reconcile")
-                if self.local is not None:
-                    self.publish(self.local.export_records())
-                elif "controller" in self.components:
-                    tg.create_task(self._run_controller(), name="controller")
-                    tg.create_task(self._controller_imports_loop(), name="controller-imports")
+                tg.create_task(self._imports_loop(), name="imports")
+                tg.create_task(self.platform.run(self.publish, self.on_view), name="platform")
                 self._ready_reason = "ok"
                 dns_run.settle_heap()  # keep full GCs off the DNS answer path
                 log.info(
@@ -588,33 +443,6 @@ class SiteRuntime:
                 await self.ops.close()
             if grant_runner is not None:
                 await grant_runner.cleanup()
-
-    async def _run_controller(self) -> None:
-        from kubernetes_asyncio import config as kconfig
-
-        from meshlink.k8s import Controller
-
-        kube = self.config.kubernetes
-        assert kube is not None
-        if kube.kubeconfig is None:
-            kconfig.load_incluster_config()  # type: ignore[no-untyped-call]
-            from kubernetes_asyncio.client import ApiClient
-
-            api = ApiClient()
-        else:
-            api = await kconfig.new_client_from_config(str(kube.kubeconfig), context=kube.context)
-        async with api:
-            self.controller = Controller(
-                api, self.config, publish=self.publish, on_imports=self.on_controller_imports
-            )
-            site_id = await self.controller.resolve_cluster_id()
-            if site_id != self.site:
-                raise MeshlinkError(
-                    f"cluster id {site_id} (ClusterProperty) differs from site {self.site}"
-                )
-            # Imports (and orphan clean-up) start with the first catalog view, even empty.
-            self.controller.update_catalog(self.catalog.services())
-            await self.controller.run()
 
 
 async def run_site(config: SiteConfig, components: frozenset[str] = ALL_COMPONENTS) -> None:

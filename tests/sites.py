@@ -7,7 +7,6 @@ as a user would. Everything is bounded in time; helpers wait on conditions, neve
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -24,6 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from meshlink import status as site_status
 from tests import kube
 
 T = TypeVar("T")
@@ -41,7 +41,11 @@ def wait_until(
 ) -> T:
     """tests.kube.wait_until, for checks that talk to a site that may not be up yet."""
     return kube.wait_until(
-        fn, timeout, what, interval=every, ignore=(OSError, ValueError, KeyError, AssertionError)
+        fn,
+        timeout,
+        what,
+        interval=every,
+        ignore=(OSError, ValueError, KeyError, AssertionError, site_status.StatusUnavailable),
     )
 
 
@@ -135,11 +139,8 @@ class SiteProc:
         p = self.dir / "meshlink.log"
         return "\n".join(p.read_text(errors="replace").splitlines()[-n:]) if p.exists() else ""
 
-    def status(self) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.ports['ops']}/api/status"
-        with urllib.request.urlopen(url, timeout=2) as r:
-            data: dict[str, Any] = json.load(r)
-            return data
+    def status(self) -> site_status.SiteStatus:
+        return site_status.fetch(f"http://127.0.0.1:{self.ports['ops']}", timeout=2)
 
     def import_addr(self, service: str, reachable: bool = True) -> tuple[str, list[str]] | None:
         for i in self.status()["imports"]:

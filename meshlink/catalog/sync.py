@@ -18,20 +18,21 @@ it crossed, from the sending peer back to its origin. The rules:
   has a path, the entry is withdrawn everywhere. That is the KEP's endpoint lease tied to
   tunnel liveness: a site's records live exactly as long as some path to it.
 
-Messages are JSON-ready dicts: ``{"t": "update", "add": [entry...], "del": [key...]}``,
+Messages are ``control.Update``s, one per peer and change, whose entries are JSON-ready:
 entry = ``{"path": [...], "rec": record}`` or ``{"path": [...], "site": {...}}``,
-key = ``[origin, namespace, name]`` (namespace and name empty for a SiteInfo).
-The runtime owns encoding and transport; this module owns only the state.
+key = ``(origin, namespace, name)`` (namespace and name empty for a SiteInfo).
+``catalog.control`` owns encoding (and splitting by size); this module owns only the state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from meshlink.catalog.control import Update
 from meshlink.catalog.records import (
     ExportRecord,
     ServiceKey,
@@ -43,8 +44,6 @@ from meshlink.catalog.records import (
 from meshlink.errors import CatalogError
 
 MAX_PATH: Final = 16
-CHUNK: Final = 200
-"""Entries per update message: keeps control frames small even for 2,000 services."""
 
 EntryKey = tuple[str, str, str]
 """(origin, namespace, name); ("site", "", "") style keys hold SiteInfo."""
@@ -77,7 +76,7 @@ class Send:
     """A message for one peer."""
 
     peer: str
-    message: dict[str, Any]
+    message: Update
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,30 +188,20 @@ class Catalog:
     def peers(self) -> tuple[str, ...]:
         return tuple(sorted(self._rib))
 
-    def receive(self, peer: str, message: Mapping[str, Any]) -> tuple[list[Send], list[str]]:
+    def receive(self, peer: str, message: Update) -> tuple[list[Send], list[str]]:
         """Apply an update from ``peer``. Returns messages to send and one line per refused
         entry (the rest of the message is still applied). Raises CatalogError only when
-        the message itself is unusable."""
+        the peer has no live link."""
         if peer not in self._rib:
             raise CatalogError(f"update from {peer}, which has no live link")
-        if message.get("t") != "update":
-            raise CatalogError(f"unknown catalog message type {message.get('t')!r}")
-        adds, dels = message.get("add", []), message.get("del", [])
-        if not isinstance(adds, list) or not isinstance(dels, list):
-            raise CatalogError("update add/del must be lists")
         rib = self._rib[peer]
         touched: set[EntryKey] = set()
         refused: list[str] = []
-        for raw in dels:
-            if (
-                isinstance(raw, list)
-                and len(raw) == 3
-                and all(isinstance(x, str) for x in raw)
-                and (key := (raw[0], raw[1], raw[2])) in rib
-            ):
+        for key in message.delete:
+            if key in rib:
                 del rib[key]
                 touched.add(key)
-        for raw in adds:
+        for raw in message.add:
             try:
                 entry = self._parse_entry(peer, raw)
             except CatalogError as e:
@@ -302,27 +291,21 @@ class Catalog:
     def _sync_peer(self, peer: str, keys: Iterable[EntryKey]) -> list[Send]:
         sent = self._sent.setdefault(peer, {})
         adds: list[dict[str, Any]] = []
-        dels: list[list[str]] = []
+        dels: list[EntryKey] = []
         for key in sorted(keys):
             entry = self._advertisable(peer, key)
             if entry is None:
                 if sent.pop(key, None) is not None:
-                    dels.append(list(key))
+                    dels.append(key)
                 continue
             stamp = (entry.version, entry.path)
             if sent.get(key) == stamp:
                 continue
             sent[key] = stamp
             adds.append(_entry_to_wire(self.site, entry))
-        out = []
-        for i in range(0, max(len(adds), len(dels)), CHUNK):
-            msg: dict[str, Any] = {"t": "update"}
-            if adds[i : i + CHUNK]:
-                msg["add"] = adds[i : i + CHUNK]
-            if dels[i : i + CHUNK]:
-                msg["del"] = dels[i : i + CHUNK]
-            out.append(Send(peer, msg))
-        return out
+        if not adds and not dels:
+            return []
+        return [Send(peer, Update(tuple(adds), tuple(dels)))]
 
     # -- queries -------------------------------------------------------------------------
 

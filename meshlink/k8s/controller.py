@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +28,14 @@ from kubernetes_asyncio.client import ApiClient
 
 from meshlink.catalog.merge import MergedService, merge
 from meshlink.catalog.records import ExportRecord, ServiceKey, ServiceType
-from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec
+from meshlink.catalog.view import (
+    ClusterEndpoints,
+    ImportedService,
+    ImportView,
+    ListenerSpec,
+    OnView,
+    PlatformStatus,
+)
 from meshlink.config import KubernetesConfig, SiteConfig, is_dns_label
 from meshlink.errors import ConfigError
 from meshlink.k8s import model
@@ -88,7 +96,7 @@ class Controller:
         config: SiteConfig,
         *,
         publish: Callable[[Sequence[ExportRecord]], None],
-        on_imports: Callable[[tuple[ImportedService, ...]], None] | None = None,
+        on_view: OnView | None = None,
         on_conditions: ConditionsHook | None = None,
         workers: int = 24,
     ):
@@ -98,7 +106,7 @@ class Controller:
         self.kube = Kube(api, self.kconfig.request_timeout)
         self.health = ApiHealth(str(host))
         self._publish_cb = publish
-        self._on_imports = on_imports
+        self._on_view = on_view
         self._on_conditions = on_conditions
         self.cluster_id: str | None = None
 
@@ -145,7 +153,6 @@ class Controller:
         self._imports: dict[ServiceKey, ImportedService] = {}
         self._listeners: dict[ServiceKey, tuple[ListenerSpec, ...]] = {}
         self.ports = PortAllocator(*self.kconfig.import_ports)
-        self._imports_wanted = asyncio.Event()
         self.import_queue: WorkQueue[ServiceKey] = WorkQueue(
             "import", self._reconcile_import, workers, transient=self._transient
         )
@@ -239,10 +246,10 @@ class Controller:
     def listeners(self) -> tuple[ListenerSpec, ...]:
         """The gateway listeners the imports need: one per imported TCP port of every
         ClusterSetIP import, on ``kubernetes.importAddress`` and the port its derived
-        Service targets. Changes are announced through ``on_imports`` like the imports."""
+        Service targets. Changes are announced through ``on_view`` like the imports."""
         return tuple(spec for k in sorted(self._listeners) for spec in self._listeners[k])
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> PlatformStatus:
         """What `meshlink status` and `meshlink check` show of the controller."""
         # Unreachable once announced (failing for a couple of seconds), not at one failure.
         down = self.health.down and self.health.announced
@@ -307,7 +314,6 @@ class Controller:
         for ikey in self._managed_keys() | set(self._catalog):
             self.import_queue.add(ikey)
         tg.create_task(self.import_queue.run(), name="import-queue")
-        tg.create_task(self._imports_feed(), name="imports-feed")
         tg.create_task(self._resync(), name="resync")
 
     def _seed_ports(self) -> None:
@@ -380,16 +386,18 @@ class Controller:
                 log.exception("publishing export records failed")
             await asyncio.sleep(COALESCE_SECONDS)
 
-    async def _imports_feed(self) -> None:
-        while True:
-            await self._imports_wanted.wait()
-            self._imports_wanted.clear()
-            if self._on_imports is not None:
-                try:
-                    self._on_imports(self.imports)
-                except Exception:
-                    log.exception("imports feed consumer failed")
-            await asyncio.sleep(COALESCE_SECONDS)
+    def _view_changed(self) -> None:
+        """Hand the consumer the new import view at once: it coalesces (building the view
+        is a copy of two dicts' values, cheap even at thousands of imports)."""
+        if self._on_view is not None:
+            view = ImportView(
+                tuple(self._imports.values()),
+                tuple(itertools.chain.from_iterable(self._listeners.values())),
+            )
+            try:
+                self._on_view(view)
+            except Exception:
+                log.exception("import view consumer failed")
 
     # ------------------------------------------------------------------ watch handlers
 
@@ -636,7 +644,7 @@ class Controller:
         self.ports.release(key)
         listeners = self._listeners.pop(key, None)
         if self._imports.pop(key, None) is not None or listeners:
-            self._imports_wanted.set()
+            self._view_changed()
         if deleted:
             log.info("import %s removed (%d objects)", key, deleted)
 
@@ -730,9 +738,9 @@ class Controller:
             for p, origins in merged.port_origins
             if (p.protocol, p.port) in targets
         )
-        if self._listeners.get(key, ()) != listeners:
+        changed = self._listeners.get(key, ()) != listeners
+        if changed:
             self._listeners[key] = listeners
-            self._imports_wanted.set()
         if self._imports.get(key) != imported:
             if key not in self._imports:
                 log.info(
@@ -742,7 +750,9 @@ class Controller:
                     ",".join(ips) or "-",
                 )
             self._imports[key] = imported
-            self._imports_wanted.set()
+            changed = True
+        if changed:
+            self._view_changed()
 
     def _target_ports(self, merged: MergedService) -> dict[tuple[str, int], int]:
         """Gateway ports of a ClusterSetIP import's TCP ports (allocated on first use; the

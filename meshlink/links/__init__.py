@@ -42,6 +42,7 @@ from meshlink.links.records import (
 )
 from meshlink.links.redeem import redeem
 from meshlink.links.renewal import (
+    Renewals,
     link_renewal_due,
     renewal_csr,
     renewal_due,
@@ -58,6 +59,7 @@ __all__ = [
     "LinkRecord",
     "PeerRecord",
     "RecordNotFound",
+    "Renewals",
     "RunningGrant",
     "Token",
     "TokenRecord",

@@ -1,24 +1,38 @@
-"""Renewal of link client certificates over a live link (the pure pieces; the runtime carries
-the messages).
+"""Renewal of link client certificates over a live link: the pieces, and ``Renewals``, the
+state machine of one site (the runtime's control channel carries its messages).
 
 The redeemer's client certificate lives 24 hours. When ``link_renewal_due`` (less than a
-third of its life left), the redeemer sends ``renewal_csr(identity)`` over the link; the
-issuer answers ``sign_renewal(...)`` for a peer that is still allowed; the redeemer checks and
-stores the answer with ``store_renewed_cert`` and builds a new client context for new
-connections. Keys never change and never travel.
+third of its life left), the redeemer sends ``renewal_csr(identity)`` over the link (a
+``RenewRequest``); the issuer answers ``sign_renewal(...)`` (a ``RenewAnswer``) for a peer
+that is still allowed; the redeemer checks and stores the answer with
+``store_renewed_cert`` and builds a new client context for new connections. Keys never
+change and never travel. A request left unanswered is asked again after ``RETRY_AFTER``.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+import logging
+import time
+from collections.abc import Callable, Collection, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Final
 
 from cryptography import x509
 
+from meshlink.catalog.control import RenewAnswer, RenewRequest
+from meshlink.errors import CatalogError
 from meshlink.links.certcheck import check_link_cert
 from meshlink.links.issuer import sign_renewal
-from meshlink.links.records import RecordNotFound, link_cert_path, load_link
+from meshlink.links.records import (
+    LinkRecord,
+    RecordNotFound,
+    find_link_to,
+    link_cert_path,
+    load_link,
+)
 from meshlink.pki import (
+    LINK_CERT_LIFETIME,
     SiteIdentity,
     cert_from_pem,
     csr_to_pem,
@@ -28,7 +42,14 @@ from meshlink.pki import (
     write_cert,
 )
 
+log = logging.getLogger(__name__)
+
+RETRY_AFTER: Final = 600.0
+"""Seconds after which an unanswered renewal request is sent again."""
+
 __all__ = [
+    "RETRY_AFTER",
+    "Renewals",
     "link_renewal_due",
     "renewal_csr",
     "renewal_due",
@@ -59,3 +80,59 @@ def store_renewed_cert(
     check_link_cert(identity, cert, ca, rec.peer_site, "the renewed link certificate")
     write_cert(link_cert_path(state_dir, name), cert)
     return cert
+
+
+class Renewals:
+    """One site's renewals, both sides: the requests it should send for the links it dialled
+    (``due``, then ``asked`` once sent), the answers it gives its peers (``answer``), and
+    the answers it receives (``store``). No I/O but the state directory's files."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        lifetime: timedelta = LINK_CERT_LIFETIME,
+        retry_after: float = RETRY_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.state_dir = state_dir
+        self.lifetime = lifetime
+        self.retry_after = retry_after
+        self._clock = clock
+        self._pending: dict[str, float] = {}
+        """Peer site -> when we asked it (monotonic seconds)."""
+
+    def due(self, records: Sequence[LinkRecord], live: Collection[str]) -> list[LinkRecord]:
+        """The links whose certificate should be renewed now: the peer is live, no request
+        is pending (or it went unanswered for ``retry_after``), a third of its life left."""
+        now = self._clock()
+        return [
+            rec
+            for rec in records
+            if rec.peer_site in live
+            and now - self._pending.get(rec.peer_site, -self.retry_after) >= self.retry_after
+            and link_renewal_due(self.state_dir, rec.name)
+        ]
+
+    def request(self, identity: SiteIdentity) -> RenewRequest:
+        return RenewRequest(renewal_csr(identity))
+
+    def asked(self, peer_site: str) -> None:
+        """A request went out to ``peer_site``: none again until answered or overdue."""
+        self._pending[peer_site] = self._clock()
+        log.info("asked %s to renew our link certificate", peer_site)
+
+    def answer(self, identity: SiteIdentity, peer_site: str, req: RenewRequest) -> RenewAnswer:
+        """Issuer side: sign the peer's new link certificate (PkiError if it is no peer)."""
+        cert = sign_renewal(identity, self.state_dir, peer_site, req.csr, lifetime=self.lifetime)
+        log.info("renewed the link certificate of peer %s", peer_site)
+        return RenewAnswer(cert)
+
+    def store(self, identity: SiteIdentity, peer_site: str, ans: RenewAnswer) -> None:
+        """Redeemer side: check and store the certificate ``peer_site`` renewed."""
+        rec = find_link_to(self.state_dir, peer_site)
+        if rec is None:
+            raise CatalogError(f"unexpected renewed certificate from {peer_site}")
+        store_renewed_cert(identity, self.state_dir, rec.name, ans.cert)
+        self._pending.pop(peer_site, None)
+        log.info("link certificate for %s renewed", peer_site)

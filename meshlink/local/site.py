@@ -7,8 +7,9 @@ Owns three things for a site without Kubernetes:
 - the import table: one stable address per imported service from the configured pool
   (persisted), the union of its ports, and the ``ImportedService`` view DNS serves.
 
-Listeners themselves are opened by the runtime (they need the gateway); this module only
-says which (address, port) should exist and which sites each may send flows to.
+It is the local-mode ``Platform``: listeners themselves are opened by the runtime's import
+plane (they need the gateway); this module only says which (address, port) should exist
+and which sites each may send flows to.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ from meshlink.catalog.records import (
     ServiceKey,
     ServiceType,
 )
-from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec
+from meshlink.catalog.view import (
+    ClusterEndpoints,
+    Conflict,
+    ImportedService,
+    ImportView,
+    ListenerSpec,
+    OnView,
+    PlatformStatus,
+    Publish,
+)
 from meshlink.config import ExportConfig, SiteConfig
 from meshlink.errors import ConfigError
 from meshlink.pki.files import atomic_write
@@ -43,6 +53,9 @@ def _write_json(path: Path, data: object) -> None:
 
 class LocalSite:
     """The local-mode platform adapter of one site."""
+
+    mode = "local"
+    import_range = "imports.pool"
 
     def __init__(self, config: SiteConfig):
         self.config = config
@@ -59,6 +72,38 @@ class LocalSite:
         self.imports: tuple[ImportedService, ...] = ()
         self.listeners: tuple[ListenerSpec, ...] = ()
         self.merged: dict[ServiceKey, MergedService] = {}
+        self._on_view: OnView | None = None
+        self._published = False
+
+    # -- Platform ------------------------------------------------------------------------
+
+    async def run(self, publish: Publish, on_view: OnView) -> None:
+        """Publish the configured exports once; views follow ``catalog_changed``."""
+        self._on_view = on_view
+        publish(self.export_records())
+        self._published = True
+        if self.imports or self.listeners:
+            on_view(self.view())
+
+    def catalog_changed(self, services: Mapping[ServiceKey, Sequence[ExportRecord]]) -> None:
+        if self.update(services) and self._on_view is not None:
+            self._on_view(self.view())
+
+    def view(self) -> ImportView:
+        return ImportView(self.imports, self.listeners)
+
+    def not_ready(self) -> str | None:
+        return None if self._published else "the exports are not published yet"
+
+    def status(self) -> PlatformStatus | None:
+        return None
+
+    def conflicts(self) -> list[Conflict]:
+        return [
+            Conflict(k, tuple(m.conflicts), m.winner.origin)
+            for k, m in sorted(self.merged.items())
+            if m.conflicts
+        ]
 
     # -- exports ---------------------------------------------------------------------
 

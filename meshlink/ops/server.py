@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
-StatusFn = Callable[[], dict[str, Any]]
+StatusFn = Callable[[], Mapping[str, object]]
 ReadyFn = Callable[[], tuple[bool, str]]
 
 

@@ -98,7 +98,7 @@ async def running_controller(
             api,
             site_config(name, kubeconfig, state_dir, **kube),
             publish=clusterset.publisher(name),
-            on_imports=on_imports,
+            on_view=(lambda view: on_imports(view.imports)) if on_imports else None,
         )
         clusterset.add(ctl)
         task = asyncio.create_task(ctl.run(), name=f"controller-{name}")

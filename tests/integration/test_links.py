@@ -16,7 +16,7 @@ import pytest
 
 from meshlink import links, pki
 from meshlink.config import HostPort, SiteConfig
-from meshlink.errors import PeerNotAuthorized, PkiError
+from meshlink.errors import CatalogError, PeerNotAuthorized, PkiError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -255,6 +255,41 @@ async def test_renewal_over_records(pair: Pair) -> None:
         out = await asyncio.wait_for(lst.outcomes.get(), 5)
     assert reply == b"pong"
     assert out.site == "site-b"
+
+
+async def test_renewals_ask_once_until_answered_or_overdue(pair: Pair) -> None:
+    """The state machine both sides run (the control channel carries its messages)."""
+    now = [0.0]
+    b = links.Renewals(pair.b.state_dir, retry_after=600, clock=lambda: now[0])
+    a = links.Renewals(pair.a.state_dir, lifetime=timedelta(hours=2))
+    assert b.due([pair.link], {"site-a"}) == []  # a fresh certificate is not due
+    # A one-minute certificate (valid from 5 minutes ago) has less than a third left.
+    short = links.sign_renewal(
+        pair.a,
+        pair.a.state_dir,
+        "site-b",
+        links.renewal_csr(pair.b),
+        lifetime=timedelta(minutes=1),
+    )
+    links.store_renewed_cert(pair.b, pair.b.state_dir, pair.link.name, short)
+    assert b.due([pair.link], set()) == []  # no live link to ask over
+    assert b.due([pair.link], {"site-a"}) == [pair.link]
+    req = b.request(pair.b)
+    b.asked("site-a")
+    assert b.due([pair.link], {"site-a"}) == []  # pending
+    now[0] = 599.0
+    assert b.due([pair.link], {"site-a"}) == []
+    now[0] = 600.0
+    assert b.due([pair.link], {"site-a"}) == [pair.link]  # unanswered: ask again
+    ans = a.answer(pair.a, "site-b", req)
+    b.store(pair.b, "site-a", ans)
+    new = pki.load_cert(Path(pair.link.cert_path))
+    assert new.not_valid_after_utc - new.not_valid_before_utc == timedelta(hours=2, minutes=5)
+    assert b.due([pair.link], {"site-a"}) == []  # renewed
+    with pytest.raises(CatalogError, match="unexpected renewed certificate from site-z"):
+        b.store(pair.b, "site-z", ans)
+    with pytest.raises(PkiError, match="not a peer"):
+        a.answer(pair.a, "site-z", req)
 
 
 async def test_commands(tmp_path: Path) -> None:

@@ -1,18 +1,18 @@
 """Catalog replication (sans-IO): convergence, loop freedom, withdrawal, refusals.
 
-Catalogs are joined by an in-memory message bus that JSON round-trips every message, as
-the tunnel does.
+Catalogs are joined by an in-memory message bus that encodes and decodes every message
+with the control codec, as the tunnel does.
 """
 
 from __future__ import annotations
 
-import json
 from collections import deque
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meshlink.catalog.control import Update, decode, encode
 from meshlink.catalog.records import (
     Endpoint,
     ExportRecord,
@@ -21,7 +21,7 @@ from meshlink.catalog.records import (
     ServiceType,
     record_to_wire,
 )
-from meshlink.catalog.sync import CHUNK, Catalog, Send
+from meshlink.catalog.sync import Catalog, Send
 
 
 def rec(
@@ -82,10 +82,12 @@ class Bus:
             sender, send = self.queue.popleft()
             if frozenset((sender, send.peer)) not in self.links or send.peer not in self.cat:
                 continue  # link went down while the message was in flight
-            msg = json.loads(json.dumps(send.message))
-            out, refused = self.cat[send.peer].receive(sender, msg)
-            self.refused += refused
-            self.post(send.peer, out)
+            for part in encode(send.message):
+                msg = decode(part)
+                assert isinstance(msg, Update)
+                out, refused = self.cat[send.peer].receive(sender, msg)
+                self.refused += refused
+                self.post(send.peer, out)
         raise AssertionError("catalog messages did not converge (loop?)")
 
     def seen(self, at: str) -> dict[ServiceKey, tuple[str, ...]]:
@@ -159,11 +161,14 @@ def test_multiple_origins_grouped_per_service() -> None:
 
 
 def test_large_snapshot_is_chunked() -> None:
+    # One update per peer; the codec splits it by size (tests/unit/test_catalog_control.py).
     a = Catalog("a")
-    a.set_local([rec("a", name=f"s{i}") for i in range(CHUNK * 2 + 5)])
+    a.set_local([rec("a", name=f"s{i}") for i in range(405)])
     sends = a.peer_up("b")
-    assert len(sends) == 3
-    assert all(len(s.message.get("add", [])) <= CHUNK for s in sends)
+    parts = [p for s in sends for p in encode(s.message, limit=32 * 1024)]
+    assert len(parts) > 1
+    assert all(len(p) <= 32 * 1024 for p in parts)
+    assert sum(len(m.add) for p in parts if isinstance(m := decode(p), Update)) == 406
 
 
 @pytest.mark.parametrize(
@@ -197,7 +202,7 @@ def test_refused_entries_name_their_cause(entry: dict[str, object], why: str) ->
     a = Catalog("a")
     a.peer_up("b")
     good = {"path": ["b"], "rec": record_to_wire(rec("b", name="ok"))}
-    _, refused = a.receive("b", {"t": "update", "add": [entry, good]})
+    _, refused = a.receive("b", Update((entry, good)))
     assert len(refused) == 1
     assert why in refused[0], refused[0]
     assert list(a.services()) == [ServiceKey("demo", "ok")]  # the good entry still applied
@@ -208,10 +213,10 @@ def test_message_from_unlinked_peer_or_unknown_type_is_an_error() -> None:
 
     a = Catalog("a")
     with pytest.raises(CatalogError, match="no live link"):
-        a.receive("b", {"t": "update"})
+        a.receive("b", Update())
     a.peer_up("b")
-    with pytest.raises(CatalogError, match="unknown catalog message type"):
-        a.receive("b", {"t": "bogus"})
+    with pytest.raises(CatalogError, match="unknown control message type"):
+        decode(b'{"t": "bogus"}')
 
 
 @settings(max_examples=60, deadline=None)

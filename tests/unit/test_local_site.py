@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from meshlink import config
 from meshlink.catalog.records import ExportRecord, Port, ServiceKey, ServiceType
+from meshlink.catalog.view import ImportView
 from meshlink.local.site import LocalSite
 
 
@@ -89,3 +91,34 @@ def test_union_of_ports_gives_a_listener_per_port_with_its_origins(tmp_path: Pat
         {ServiceKey("shop", "web"): (remote("b", "web", port=80), remote("c", "web", port=80))}
     )
     assert [(x.port, x.origins) for x in s.listeners] == [(80, ("b", "c"))]
+
+
+async def test_as_a_platform_it_publishes_once_and_announces_views_that_changed(
+    tmp_path: Path,
+) -> None:
+    s = site(tmp_path)
+    published: list[list[ExportRecord]] = []
+    views: list[ImportView] = []
+    assert s.not_ready() is not None
+    s.catalog_changed({ServiceKey("shop", "db"): (remote("b", "db"),)})  # before run: kept
+    await s.run(lambda recs: published.append(list(recs)), views.append)
+    assert s.not_ready() is None
+    assert [[r.name for r in p] for p in published] == [["web"]]
+    (first,) = views
+    assert [i.name for i in first.imports] == ["db"]
+    assert [(x.key.name, x.port, x.origins) for x in first.listeners] == [("db", 80, ("b",))]
+    s.catalog_changed({ServiceKey("shop", "db"): (remote("b", "db"),)})  # the same: no view
+    assert len(views) == 1
+    s.catalog_changed({})
+    assert views[-1] == ImportView()
+    assert s.status() is None
+
+
+def test_as_a_platform_it_reports_conflicts_with_their_winner(tmp_path: Path) -> None:
+    s = site(tmp_path)
+    old, new = remote("b", "db", port=80, created=1.0), remote("c", "db", port=81, created=2.0)
+    new = dataclasses.replace(new, type=ServiceType.HEADLESS)
+    s.catalog_changed({ServiceKey("shop", "db"): (old, new)})
+    (c,) = s.conflicts()
+    assert (c.service, c.winner) == (ServiceKey("shop", "db"), "b")
+    assert c.reasons

@@ -1,6 +1,15 @@
 """`meshlink status` and `meshlink check` rendering from the status JSON."""
 
-from meshlink.status import check, render
+import json
+import time
+from pathlib import Path
+
+from meshlink import config
+from meshlink.catalog.records import ServiceKey, ServiceType
+from meshlink.catalog.sync import Catalog
+from meshlink.catalog.view import Conflict, ImportedService, ListenerSpec
+from meshlink.status import check, collect, render
+from meshlink.tunnel import LinkStatus
 
 STATUS = {
     "site": "c",
@@ -122,3 +131,44 @@ def test_kubernetes_mode_shows_and_checks_the_api_server() -> None:
     ]
     syncing = {**st, "kubernetes": {**k8s, "synced": False}}
     assert any("has not finished listing" in line for ok, line in check(syncing) if not ok)
+
+
+def test_collect_builds_the_schema_that_render_and_check_read(tmp_path: Path) -> None:
+    cfg = config.parse({"site": "c", "stateDir": str(tmp_path)})
+    cat = Catalog("c")
+    cat.set_local([])
+    key = ServiceKey("demo", "echo")
+    imp = ImportedService("demo", "echo", ServiceType.CLUSTERSET_IP, ("127.80.0.2",), (), ())
+    spec = ListenerSpec(key, "127.80.0.2", 80, 80, ("a",))
+    busy = ListenerSpec(ServiceKey("demo", "busy"), "127.80.0.3", 81, 81, ("a",))
+    link = LinkStatus("b", "dial", "up", 0.25, 0.25, 1.0, 10, 20, 1, None)
+    st = collect(
+        config=cfg,
+        mode="local",
+        started=time.time() - 3,
+        dns_served=True,
+        ca_pin="sha256:ab",
+        links=[link],
+        catalog=cat,
+        imports=[imp],
+        listeners=[spec],
+        listener_errors=[(busy, "Address already in use")],
+        conflicts=[Conflict(key, ("type",), "a")],
+        platform=None,
+    )
+    assert st["site"] == "c"
+    assert st["mode"] == "local"
+    assert st["dns"] == "127.0.0.1:5353"
+    assert st["links"][0]["peer"] == "b"
+    assert st["links"][0]["flows"] == 1
+    assert st["sites"] == [{"site": "c", "hops": 0, "via": None, "path": []}]
+    assert st["imports"][0]["name"] == "echo.demo.svc.clusterset.local"
+    assert st["imports"][0]["reachable"] == []  # site a has no live path from c
+    assert st.get("listeners") == [{"address": "127.80.0.2:80", "service": "demo/echo", "port": 80}]
+    assert st.get("conflicts") == [{"service": "demo/echo", "reasons": ["type"], "winner": "a"}]
+    assert json.loads(json.dumps(st)) == st  # JSON as it is
+    assert "127.80.0.3:81  Address already in use" in render(st)
+    fails = [line for ok, line in check(st) if not ok]
+    assert any("no reachable exporting site" in f for f in fails)
+    assert any("cannot listen on 127.80.0.3:81" in f for f in fails)
+    assert any("export conflict on demo/echo: type (site a's export wins" in f for f in fails)
