@@ -113,6 +113,11 @@ class SiteConfig:
     """Where the gateway accepts links from peers."""
     gateway_advertise: tuple[HostPort, ...] = ()
     """Addresses peers should dial (default: gateway_listen)."""
+    max_streams_per_link: int = 512
+    """Flows a peer may have open at once over its link (each can hold an upstream socket);
+    announced to the peer, the excess is refused."""
+    new_flows_per_second: float = 2000.0
+    """New flows a peer may open per second over its link; the excess is refused."""
     grant_listen: HostPort = HostPort("127.0.0.1", 7444)
     """Where the token grant endpoint listens (TLS, server cert from this site's CA)."""
     grant_advertise: HostPort | None = None
@@ -371,7 +376,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         raise r.err("site", f"{site!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
     state_dir = Path(r.text("stateDir", os.path.join("/var/lib/meshlink", site)))
     gw = r.sub("gateway")
-    gw.unknown({"listen", "advertise"})
+    gw.unknown({"listen", "advertise", "maxStreamsPerLink", "newFlowsPerSecond"})
     listen = gw.hostport("listen", HostPort("127.0.0.1", 7443))
     adv_raw = gw.data.get("advertise", [])
     if isinstance(adv_raw, str):
@@ -424,6 +429,8 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         state_dir=state_dir,
         gateway_listen=listen,
         gateway_advertise=advertise,
+        max_streams_per_link=gw.integer("maxStreamsPerLink", 512, 1, 1 << 20),
+        new_flows_per_second=gw.number("newFlowsPerSecond", 2000.0, 1.0, 1e6),
         grant_listen=grant.hostport("listen", HostPort("127.0.0.1", 7444)),
         grant_advertise=parse_hostport(grant_adv, grant.key("advertise"), source)
         if grant_adv is not None

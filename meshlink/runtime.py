@@ -105,6 +105,8 @@ class SiteRuntime:
             authorize=self._authorize,
             handler=self,
             heartbeat_interval=config.heartbeat_interval,
+            max_streams=config.max_streams_per_link,
+            new_flows_per_second=config.new_flows_per_second,
         )
         self.dns: DnsServer | None = None
         self._dns_builder = SnapshotBuilder(zone=config.dns.zone, ttl=config.dns.ttl)

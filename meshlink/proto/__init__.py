@@ -19,11 +19,18 @@ from meshlink.proto.events import (
     StreamReset,
     WindowUpdated,
 )
-from meshlink.proto.frames import MAX_CONTROL, SUPPORTED_VERSIONS, VERSION, FrameType
+from meshlink.proto.frames import (
+    DEFAULT_MAX_STREAMS,
+    MAX_CONTROL,
+    SUPPORTED_VERSIONS,
+    VERSION,
+    FrameType,
+)
 from meshlink.proto.state import StreamState
 from meshlink.proto.target import MAX_HOPS, FlowTarget
 
 __all__ = [
+    "DEFAULT_MAX_STREAMS",
     "MAX_CONTROL",
     "MAX_HOPS",
     "SUPPORTED_VERSIONS",

@@ -63,20 +63,26 @@ class Connection:
         initiator: bool,
         max_frame: int = F.DEFAULT_MAX_FRAME,
         initial_window: int = F.DEFAULT_WINDOW,
-        max_streams: int = 4096,
+        max_streams: int = F.DEFAULT_MAX_STREAMS,
         version: int = F.VERSION,
     ) -> None:
         if not F.MIN_FRAME_LIMIT <= max_frame <= F.MAX_FRAME_LIMIT:
             raise LocalProtocolError(f"max_frame {max_frame} is out of range")
         if not 1 <= initial_window <= 2**31 - 1:
             raise LocalProtocolError(f"initial_window {initial_window} is out of range")
+        if not 1 <= max_streams <= F.NO_STREAM_LIMIT:
+            raise LocalProtocolError(f"max_streams {max_streams} is out of range")
         self.initiator = initiator
         self.max_frame = max_frame
         self.initial_window = initial_window
         self.max_streams = max_streams
+        """Streams the peer may have open at once (announced in our HELLO)."""
         self.peer_version: int | None = None
         self.peer_max_frame = F.MIN_FRAME_LIMIT
         self.peer_window = 0
+        self.peer_max_streams = F.NO_STREAM_LIMIT
+        self._opened_here = 0  # open streams opened by this side (against peer_max_streams)
+        self._opened_there = 0  # open streams opened by the peer (against max_streams)
         self._streams: dict[int, _Stream] = {}
         self._next_local = 1 if initiator else 2
         self._last_remote = 0
@@ -91,7 +97,9 @@ class Connection:
         self._pbuf = bytearray()
         self._data_left = 0
         self._data_stream = 0  # 0: the DATA being read is for a closed stream (dropped)
-        self._queue(F.FrameType.HELLO, 0, F.encode_hello(version, max_frame, initial_window))
+        self._queue(
+            F.FrameType.HELLO, 0, F.encode_hello(version, max_frame, initial_window, max_streams)
+        )
 
     # ------------------------------------------------------------------ state
     @property
@@ -106,6 +114,11 @@ class Connection:
     @property
     def open_streams(self) -> int:
         return len(self._streams)
+
+    @property
+    def can_open_stream(self) -> bool:
+        """Whether open_stream would stay within the peer's stream limit."""
+        return self._opened_here < self.peer_max_streams
 
     def stream_state(self, stream_id: int) -> StreamState:
         st = self._streams.get(stream_id)
@@ -162,7 +175,17 @@ class Connection:
             )
         st.state = new
         if new is StreamState.CLOSED:
-            del self._streams[stream_id]
+            self._forget(stream_id)
+        return st
+
+    def _forget(self, stream_id: int) -> _Stream | None:
+        """Drop a closed stream, and its count against its opener's limit."""
+        st = self._streams.pop(stream_id, None)
+        if st is not None:
+            if st.local:
+                self._opened_here -= 1
+            else:
+                self._opened_there -= 1
         return st
 
     def open_stream(self, target: FlowTarget, *, hops: int = 0) -> int:
@@ -171,6 +194,12 @@ class Connection:
         Data may be sent at once; the peer answers ACCEPT or RST."""
         self._check_usable()
         payload = F.encode_open(target, hops)
+        if self._opened_here >= self.peer_max_streams:
+            raise LocalProtocolError(
+                f"the peer allows {self.peer_max_streams} open streams on this link, "
+                "and that many are open",
+                ErrorCode.REFUSED_STREAM,
+            )
         sid = self._next_local
         if sid > 0xFFFFFFFF:
             raise LocalProtocolError("stream ids are exhausted on this connection; reconnect")
@@ -179,6 +208,7 @@ class Connection:
             FlowWindow(send_initial=self.peer_window, recv_initial=self.initial_window),
             local=True,
         )
+        self._opened_here += 1
         self._queue(F.FrameType.OPEN, sid, payload)
         return sid
 
@@ -214,7 +244,7 @@ class Connection:
     ) -> None:
         """Abort the stream (with an optional short reason for the peer's logs and errors).
         Resetting a stream that is already closed does nothing."""
-        st = self._streams.pop(stream_id, None)
+        st = self._forget(stream_id)
         if st is not None and self._error is None and not self._goaway_sent:
             self._queue(F.FrameType.RST, stream_id, F.encode_rst(code, text))
 
@@ -359,24 +389,27 @@ class Connection:
             )
         st.state = new
         if new is StreamState.CLOSED:
-            del self._streams[sid]
+            self._forget(sid)
         return st
 
     def _handle(self, ftype: int, sid: int, payload: bytes, events: list[Event]) -> None:
         T = F.FrameType
         if self.peer_version is None:  # _parse let only a HELLO through
-            version, max_frame, window = F.decode_hello(payload)
+            if sid != 0:
+                raise RemoteProtocolError(f"HELLO frame on stream {sid}")
+            version, max_frame, window, max_streams = F.decode_hello(payload)
             if version not in F.SUPPORTED_VERSIONS:
                 raise RemoteProtocolError(
                     f"peer speaks tunnel protocol version {version}; this side speaks "
                     f"{', '.join(map(str, sorted(F.SUPPORTED_VERSIONS)))}",
                     ErrorCode.UNSUPPORTED_VERSION,
                 )
-            F.check_hello_limits(max_frame, window)
+            F.check_hello_limits(max_frame, window, max_streams)
             self.peer_version = version
             self.peer_max_frame = max_frame
             self.peer_window = window
-            events.append(HelloReceived(version, max_frame, window))
+            self.peer_max_streams = max_streams
+            events.append(HelloReceived(version, max_frame, window, max_streams))
             return
         if ftype in F.CONNECTION_FRAMES:
             if sid != 0:
@@ -447,13 +480,21 @@ class Connection:
             raise RemoteProtocolError(f"peer reused or lowered stream id {sid}")
         target, hops = F.decode_open(payload)
         self._last_remote = sid
-        if self._goaway_sent or len(self._streams) >= self.max_streams:
+        if self._goaway_sent or self._opened_there >= self.max_streams:
             self._queue(
-                F.FrameType.RST, sid, F.encode_rst(ErrorCode.REFUSED_STREAM, "too many streams")
+                F.FrameType.RST,
+                sid,
+                F.encode_rst(
+                    ErrorCode.REFUSED_STREAM,
+                    "going away"
+                    if self._goaway_sent
+                    else f"more than {self.max_streams} open streams on this link",
+                ),
             )
             return
         self._streams[sid] = _Stream(
             FlowWindow(send_initial=self.peer_window, recv_initial=self.initial_window),
             local=False,
         )
+        self._opened_there += 1
         events.append(StreamOpened(sid, target, hops))

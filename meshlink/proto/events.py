@@ -21,6 +21,8 @@ class HelloReceived(Event):
     version: int
     max_frame: int
     initial_window: int
+    max_streams: int = 0xFFFFFFFF
+    """Streams we may have open at once on this link (0xFFFFFFFF: the peer set no limit)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,9 @@ type  name      stream  payload
 ====  ========  ======  ===========================================================
 0     HELLO     0       magic ``b"MESHLINK"`` | version u16 | max_frame u32 |
                         initial_window u32 (bytes a peer may send per stream
-                        before a WINDOW). Must be each side's first frame; extra
-                        trailing bytes are reserved for later versions.
+                        before a WINDOW) | max_streams u32 (optional, see
+                        below). Must be each side's first frame, on stream 0;
+                        further trailing bytes are reserved for later versions.
 1     OPEN      new id  hops u8 | protocol, site, namespace, name as (u8 length,
                         UTF-8 bytes) | port u16. Ids are odd when opened by the
                         side that dialled the TLS connection, even otherwise, and
@@ -36,6 +37,14 @@ type  name      stream  payload
 10    GOAWAY    0       code u32 | UTF-8 text (at most 1024 bytes): the sender
                         closes the connection after this frame.
 ====  ========  ======  ===========================================================
+
+``max_streams`` (added within version 1, in the bytes reserved for it; a HELLO without it
+announces no limit): how many streams the sender lets its peer have open at once, counting
+the streams the peer opened that the sender has not yet seen closed (both FINs, or an RST).
+An OPEN beyond it is answered by RST(REFUSED_STREAM); a sender keeps under its peer's limit
+(a stream counts from its OPEN until the sender has both sent and received FIN, or sent or
+received an RST: the receiver never forgets a stream later than that, because frames are
+ordered).
 
 A version the receiver does not speak is answered by GOAWAY(UNSUPPORTED_VERSION) naming
 the versions it does. Frames for a stream that has already closed are ignored (they may
@@ -59,6 +68,7 @@ SUPPORTED_VERSIONS: Final = frozenset({1})
 HEADER: Final = struct.Struct("!IBBI")
 HEADER_SIZE: Final = HEADER.size  # 10
 HELLO_BODY: Final = struct.Struct("!8sHII")
+HELLO_STREAMS: Final = struct.Struct("!I")
 
 MAX_FRAME_LIMIT: Final = 1 << 20
 """No frame payload is ever larger than this (1 MiB)."""
@@ -68,6 +78,10 @@ DEFAULT_WINDOW: Final = 1 << 20
 MAX_CONTROL: Final = MAX_FRAME_LIMIT
 MAX_GOAWAY_TEXT: Final = 1024
 MAX_RST_TEXT: Final = 256
+DEFAULT_MAX_STREAMS: Final = 512
+"""Streams a peer may have open at once on one link (each can cost an upstream socket)."""
+NO_STREAM_LIMIT: Final = 0xFFFFFFFF
+"""The limit assumed of a peer whose HELLO does not carry max_streams."""
 
 _U32: Final = struct.Struct("!I")
 _U16: Final = struct.Struct("!H")
@@ -96,20 +110,28 @@ def frame(ftype: int, stream_id: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(len(payload), ftype, 0, stream_id) + payload
 
 
-def encode_hello(version: int, max_frame: int, initial_window: int) -> bytes:
-    return HELLO_BODY.pack(MAGIC, version, max_frame, initial_window)
+def encode_hello(
+    version: int, max_frame: int, initial_window: int, max_streams: int = DEFAULT_MAX_STREAMS
+) -> bytes:
+    return HELLO_BODY.pack(MAGIC, version, max_frame, initial_window) + HELLO_STREAMS.pack(
+        max_streams
+    )
 
 
-def decode_hello(payload: bytes) -> tuple[int, int, int]:
-    """(version, max_frame, initial_window) of a HELLO payload; checks the magic only (the
-    version check is the connection's, so it can answer with the versions it speaks)."""
+def decode_hello(payload: bytes) -> tuple[int, int, int, int]:
+    """(version, max_frame, initial_window, max_streams) of a HELLO payload; max_streams is
+    NO_STREAM_LIMIT when the peer did not send it. Checks the magic only (the version check
+    is the connection's, so it can answer with the versions it speaks)."""
     if len(payload) < HELLO_BODY.size or payload[:8] != MAGIC:
         raise RemoteProtocolError("the peer does not speak the meshlink tunnel protocol")
     _, version, max_frame, window = HELLO_BODY.unpack_from(payload)
-    return version, max_frame, window
+    max_streams = NO_STREAM_LIMIT
+    if len(payload) >= HELLO_BODY.size + HELLO_STREAMS.size:
+        (max_streams,) = HELLO_STREAMS.unpack_from(payload, HELLO_BODY.size)
+    return version, max_frame, window, max_streams
 
 
-def check_hello_limits(max_frame: int, window: int) -> None:
+def check_hello_limits(max_frame: int, window: int, max_streams: int = NO_STREAM_LIMIT) -> None:
     if not MIN_FRAME_LIMIT <= max_frame <= MAX_FRAME_LIMIT:
         raise RemoteProtocolError(
             f"HELLO max_frame {max_frame} is outside {MIN_FRAME_LIMIT}..{MAX_FRAME_LIMIT}"
@@ -118,6 +140,8 @@ def check_hello_limits(max_frame: int, window: int) -> None:
         raise RemoteProtocolError(
             f"HELLO initial_window {window} is out of range", ErrorCode.FLOW_CONTROL_ERROR
         )
+    if max_streams < 1:
+        raise RemoteProtocolError("HELLO max_streams is 0: the peer would accept no stream")
 
 
 def _put_str(out: bytearray, value: str) -> None:

@@ -27,8 +27,9 @@ from typing import Any, Final
 
 from meshlink.errors import ErrorCode, LocalProtocolError, MeshlinkError, PeerNotAuthorized
 from meshlink.pki import authorize_peer
-from meshlink.proto import MAX_HOPS, FlowTarget
+from meshlink.proto import DEFAULT_MAX_STREAMS, MAX_HOPS, FlowTarget
 from meshlink.tunnel.link import STREAM_WINDOW, Link, LinkOwner, StreamEnd
+from meshlink.tunnel.ratelimit import TokenBucket
 from meshlink.tunnel.splice import End, Flow, TcpEnd, join
 from meshlink.tunnel.types import (
     DialSpec,
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 5.0
+NEW_FLOWS_PER_SECOND: Final = 2000.0
+"""Default rate of new flows a peer may open over one link (the burst is one second's
+worth); the excess is refused with RST(REFUSED_STREAM)."""
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -104,6 +108,8 @@ class Gateway(LinkOwner):
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
         stream_window: int = STREAM_WINDOW,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        new_flows_per_second: float = NEW_FLOWS_PER_SECOND,
     ) -> None:
         if listen is not None and server_context is None:
             raise ValueError("a gateway that listens needs a server_context")
@@ -120,6 +126,10 @@ class Gateway(LinkOwner):
         self.backoff_cap = backoff_cap
         self.stream_window = stream_window
         """Flow-control credit per stream: buffering is bounded by flows x this."""
+        self.max_streams = max_streams
+        """Streams a peer may have open at once over one link (announced in our HELLO)."""
+        self.new_flows_per_second = new_flows_per_second
+        self._open_budget: dict[Link, TokenBucket] = {}  # per link: new flows it may open
         self._links: dict[str, Link] = {}  # peer site -> the live link
         self._all: set[Link] = set()  # every attached link (live or not yet ready)
         self._dialers: dict[str, _Dialer] = {}
@@ -229,7 +239,12 @@ class Gateway(LinkOwner):
         return None
 
     def _new_accepted_link(self) -> Link:
-        return Link(self, direction="accept", stream_window=self.stream_window)
+        return Link(
+            self,
+            direction="accept",
+            stream_window=self.stream_window,
+            max_streams=self.max_streams,
+        )
 
     def link_accepted(self, link: Link, transport: asyncio.Transport) -> None:
         """A TLS handshake completed on the listener: check the peer, start or refuse."""
@@ -329,6 +344,7 @@ class Gateway(LinkOwner):
                 endpoint=endpoint,
                 dial_name=spec.name,
                 stream_window=self.stream_window,
+                max_streams=self.max_streams,
             )
             try:
                 async with asyncio.timeout(self.connect_timeout + self.handshake_timeout):
@@ -412,6 +428,7 @@ class Gateway(LinkOwner):
 
     def link_closed(self, link: Link, reason: str) -> None:
         self._all.discard(link)
+        self._open_budget.pop(link, None)
         peer = link.peer_site
         if peer is not None and self._links.get(peer) is link:
             del self._links[peer]
@@ -433,6 +450,13 @@ class Gateway(LinkOwner):
             log.exception("control message handler failed for %s", link.peer_site)
 
     def stream_opened(self, link: Link, stream: StreamEnd, target: FlowTarget, hops: int) -> None:
+        if not self._may_open(link):
+            log.debug("flow from %s to %s refused: over its new-flow rate", link.peer_site, target)
+            stream.feed_abort(
+                ErrorCode.REFUSED_STREAM,
+                f"{self.site_id}: more than {self.new_flows_per_second:g} new flows a second",
+            )
+            return
         try:
             route = self.handler.route(target)
         except Exception:
@@ -446,6 +470,15 @@ class Gateway(LinkOwner):
         else:
             log.debug("flow from %s to %s: no route: %s", link.peer_site, target, route.reason)
             stream.feed_abort(ErrorCode.NO_ROUTE, f"{self.site_id}: {route.reason}")
+
+    def _may_open(self, link: Link) -> bool:
+        """Whether the peer on ``link`` is within its rate of new flows."""
+        now = time.monotonic()
+        budget = self._open_budget.get(link)
+        if budget is None:
+            rate = self.new_flows_per_second
+            budget = self._open_budget[link] = TokenBucket(rate, max(rate, 1.0), now)
+        return budget.take(now)
 
     async def _connect_local(self, link: Link, stream: StreamEnd, route: LocalRoute) -> None:
         loop = asyncio.get_running_loop()
@@ -483,7 +516,8 @@ class Gateway(LinkOwner):
         try:
             onward = out.open_stream(target, hops + 1)
         except LocalProtocolError as e:
-            stream.feed_abort(ErrorCode.NO_ROUTE, f"{self.site_id}: link to {peer}: {e}")
+            code = e.code if e.code is ErrorCode.REFUSED_STREAM else ErrorCode.NO_ROUTE
+            stream.feed_abort(code, f"{self.site_id}: link to {peer}: {e}")
             return
         join(stream, onward)
         onward.on_accepted = lambda: link.accept(stream)
@@ -543,7 +577,11 @@ class Gateway(LinkOwner):
             raise NoRouteError(f"no route to {target}: no live link to {route.peer_site}")
         try:
             stream = link.open_stream(target, 0)
-        except LocalProtocolError as e:  # the link is closing under us
+        except LocalProtocolError as e:  # the link is closing under us, or at its limit
+            if e.code is ErrorCode.REFUSED_STREAM:
+                raise FlowRefused(
+                    f"flow to {target} via {route.peer_site} refused: {e}", e.code
+                ) from None
             raise NoRouteError(f"no route to {target}: link to {route.peer_site}: {e}") from None
         stream.accepted = asyncio.get_running_loop().create_future()
         if not wait_accept:

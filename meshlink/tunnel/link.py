@@ -22,6 +22,7 @@ from typing import Final, cast
 
 from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from meshlink.proto import (
+    DEFAULT_MAX_STREAMS,
     Connection,
     ControlReceived,
     DataReceived,
@@ -284,13 +285,16 @@ class Link(asyncio.Protocol):
         endpoint: str | None = None,
         dial_name: str | None = None,
         stream_window: int = STREAM_WINDOW,
+        max_streams: int = DEFAULT_MAX_STREAMS,
     ) -> None:
         self.owner = owner
         self.direction = direction
         self.endpoint = endpoint
         self.dial_name = dial_name
         self.peer_site: str | None = None
-        self.conn = Connection(initiator=direction == "dial", initial_window=stream_window)
+        self.conn = Connection(
+            initiator=direction == "dial", initial_window=stream_window, max_streams=max_streams
+        )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamEnd] = {}
         self.blocked: dict[StreamEnd, None] = {}  # insertion-ordered set: round robin

@@ -13,6 +13,7 @@ def test_minimal_config_has_loopback_defaults() -> None:
     assert c.dns.zone == "clusterset.local"
     assert c.dns.ttl == 5
     assert c.advertise == (c.gateway_listen,)
+    assert (c.max_streams_per_link, c.new_flows_per_second) == (512, 2000.0)
 
 
 def test_export_parsed_with_target_port() -> None:
@@ -76,6 +77,8 @@ def test_kubernetes_import_listeners() -> None:
             "kubernetes.importPorts",
         ),
         ({"site": "a", "kubernetes": {"importAddress": "pod"}}, "kubernetes.importAddress"),
+        ({"site": "a", "gateway": {"maxStreamsPerLink": 0}}, "gateway.maxStreamsPerLink"),
+        ({"site": "a", "gateway": {"newFlowsPerSecond": "fast"}}, "gateway.newFlowsPerSecond"),
     ],
 )
 def test_errors_name_the_key(data: object, key: str) -> None:

@@ -48,10 +48,11 @@ def data_of(events: list[Event], sid: int) -> bytes:
 
 
 def test_hello_exchange_reports_peer_limits() -> None:
-    a = Connection(initiator=True, max_frame=32768, initial_window=5000)
+    a = Connection(initiator=True, max_frame=32768, initial_window=5000, max_streams=7)
     b = Connection(initiator=False)
     (ev,) = pump(a, b)
-    assert ev == HelloReceived(version=1, max_frame=32768, initial_window=5000)
+    assert ev == HelloReceived(version=1, max_frame=32768, initial_window=5000, max_streams=7)
+    assert b.peer_max_streams == 7
     assert b.ready
     assert not a.ready
     pump(b, a)
@@ -236,7 +237,7 @@ def test_unsupported_version_answers_goaway() -> None:
         pump(future, b)
     assert err.value.code == ErrorCode.UNSUPPORTED_VERSION
     evs = future.receive_data(b.bytes_to_send())
-    assert evs[0] == HelloReceived(1, F.DEFAULT_MAX_FRAME, F.DEFAULT_WINDOW)
+    assert evs[0] == HelloReceived(1, F.DEFAULT_MAX_FRAME, F.DEFAULT_WINDOW, F.DEFAULT_MAX_STREAMS)
     assert isinstance(evs[1], GoAwayReceived)
     assert evs[1].code == ErrorCode.UNSUPPORTED_VERSION
     assert "speaks 1" in evs[1].text
@@ -283,18 +284,89 @@ def test_malformed_frames_raise_remote_protocol_error(frame: bytes) -> None:
         b.receive_data(frame)
 
 
+def _v1_hello_without_limit() -> bytes:
+    """A HELLO as sent before max_streams was added (18 bytes: no stream limit)."""
+    return F.frame(F.FrameType.HELLO, 0, F.HELLO_BODY.pack(F.MAGIC, 1, F.DEFAULT_MAX_FRAME, 65536))
+
+
 def test_stream_limit_refuses_with_rst() -> None:
+    """A peer that ignores our announced limit gets RST(REFUSED_STREAM) for the excess."""
     a = Connection(initiator=True)
     b = Connection(initiator=False, max_streams=1)
-    pump(a, b)
-    pump(b, a)
+    a.receive_data(_v1_hello_without_limit())  # a believes b has no limit
+    b.receive_data(a.bytes_to_send())
+    b.bytes_to_send()
     s1 = a.open_stream(TARGET)
     s2 = a.open_stream(TARGET)
     a.send_data(s2, b"optimistic")
     evs = pump(a, b)
     assert [e for e in evs if isinstance(e, StreamOpened)] == [StreamOpened(s1, TARGET, 0)]
     assert data_of(evs, s2) == b""
-    assert pump(b, a) == [StreamReset(s2, ErrorCode.REFUSED_STREAM, "too many streams")]
+    assert pump(b, a) == [
+        StreamReset(s2, ErrorCode.REFUSED_STREAM, "more than 1 open streams on this link")
+    ]
+    assert b.open_streams == 1
+
+
+def test_stream_limit_is_announced_and_kept_by_the_opener() -> None:
+    a = Connection(initiator=True)
+    b = Connection(initiator=False, max_streams=2)
+    pump(a, b)
+    pump(b, a)
+    assert a.peer_max_streams == 2
+    s1 = a.open_stream(TARGET)
+    s2 = a.open_stream(TARGET)
+    assert not a.can_open_stream
+    with pytest.raises(LocalProtocolError) as err:
+        a.open_stream(TARGET)
+    assert err.value.code == ErrorCode.REFUSED_STREAM
+    evs = pump(a, b)
+    assert [e.stream_id for e in evs if isinstance(e, StreamOpened)] == [s1, s2]
+    # A reset frees its slot at once; a half-closed stream holds it until both FINs.
+    a.reset_stream(s1)
+    assert a.can_open_stream
+    s3 = a.open_stream(TARGET)
+    a.send_eof(s2)
+    assert not a.can_open_stream
+    evs = pump(a, b)
+    assert StreamOpened(s3, TARGET, 0) in evs  # b forgot s1 before s3's OPEN arrived
+    b.send_eof(s2)
+    pump(b, a)
+    assert a.stream_state(s2) is StreamState.CLOSED
+    assert a.can_open_stream
+    s4 = a.open_stream(TARGET)
+    assert StreamOpened(s4, TARGET, 0) in pump(a, b)
+    assert b.open_streams == 2
+
+
+def test_hello_without_a_stream_limit_means_none() -> None:
+    a = Connection(initiator=True)
+    (ev,) = a.receive_data(_v1_hello_without_limit())
+    assert isinstance(ev, HelloReceived)
+    assert a.peer_max_streams == F.NO_STREAM_LIMIT
+
+
+@pytest.mark.parametrize("sid", [7, 2, 1])
+def test_hello_on_a_stream_is_a_protocol_error(sid: int) -> None:
+    b = Connection(initiator=False)
+    hello = F.frame(F.FrameType.HELLO, sid, F.encode_hello(1, F.DEFAULT_MAX_FRAME, 65536))
+    with pytest.raises(RemoteProtocolError) as err:
+        b.receive_data(hello)
+    assert err.value.code == ErrorCode.PROTOCOL_ERROR
+    assert "HELLO frame on stream" in str(err.value)
+    assert not b.ready
+    # The GOAWAY queued for the peer carries the code.
+    out = b.bytes_to_send()
+    peer = Connection(initiator=True)
+    evs = peer.receive_data(out)
+    assert isinstance(evs[-1], GoAwayReceived)
+    assert evs[-1].code == ErrorCode.PROTOCOL_ERROR
+
+
+def test_hello_announcing_no_stream_at_all_is_refused() -> None:
+    b = Connection(initiator=False)
+    with pytest.raises(RemoteProtocolError):
+        b.receive_data(F.frame(F.FrameType.HELLO, 0, F.encode_hello(1, 1 << 20, 1000, 0)))
 
 
 def test_api_misuse_is_local_protocol_error() -> None:
