@@ -19,7 +19,7 @@ from meshlink.errors import ErrorCode
 from meshlink.proto import FlowTarget
 from meshlink.proto import frames as F
 from tests.rawpeer import Frame, RawPeer, goaway, linked_peer
-from tests.sites import SiteProc
+from tests.sites import SiteProc, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -144,3 +144,40 @@ def test_hello_on_a_stream_is_refused_with_protocol_error(tmp_path: Path) -> Non
             peer.close()
     finally:
         a.stop()
+
+
+FORGED = "\n\x1b[31mFAKE LOG LINE \u2028 and \r more"
+
+
+def test_peer_text_cannot_forge_log_lines(tmp_path: Path) -> None:
+    """A GOAWAY reason with a newline, an ANSI escape and a Unicode line separator reaches
+    the site's text log escaped, within the lines that report it."""
+    a = SiteProc("a", tmp_path).start()
+    try:
+        peer = RawPeer(a, linked_peer(a))
+        try:
+            peer.hello()
+            peer.read_until(F.FrameType.HELLO)
+            wait_until("the raw peer's link up", lambda: a.link_state("peer") == "up")
+            peer.send(F.FrameType.GOAWAY, 0, F.encode_goaway(ErrorCode.INTERNAL_ERROR, FORGED))
+            wait_until(
+                "the GOAWAY reason in the log",
+                lambda: "FAKE LOG LINE" in (a.dir / "meshlink.log").read_text(),
+            )
+        finally:
+            peer.close()
+    finally:
+        a.stop()
+    raw = (a.dir / "meshlink.log").read_bytes()
+    assert b"\x1b" not in raw
+    assert "\u2028".encode() not in raw
+    assert b"\r" not in raw
+    lines = raw.decode().splitlines()
+    reports = [ln for ln in lines if "FAKE LOG LINE" in ln]
+    assert reports
+    for line in reports:  # the link's, the gateway's and the runtime's line
+        assert (
+            "peer closed the link: INTERNAL_ERROR (\\n\\x1b[31mFAKE LOG LINE \\u2028 and \\r more)"
+            in line
+        )
+    assert all(ln.startswith("20") for ln in lines)  # every line is a timestamped record
