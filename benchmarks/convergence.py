@@ -21,7 +21,7 @@ Measured:
 - the peak RSS (VmHWM) of each controller process, next to its RSS once synced and idle.
 
 Each controller process also runs meshlink's DNS server the way ``meshlink run`` does in
-Kubernetes mode (``SiteRuntime.on_controller_imports`` and ``_set_dns``): ``on_imports``
+Kubernetes mode (``site.ImportPlane``: ``apply`` and its one task): ``on_view``
 wakes a task that rebuilds through a ``SnapshotBuilder`` (unchanged services' records
 reused) and calls ``DnsServer.update``, then waits as long as that took; the server is started
 with ``dns.run.start_server`` and the heap settled once. So the scale phase pays for the
@@ -100,11 +100,11 @@ async def controller_main(site: str, kubeconfig: str, hub: str, workers: int, *,
         dns=DnsConfig(listen=HostPort("127.0.0.1", 0), enabled=dns),
     )
 
-    # The DNS server as the runtime runs it in Kubernetes mode (SiteRuntime.run,
-    # on_controller_imports, _controller_imports_loop, _set_dns): started with an empty
-    # snapshot, the heap settled once; the callback keeps the latest import view and wakes a
-    # task that rebuilds the snapshot and swaps it in. (The runtime first opens the import
-    # listeners in that task; this benchmark has no gateway, so there are none.)
+    # The DNS server as the runtime runs it in Kubernetes mode (site.ImportPlane: apply and
+    # its one task): started with an empty snapshot, the heap settled once; the callback
+    # keeps the latest import view and wakes a task that rebuilds the snapshot and swaps it
+    # in. (The plane first opens the import listeners in that task; this benchmark has no
+    # gateway, so there are none.)
     server: DnsServer | None = None
     if cfg.dns.enabled:
         server = await dns_run.start_server(

@@ -77,6 +77,7 @@ async def main(args: argparse.Namespace) -> None:
         ),
         authorize=lambda site: True,
         handler=handler,
+        route=handler.route,
     )
     if args.dial:
         peer, _, ep = args.dial.partition("@")

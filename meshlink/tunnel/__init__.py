@@ -60,6 +60,7 @@ from meshlink.tunnel.types import (
     NoRouteError,
     PeerRoute,
     Route,
+    RouteFn,
 )
 
 __all__ = [
@@ -76,4 +77,5 @@ __all__ = [
     "NoRouteError",
     "PeerRoute",
     "Route",
+    "RouteFn",
 ]

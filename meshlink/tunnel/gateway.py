@@ -41,6 +41,7 @@ from meshlink.tunnel.types import (
     NoRoute,
     NoRouteError,
     PeerRoute,
+    RouteFn,
 )
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Gateway(LinkOwner):
         server_context: Callable[[], ssl.SSLContext] | None,
         authorize: Callable[[str], bool],
         handler: GatewayHandler,
+        route: RouteFn,
         heartbeat_interval: float = 1.0,
         dead_after: int = 3,
         handshake_timeout: float = 10.0,
@@ -118,6 +120,7 @@ class Gateway(LinkOwner):
         self._server_context = server_context
         self._authorize = authorize
         self.handler = handler
+        self.route = route
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
         self.handshake_timeout = handshake_timeout
@@ -458,7 +461,7 @@ class Gateway(LinkOwner):
             )
             return
         try:
-            route = self.handler.route(target)
+            route = self.route(target)
         except Exception:
             log.exception("route lookup failed for %s", target)
             stream.feed_abort(ErrorCode.INTERNAL_ERROR, f"route lookup failed at {self.site_id}")
@@ -556,7 +559,7 @@ class Gateway(LinkOwner):
         the outcome): data flows optimistically, saving a link round trip per flow; a
         refusal then arrives as a reset of the joined end."""
         try:
-            route = self.handler.route(target)
+            route = self.route(target)
         except MeshlinkError as e:
             raise NoRouteError(f"no route to {target}: {e}") from None
         if isinstance(route, NoRoute):

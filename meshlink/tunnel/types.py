@@ -47,7 +47,8 @@ Route = LocalRoute | PeerRoute | NoRoute
 
 
 class GatewayHandler(Protocol):
-    """What the gateway asks of the rest of the daemon (runtime implements it)."""
+    """What the gateway tells the rest of the daemon about its links (the site's control
+    channel implements it)."""
 
     def link_up(self, peer_site: str) -> None: ...
 
@@ -55,7 +56,9 @@ class GatewayHandler(Protocol):
 
     def control_received(self, peer_site: str, payload: bytes) -> None: ...
 
-    def route(self, target: FlowTarget) -> Route: ...
+
+RouteFn = Callable[[FlowTarget], Route]
+"""Where a flow for a target goes (the site's router): asked per flow, so it must be cheap."""
 
 
 @dataclass(frozen=True, slots=True)

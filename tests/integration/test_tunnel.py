@@ -102,6 +102,7 @@ class Site:
             server_context=self.server_context,
             authorize=lambda s: s in self.allowed,
             handler=self.handler,
+            route=self.handler.route,
             heartbeat_interval=0.5,  # 1.5 s to declare death: tolerant of a loaded CI machine
             dead_after=3,
         )
@@ -821,6 +822,7 @@ async def test_listener_that_cannot_bind_says_why(sites: Callable[[str], Awaitab
         server_context=a.server_context,
         authorize=lambda s: True,
         handler=Handler("clash"),
+        route=Handler("clash").route,
     )
     with pytest.raises(MeshlinkError, match=r"cannot listen for links on 127\.0\.0\.1"):
         await asyncio.wait_for(clash.run(), 10)
