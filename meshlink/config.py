@@ -7,6 +7,7 @@ on loopback.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
@@ -471,9 +472,16 @@ def load(path: str | os.PathLike[str]) -> SiteConfig:
     """Read and parse a YAML config file."""
     source = str(path)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", source=source) from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); "
+            "save the file as UTF-8",
+            source=source,
+        ) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -481,3 +489,21 @@ def load(path: str | os.PathLike[str]) -> SiteConfig:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"not valid YAML{where}", source=source) from None
     return parse(data, source)
+
+
+_BIND_HINTS: Final = {
+    errno.EADDRINUSE: "the address is in use (another process listens there: stop it, or "
+    "choose another port)",
+    errno.EADDRNOTAVAIL: "that IP address is not on this host (use one of its addresses, "
+    "or 0.0.0.0)",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+}
+
+
+def listen_error(key: str, host: str, port: int, e: OSError) -> ConfigError:
+    """The one line for a listener that cannot bind: the config key, the address, why.
+    (asyncio and uvloop reword bind errors; the errno says it best.)"""
+    if e.errno is None and isinstance(e.__cause__, OSError):
+        e = e.__cause__  # uvloop's datagram endpoints wrap the bind error
+    why = _BIND_HINTS.get(e.errno or 0) or (os.strerror(e.errno) if e.errno else str(e))
+    return ConfigError(f"cannot listen on {HostPort(host, port)}: {why}", key=key)

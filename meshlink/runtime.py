@@ -25,6 +25,7 @@ from meshlink.catalog.sync import Catalog
 from meshlink.catalog.view import Platform
 from meshlink.config import SiteConfig
 from meshlink.dns import run as dns_run
+from meshlink.errors import MeshlinkError
 from meshlink.local.site import LocalSite
 from meshlink.ops.server import OpsServer
 from meshlink.site import (
@@ -199,6 +200,20 @@ class SiteRuntime:
         return await links.start_grant_server(server, cfg.grant_listen.host, cfg.grant_listen.port)
 
 
+def _expected_error(group: BaseExceptionGroup[BaseException]) -> MeshlinkError | None:
+    """The first MeshlinkError of a TaskGroup's group when every error in it is one (a
+    listener that cannot bind, a bad ClusterProperty, ...): the one line to show. A group
+    with anything else in it is a bug and keeps its traceback."""
+    match, rest = group.split(MeshlinkError)
+    if match is None or rest is not None:
+        return None
+    first: BaseException = match
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, MeshlinkError)
+    return first
+
+
 async def run_site(config: SiteConfig, components: frozenset[str] = ALL_COMPONENTS) -> None:
     """Run a site until SIGINT/SIGTERM."""
     runtime = SiteRuntime(config, components)
@@ -207,6 +222,11 @@ async def run_site(config: SiteConfig, components: frozenset[str] = ALL_COMPONEN
         await runtime.run()
     except asyncio.CancelledError:
         log.info("site %s stopped", config.site)
+    except BaseExceptionGroup as group:
+        err = _expected_error(group)
+        if err is None:
+            raise
+        raise err from None
 
 
 async def run_dns(path: str, host: str, port: int, *, zone: str, ttl: int) -> None:

@@ -7,16 +7,16 @@ when it changes (a bad edit is logged in one line and the last good records stay
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from meshlink.config import listen_error
 from meshlink.dns.server import DnsServer
 from meshlink.dns.snapshot import Snapshot, build_snapshot
 from meshlink.dns.static import load_services
-from meshlink.errors import ConfigError, MeshlinkError
+from meshlink.errors import MeshlinkError
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,7 @@ async def start_server(snapshot: Snapshot, host: str, port: int) -> DnsServer:
     try:
         await server.start()
     except OSError as e:
-        hint = "is another DNS server running there?" if e.errno == errno.EADDRINUSE else ""
-        raise ConfigError(
-            f"cannot listen on {host} port {port}: {e.strerror or e}. {hint}".rstrip(),
-            key="dns.listen",
-        ) from None
+        raise listen_error("dns.listen", host, port, e) from None
     return server
 
 

@@ -22,7 +22,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from meshlink.config import HostPort
+from meshlink.config import HostPort, listen_error
 from meshlink.errors import MeshlinkError
 from meshlink.links.issuer import GrantRefused, decide_redeem
 from meshlink.links.tokens import split_hostport
@@ -138,7 +138,7 @@ async def start_grant_server(
         await site.start()
     except OSError as e:
         await runner.cleanup()
-        raise MeshlinkError(f"cannot listen for grants on {host}:{port}: {e.strerror}") from None
+        raise listen_error("grant.listen", host, port, e) from None
     bound = runner.addresses[0]
     log.info("grant endpoint listening on %s:%s", host, bound[1])
     return RunningGrant(runner=runner, host=host, port=int(bound[1]), tls=tls)

@@ -42,7 +42,7 @@ from meshlink.catalog.view import (
 )
 from meshlink.config import ExportConfig, SiteConfig
 from meshlink.errors import ConfigError
-from meshlink.pki.files import atomic_write
+from meshlink.pki.files import atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class LocalSite:
         }
         self._rr = itertools.count()
         self._state = config.state_dir / "local"
-        self._state.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dir(self._state)
         self._created = self._load_created()
         self._alloc_path = self._state / "imports.json"
         self._alloc: dict[str, str] = self._load_alloc()

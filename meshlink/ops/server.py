@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from meshlink.config import listen_error
+
 log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], Mapping[str, object]]
@@ -58,7 +60,11 @@ class OpsServer:
         self._runner = web.AppRunner(self._app(), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            await self.close()
+            raise listen_error("ops.listen", host, port, e) from None
         server = site._server  # aiohttp exposes the bound port only here
         sockets = getattr(server, "sockets", None) or []
         self.port = sockets[0].getsockname()[1] if sockets else port

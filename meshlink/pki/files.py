@@ -24,9 +24,17 @@ DIR_MODE = 0o700
 
 
 def ensure_dir(path: Path, mode: int = DIR_MODE) -> Path:
-    """Create a directory (and parents) with ``mode``; an existing one is left as it is."""
+    """Create a directory with ``mode``, and every missing parent with it too (the state
+    directory holds keys and link records: ``mkdir(parents=True)`` would give the parents
+    it creates 0755). Directories that exist are left as they are."""
+    missing = []
+    p = path
+    while not p.is_dir() and p != p.parent:
+        missing.append(p)
+        p = p.parent
     try:
-        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        for d in reversed(missing):
+            d.mkdir(mode=mode, exist_ok=True)
     except OSError as e:
         raise PkiError(f"cannot create directory {path}: {e.strerror}") from None
     return path

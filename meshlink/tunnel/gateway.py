@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
 
+from meshlink.config import listen_error
 from meshlink.errors import ErrorCode, LocalProtocolError, MeshlinkError, PeerNotAuthorized
 from meshlink.pki import authorize_peer
 from meshlink.proto import DEFAULT_MAX_STREAMS, MAX_HOPS, FlowTarget
@@ -165,10 +166,7 @@ class Gateway(LinkOwner):
                         reuse_address=True,
                     )
                 except OSError as e:
-                    err = MeshlinkError(
-                        f"cannot listen for links on {self._listen[0]}:{self._listen[1]}: "
-                        f"{e.strerror or e} (is another process using the port?)"
-                    )
+                    err = listen_error("gateway.listen", *self._listen, e)
                     self._start_error = err
                     raise err from None
                 except MeshlinkError as e:  # e.g. the certificate files cannot be loaded

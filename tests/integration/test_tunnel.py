@@ -824,7 +824,7 @@ async def test_listener_that_cannot_bind_says_why(sites: Callable[[str], Awaitab
         handler=Handler("clash"),
         route=Handler("clash").route,
     )
-    with pytest.raises(MeshlinkError, match=r"cannot listen for links on 127\.0\.0\.1"):
+    with pytest.raises(MeshlinkError, match=r"gateway\.listen: cannot listen on 127\.0\.0\.1:"):
         await asyncio.wait_for(clash.run(), 10)
     with pytest.raises(MeshlinkError):
         await clash.started()
