@@ -57,6 +57,7 @@ class ControlChannel:
         self._on_services = on_services
         self._links: ControlLinks | None = None
         self._seen_generation = -1
+        self._link_up_ns: dict[str, int] = {}  # peer -> when its link came up (wall clock)
         # Awake: the platform gets the first view of the catalog (even an empty one) at once.
         self._feed = Coalescer(self._feed_services, awake=True)
 
@@ -67,11 +68,13 @@ class ControlChannel:
 
     def link_up(self, peer_site: str) -> None:
         log.info("link up: %s", peer_site)
+        self._link_up_ns[peer_site] = time.time_ns()
         self._send(self.catalog.peer_up(peer_site))
         self._feed.wake()
 
     def link_down(self, peer_site: str, reason: str) -> None:
         log.info("link down: %s (%s)", peer_site, reason)
+        self._link_up_ns.pop(peer_site, None)
         self._send(self.catalog.peer_down(peer_site))
         self._feed.wake()
 
@@ -80,7 +83,7 @@ class ControlChannel:
             msg = control.decode(payload)
             if isinstance(msg, control.Update):
                 sends, refused = self.catalog.receive(peer_site, msg)
-                self._observe_propagation(msg)
+                self._observe_propagation(peer_site, msg)
                 for line in refused:
                     self.metrics.refused.inc()
                     log.warning("catalog entry refused %s", line)
@@ -131,11 +134,14 @@ class ControlChannel:
         self._on_services(self.catalog.services())
         self.metrics.sites.set(len(self.catalog.sites()))
 
-    def _observe_propagation(self, msg: control.Update) -> None:
+    def _observe_propagation(self, peer_site: str, msg: control.Update) -> None:
+        # A record older than the link that brought it (the snapshot sent at link-up) has
+        # waited for the link, not for propagation: count from the link-up.
         now = time.time_ns()
+        since = self._link_up_ns.get(peer_site, 0)
         for entry in msg.add:
             rec = entry.get("rec") if isinstance(entry, dict) else None
             if isinstance(rec, dict) and isinstance(rec.get("version"), int):
-                delay = (now - rec["version"]) / 1e9
+                delay = (now - max(rec["version"], since)) / 1e9
                 if 0 <= delay < 3600:
                     self.metrics.propagation.observe(delay)

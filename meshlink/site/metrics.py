@@ -25,7 +25,8 @@ class Metrics:
         )
         self.propagation = Histogram(
             "meshlink_catalog_propagation_seconds",
-            "Delay from an export change at its origin to this site (clock-skew sensitive)",
+            "Delay from an export change at its origin, or from the link-up that carried it "
+            "when that came later, to this site (clock-skew sensitive)",
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
             registry=r,
         )
