@@ -33,6 +33,7 @@ if [ "$want_test" = 1 ]; then
 	need go golang-go
 	need curl curl
 	need socat socat
+	need openssl openssl
 fi
 if [ "$want_bench" = 1 ]; then
 	need stunnel4 stunnel4

@@ -49,6 +49,7 @@ from meshlink.pki.identity import SiteIdentity
 from meshlink.pki.tls import (
     ALPN_GRANT,
     ALPN_LINK,
+    AlertingSSLObject,
     CaPinMismatch,
     ReloadingServerContext,
     authorize_peer,
@@ -67,6 +68,7 @@ __all__ = [
     "LINK_CERT_LIFETIME",
     "PIN_PREFIX",
     "SPIFFE_PREFIX",
+    "AlertingSSLObject",
     "CaPinMismatch",
     "CertKey",
     "ReloadingServerContext",

@@ -67,6 +67,35 @@ class CaPinMismatch(ssl.SSLCertVerificationError):
         return str(self.args[0])
 
 
+class AlertingSSLObject(ssl.SSLObject):
+    """A server-side TLS object whose refusals reach the client as TLS alerts.
+
+    When ``do_handshake`` raises, asyncio and uvloop close the transport at once, and the
+    alert OpenSSL wrote into the outgoing buffer (protocol_version to a TLS 1.2 client,
+    certificate_required to a client without a certificate, ...) is never sent: the
+    client sees "unexpected eof". So the first refusal is reported as "want read": the
+    event loop sends what is buffered (the alert) and waits for the client, which, told
+    why, closes (or the handshake timeout ends it); a later call raises the refusal.
+    ``refused`` is called once with it (subclasses log it)."""
+
+    _refusal: ssl.SSLError | None = None
+
+    def refused(self, error: ssl.SSLError) -> None:
+        """Called once, with the error that ends the handshake."""
+
+    def do_handshake(self) -> None:
+        if self._refusal is not None:
+            raise self._refusal
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as e:
+            self._refusal = e
+            self.refused(e)
+            raise ssl.SSLWantReadError("the handshake failed; its alert is being sent") from e
+
+
 def _tls13_only(ctx: ssl.SSLContext) -> None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -99,6 +128,7 @@ def server_context(
 ) -> ssl.SSLContext:
     """Link listener: our gateway certificate; clients must present one from a trusted CA."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = AlertingSSLObject
     _tls13_only(ctx)
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
@@ -127,6 +157,7 @@ def client_context(cert_path: StrPath, key_path: StrPath, trusted_ca_pem: bytes)
 def grant_server_context(chain_path: StrPath, key_path: StrPath) -> ssl.SSLContext:
     """Grant endpoint: serves ``chain_path`` (gateway cert then CA cert), no client cert asked."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = AlertingSSLObject
     _tls13_only(ctx)
     ctx.verify_mode = ssl.CERT_NONE
     _load_chain(ctx, chain_path, key_path)

@@ -27,7 +27,7 @@ from typing import Any, Final
 
 from meshlink.config import listen_error
 from meshlink.errors import ErrorCode, LocalProtocolError, MeshlinkError, PeerNotAuthorized
-from meshlink.pki import authorize_peer
+from meshlink.pki import AlertingSSLObject, authorize_peer
 from meshlink.proto import DEFAULT_MAX_STREAMS, MAX_HOPS, FlowTarget
 from meshlink.tunnel.link import STREAM_WINDOW, Link, LinkOwner, StreamEnd
 from meshlink.tunnel.ratelimit import TokenBucket
@@ -78,18 +78,12 @@ class _Dialer:
             self.since = time.time()
 
 
-class _AcceptSSLObject(ssl.SSLObject):
+class _AcceptSSLObject(AlertingSSLObject):
     """Server-side TLS object that logs why a handshake was refused (asyncio and uvloop
-    only log that at debug level): one line per refused peer."""
+    only log that at debug level): one line per refused peer, which gets the alert."""
 
-    def do_handshake(self) -> None:
-        try:
-            super().do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            raise
-        except ssl.SSLError as e:
-            log.warning("refused a link: TLS handshake failed: %s", _error_reason(e))
-            raise
+    def refused(self, error: ssl.SSLError) -> None:
+        log.warning("refused a link: TLS handshake failed: %s", _error_reason(error))
 
 
 class Gateway(LinkOwner):
@@ -374,7 +368,9 @@ class Gateway(LinkOwner):
             if link.ready:
                 d.last_error = reason
                 return True
-            if reason == "peer closed":
+            if isinstance(link.lost_error, ssl.SSLError):  # TLS 1.3: its alert after our Finished
+                reason = f"the peer refused the link: {_error_reason(link.lost_error)}"
+            elif reason == "peer closed":
                 reason = (
                     "the peer closed the connection before the protocol started "
                     "(it refused our certificate, or it is not a meshlink gateway)"
@@ -667,7 +663,7 @@ def _error_reason(e: BaseException) -> str:
         reason = getattr(e, "reason", None) or str(e)
         if "UNSUPPORTED_PROTOCOL" in str(reason) or "VERSION" in str(reason).upper():
             return f"{reason} (TLS 1.3 is required)"
-        if "CERTIFICATE" in str(reason).upper():
+        if "CERTIFICATE" in str(reason).upper() or "UNKNOWN_CA" in str(reason).upper():
             return f"{reason} (certificate not trusted or missing)"
         return str(reason)
     if isinstance(e, TimeoutError):

@@ -302,6 +302,7 @@ class Link(asyncio.Protocol):
         self.ready = False
         self.closed = False
         self.close_reason = ""
+        self.lost_error: Exception | None = None  # what ended the connection (a TLS alert?)
         self.bytes_in = 0
         self.bytes_out = 0
         self.since = time.time()
@@ -431,6 +432,7 @@ class Link(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_error = exc
         self._teardown(self.close_reason or (f"connection lost: {exc}" if exc else "peer closed"))
 
     def is_closed(self) -> bool:

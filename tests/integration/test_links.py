@@ -51,9 +51,18 @@ class Outcome:
 class Listener:
     """A TCP listener whose TLS handshakes are awaited by the test's own code
     (``connect_accepted_socket``), so a failed handshake on the server side reaches the
-    test as an exception instead of a log line."""
+    test as an exception instead of a log line: the refusal itself (the server's TLS
+    objects record it; the handshake then ends when the client, sent the alert, hangs up)."""
 
     def __init__(self, ctx: ssl.SSLContext, state_dir: Path):
+        refusals: list[ssl.SSLError] = []
+
+        class Recording(pki.AlertingSSLObject):
+            def refused(self, error: ssl.SSLError) -> None:
+                refusals.append(error)
+
+        ctx.sslobject_class = Recording
+        self.refusals = refusals
         self.ctx = ctx
         self.state_dir = state_dir
         self.outcomes: asyncio.Queue[Outcome] = asyncio.Queue()
@@ -78,7 +87,7 @@ class Listener:
             )
         except (ssl.SSLError, OSError) as e:
             conn.close()
-            await self.outcomes.put(Outcome(error=e))
+            await self.outcomes.put(Outcome(error=self.refusals.pop() if self.refusals else e))
             return
         writer = asyncio.StreamWriter(transport, proto, reader, loop)
         try:
@@ -162,11 +171,11 @@ async def client_failure(port: int, ctx: ssl.SSLContext) -> tuple[str, BaseExcep
         writer.close()
 
 
-def refused_after_handshake(seen: tuple[str, BaseException | bytes]) -> bool:
+def refused_after_handshake(seen: tuple[str, BaseException | bytes], alert: str) -> bool:
     """TLS 1.3: the client finishes its handshake before the server checks its certificate,
-    so a refusal shows up at its first read, as EOF or as the server's alert."""
+    so a refusal shows up at its first read, as the server's alert (not a bare EOF)."""
     stage, what = seen
-    return stage == "read" and (what == b"" or isinstance(what, (ssl.SSLError, OSError)))
+    return stage == "read" and isinstance(what, ssl.SSLError) and f"alert {alert}" in str(what)
 
 
 async def dial_gateway_of_a(
@@ -185,7 +194,7 @@ async def test_client_cert_from_other_ca_refused(pair: Pair) -> None:
     out, seen = await dial_gateway_of_a(pair, ctx)
     assert isinstance(out.error, ssl.SSLError)
     assert "certificate verify failed" in str(out.error)
-    assert refused_after_handshake(seen), seen
+    assert refused_after_handshake(seen, "unknown ca"), seen
 
 
 async def test_no_client_cert_refused(pair: Pair) -> None:
@@ -197,7 +206,7 @@ async def test_no_client_cert_refused(pair: Pair) -> None:
     out, seen = await dial_gateway_of_a(pair, ctx)
     assert isinstance(out.error, ssl.SSLError)
     assert "peer did not return a certificate" in str(out.error)
-    assert refused_after_handshake(seen), seen
+    assert refused_after_handshake(seen, "certificate required"), seen
 
 
 async def test_tls12_client_refused(pair: Pair) -> None:
@@ -207,10 +216,11 @@ async def test_tls12_client_refused(pair: Pair) -> None:
     out, seen = await dial_gateway_of_a(pair, ctx)
     assert isinstance(out.error, ssl.SSLError)
     assert "unsupported protocol" in str(out.error)
-    # the server refuses the ClientHello: the client fails in its handshake
+    # the server refuses the ClientHello: the client fails in its handshake, told why
     stage, what = seen
     assert stage == "connect"
-    assert isinstance(what, (ssl.SSLError, ConnectionResetError)), what
+    assert isinstance(what, ssl.SSLError), what
+    assert "alert protocol version" in str(what)
 
 
 async def test_server_of_other_site_refused_by_dialer(pair: Pair, tmp_path: Path) -> None:

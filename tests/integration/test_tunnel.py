@@ -734,7 +734,7 @@ async def test_peer_with_cert_from_another_ca_is_refused(
     b.allowed.add("c")  # authorized by name, but b does not trust c's CA
     c.gateway.set_dials([DialSpec("to-b", "b", (b.endpoint,), c.client_context_for(b))])
     err = await dial_error(c, "b", "c's dial refused")
-    assert "b" in err
+    assert "the peer refused the link: TLSV1_ALERT_UNKNOWN_CA" in err
     assert not b.handler.ups
     assert not c.handler.ups
 
@@ -767,8 +767,8 @@ async def test_client_without_certificate_is_refused(
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata=b.ident.ca_pem.decode())
     ctx.set_alpn_protocols([pki.ALPN_LINK])
-    # TLS 1.3: the client finishes its side, then sees the server's alert, a reset or EOF
-    assert await tls_outcome(b, ctx) in ("alert", "reset", "eof")
+    # TLS 1.3: the client finishes its side, then reads the server's certificate_required
+    assert await tls_outcome(b, ctx) == "alert"
     assert not b.handler.ups
     assert b.gateway.status() == []
 
@@ -783,7 +783,7 @@ async def test_tls_12_client_is_refused(
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     with caplog.at_level(logging.WARNING, logger="meshlink.tunnel.gateway"):
-        assert await tls_outcome(b, ctx) in ("alert", "reset")
+        assert await tls_outcome(b, ctx) == "alert"
     assert "TLS 1.3 is required" in caplog.text
     await until(lambda: a.up("b"), what="the proper TLS 1.3 dial still works")
     assert b.handler.ups == ["a"]
