@@ -1,7 +1,8 @@
 """The versioned sans-IO tunnel wire protocol: frames, streams, flow-control windows.
 
 `Connection` is the protocol (bytes in, events out, bytes to send); the wire format is
-documented in `meshlink.proto.frames`. Nothing here does I/O.
+documented in `meshlink.proto.frames`; `StreamScheduler` decides which stream sends next
+and when credit returns (`meshlink.proto.scheduler`). Nothing here does I/O.
 """
 
 from meshlink.proto.connection import Connection
@@ -26,13 +27,16 @@ from meshlink.proto.frames import (
     VERSION,
     FrameType,
 )
+from meshlink.proto.scheduler import EOF_SENT, RESUMED, Outbox, StreamScheduler
 from meshlink.proto.state import StreamState
 from meshlink.proto.target import MAX_HOPS, FlowTarget
 
 __all__ = [
     "DEFAULT_MAX_STREAMS",
+    "EOF_SENT",
     "MAX_CONTROL",
     "MAX_HOPS",
+    "RESUMED",
     "SUPPORTED_VERSIONS",
     "VERSION",
     "Connection",
@@ -43,12 +47,14 @@ __all__ = [
     "FrameType",
     "GoAwayReceived",
     "HelloReceived",
+    "Outbox",
     "PingReceived",
     "PongReceived",
     "StreamAccepted",
     "StreamEnded",
     "StreamOpened",
     "StreamReset",
+    "StreamScheduler",
     "StreamState",
     "WindowUpdated",
 ]

@@ -29,7 +29,7 @@ from meshlink.config import listen_error
 from meshlink.errors import ErrorCode, LocalProtocolError, MeshlinkError, PeerNotAuthorized
 from meshlink.pki import AlertingSSLObject, authorize_peer
 from meshlink.proto import DEFAULT_MAX_STREAMS, MAX_HOPS, FlowTarget
-from meshlink.tunnel.link import STREAM_WINDOW, Link, LinkOwner, StreamEnd
+from meshlink.tunnel.link import STREAM_WINDOW, Link, StreamEnd
 from meshlink.tunnel.ratelimit import TokenBucket
 from meshlink.tunnel.splice import End, Flow, TcpEnd, join
 from meshlink.tunnel.types import (
@@ -86,7 +86,7 @@ class _AcceptSSLObject(AlertingSSLObject):
         log.warning("refused a link: TLS handshake failed: %s", _error_reason(error))
 
 
-class Gateway(LinkOwner):
+class Gateway:
     """The tunnel data plane of one site (see the module docstring)."""
 
     def __init__(
@@ -478,12 +478,9 @@ class Gateway(LinkOwner):
         return budget.take(now)
 
     async def _connect_local(self, link: Link, stream: StreamEnd, route: LocalRoute) -> None:
-        loop = asyncio.get_running_loop()
-        tcp = TcpEnd()
-        tcp.peer = stream  # reads from the service go straight into the stream
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                await loop.create_connection(lambda: tcp, route.host, route.port)
+            # reads from the service go straight into the stream
+            tcp = await _dial(route, self.connect_timeout, peer=stream)
         except (OSError, TimeoutError) as e:
             why = f"{self.site_id} cannot connect to {route.host}:{route.port}: {_error_reason(e)}"
             log.info("flow from %s refused: %s", link.peer_site, why)
@@ -500,8 +497,8 @@ class Gateway(LinkOwner):
     def _relay(
         self, link: Link, stream: StreamEnd, target: FlowTarget, hops: int, peer: str
     ) -> None:
-        out = self._links.get(peer)
-        if out is None or out is link or out.closed or not out.ready:
+        out = self._live_link(peer)
+        if out is None or out is link:
             why = "the route leads back where it came from" if out is link else "no live link"
             log.debug("relay %s via %s refused: %s", target, peer, why)
             stream.feed_abort(ErrorCode.NO_ROUTE, f"{self.site_id}: {why} to {peer}")
@@ -511,10 +508,9 @@ class Gateway(LinkOwner):
             stream.feed_abort(ErrorCode.NO_ROUTE, f"more than {MAX_HOPS} hops (a routing loop?)")
             return
         try:
-            onward = out.open_stream(target, hops + 1)
-        except LocalProtocolError as e:
-            code = e.code if e.code is ErrorCode.REFUSED_STREAM else ErrorCode.NO_ROUTE
-            stream.feed_abort(code, f"{self.site_id}: link to {peer}: {e}")
+            onward = _open_stream(out, target, hops + 1)
+        except FlowError as e:
+            stream.feed_abort(e.code, f"{self.site_id}: link to {peer}: {e}")
             return
         join(stream, onward)
         onward.on_accepted = lambda: link.accept(stream)
@@ -524,11 +520,16 @@ class Gateway(LinkOwner):
     # ------------------------------------------------------------------ API
     def send_control(self, peer_site: str, payload: bytes) -> bool:
         """Send a control message to a peer; False if there is no live link to it."""
-        link = self._links.get(peer_site)
-        if link is None or link.closed or not link.ready:
+        link = self._live_link(peer_site)
+        if link is None:
             return False
         link.send_control(payload)
         return True
+
+    def _live_link(self, peer_site: str) -> Link | None:
+        """The link to ``peer_site`` if it is up (not closing, HELLO exchanged)."""
+        link = self._links.get(peer_site)
+        return None if link is None or link.closed or not link.ready else link
 
     def drop_peer(self, peer_site: str, reason: str) -> None:
         """Close every link with `peer_site` (e.g. it was revoked)."""
@@ -559,22 +560,18 @@ class Gateway(LinkOwner):
         if isinstance(route, NoRoute):
             raise NoRouteError(f"no route to {target}: {route.reason}")
         if isinstance(route, LocalRoute):
-            tcp = TcpEnd()
-            loop = asyncio.get_running_loop()
             try:
-                async with asyncio.timeout(timeout):
-                    await loop.create_connection(lambda: tcp, route.host, route.port)
+                return await _dial(route, timeout)
             except (OSError, TimeoutError) as e:
                 raise FlowRefused(
                     f"cannot connect to {target} at {route.host}:{route.port}: {_error_reason(e)}"
                 ) from None
-            return tcp
-        link = self._links.get(route.peer_site)
-        if link is None or link.closed or not link.ready:
+        link = self._live_link(route.peer_site)
+        if link is None:
             raise NoRouteError(f"no route to {target}: no live link to {route.peer_site}")
         try:
-            stream = link.open_stream(target, 0)
-        except LocalProtocolError as e:  # the link is closing under us, or at its limit
+            stream = _open_stream(link, target, 0)
+        except FlowError as e:  # the link is closing under us, or at its limit
             if e.code is ErrorCode.REFUSED_STREAM:
                 raise FlowRefused(
                     f"flow to {target} via {route.peer_site} refused: {e}", e.code
@@ -654,6 +651,26 @@ class Gateway(LinkOwner):
                 )
             )
         return out
+
+
+async def _dial(route: LocalRoute, timeout: float, *, peer: End | None = None) -> TcpEnd:  # noqa: ASYNC109
+    """A TCP connection to a local route (OSError or TimeoutError when it cannot be made).
+    With ``peer`` the connection's reads go to it from the first byte."""
+    tcp = TcpEnd()
+    tcp.peer = peer
+    async with asyncio.timeout(timeout):
+        await asyncio.get_running_loop().create_connection(lambda: tcp, route.host, route.port)
+    return tcp
+
+
+def _open_stream(link: Link, target: FlowTarget, hops: int) -> StreamEnd:
+    """A new stream on a live link; FlowError when the link refuses: REFUSED_STREAM at the
+    peer's stream limit, else NO_ROUTE (the link is closing under us)."""
+    try:
+        return link.open_stream(target, hops)
+    except LocalProtocolError as e:
+        code = e.code if e.code is ErrorCode.REFUSED_STREAM else ErrorCode.NO_ROUTE
+        raise FlowError(str(e), code) from None
 
 
 def _error_reason(e: BaseException) -> str:

@@ -27,19 +27,23 @@ CONNECT_TIMEOUT: Final = 5.0
 
 
 class _ClientEnd(TcpEnd):
-    __slots__ = ("listener",)
+    """An accepted client connection; tells its listener when it is made and lost."""
 
-    def __init__(self, listener: ImportListener) -> None:
+    __slots__ = ("_on_lost", "_on_made")
+
+    def __init__(
+        self, on_made: Callable[[_ClientEnd], None], on_lost: Callable[[_ClientEnd], None]
+    ) -> None:
         super().__init__()
-        self.listener = listener
+        self._on_made = on_made
+        self._on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # reading stays paused until the flow is joined
-        self.listener._clients.add(self)
-        self.listener._spawn(self.listener._serve(self))
+        self._on_made(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener._clients.discard(self)
+        self._on_lost(self)
         super().connection_lost(exc)
 
 
@@ -68,7 +72,10 @@ class ImportListener:
         """Bind and start accepting (raises OSError when the address is unavailable)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _ClientEnd(self), self.bind[0], self.bind[1], reuse_address=True
+            lambda: _ClientEnd(self._accepted, self._clients.discard),
+            self.bind[0],
+            self.bind[1],
+            reuse_address=True,
         )
         name = self._server.sockets[0].getsockname()
         self.bound_address = (name[0], name[1])
@@ -86,8 +93,9 @@ class ImportListener:
             c.feed_abort(ErrorCode.CANCEL)
         self._clients.clear()
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _accepted(self, client: _ClientEnd) -> None:
+        self._clients.add(client)
+        task = asyncio.get_running_loop().create_task(self._serve(client))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -126,7 +134,7 @@ class ImportListener:
                 continue
             if isinstance(end, StreamEnd) and end.accepted is not None and optimistic:
                 end.accepted.add_done_callback(self._log_refusal)
-            if client._closed:
+            if client.closed:
                 end.feed_abort(ErrorCode.CANCEL)
                 end.start()
                 return

@@ -1,28 +1,30 @@
 """One link: a TLS connection to a peer gateway running the tunnel protocol, and the streams
 multiplexed on it.
 
-`Link` is an asyncio Protocol over the TLS transport: `data_received` feeds the sans-IO
-`Connection` and dispatches its events to `StreamEnd`s; writes are batched (frames queued
-during one loop iteration go out in one `writelines`). Fairness and head-of-line blocking:
-the TLS write buffer is kept small; when it is full, streams park their data in their own
-bounded queue, pause their source, and are drained round-robin when the transport asks
-for more, so a bulk flow cannot starve a small one of link capacity.
+`Link` is an asyncio Protocol over the TLS transport, in uvicorn's manner: `data_received`
+feeds the sans-IO `Connection` and dispatches its events to `StreamEnd`s; writes are
+batched (frames queued during one loop iteration go out in one `writelines`);
+`pause_writing`/`resume_writing` tell the link's sans-IO `StreamScheduler`, which owns
+fairness and head-of-line blocking: the TLS write buffer is kept small; when it is full,
+streams park their data, pause their source, and are drained round robin in quanta when
+the transport asks for more, so a bulk flow cannot starve a small one of link capacity.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Final, cast
+from typing import Final, Protocol, cast
 
 from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from meshlink.proto import (
     DEFAULT_MAX_STREAMS,
+    EOF_SENT,
+    RESUMED,
     Connection,
     ControlReceived,
     DataReceived,
@@ -33,6 +35,7 @@ from meshlink.proto import (
     StreamEnded,
     StreamOpened,
     StreamReset,
+    StreamScheduler,
     StreamState,
     WindowUpdated,
 )
@@ -45,7 +48,6 @@ log = logging.getLogger(__name__)
 LINK_HIGH_WATER: Final = 1 << 20
 LINK_LOW_WATER: Final = 256 * 1024
 LINK_SOCKBUF: Final = 4 << 20
-DRAIN_QUANTUM: Final = 64 * 1024
 STREAM_WINDOW: Final = 4 << 20
 """Default per-stream credit: the most a peer may have in flight (and we may buffer) per
 stream. Measured: 1 MiB capped a single flow near 1-2 Gbit/s on a loaded 2-core machine
@@ -53,19 +55,15 @@ stream. Measured: 1 MiB capped a single flow near 1-2 Gbit/s on a loaded 2-core 
 
 
 class StreamEnd(End):
-    """A stream on a link, as one end of a flow."""
+    """A stream on a link, as one end of a flow: glue between the flow's other end and the
+    link's ``StreamScheduler`` (which owns parking, credit and held acknowledgements)."""
 
     __slots__ = (
-        "_abort_code",
-        "_abort_text",
-        "_held",
-        "_input_paused",
-        "_parked",
-        "_pending",
-        "_pending_bytes",
-        "_pre",
-        "_want_eof",
+        "_early",
+        "_early_abort",
+        "_early_eof",
         "accepted",
+        "box",
         "closed",
         "link",
         "on_accepted",
@@ -76,37 +74,28 @@ class StreamEnd(End):
         super().__init__()
         self.link = link
         self.sid = sid
+        self.box = link.scheduler.open(sid)
         self.closed = False
         self.accepted: asyncio.Future[None] | None = None
         self.on_accepted: Callable[[], None] | None = None
-        self._pending: collections.deque[bytes | memoryview] = collections.deque()
-        self._pending_bytes = 0
-        self._want_eof = False
-        self._held = 0  # bytes received but not yet acknowledged (peer output paused)
-        self._input_paused = False  # our peer asked us to stop (we hold credit)
-        self._parked = False  # we paused our peer's input because we have pending data
-        self._pre: list[bytes | memoryview] | None = []  # data before join / eof marker
-        self._abort_code: ErrorCode | None = None  # reset before join
-        self._abort_text = ""
+        # What arrived before the join, replayed in order by start().
+        self._early: list[bytes | memoryview] = []
+        self._early_eof = False
+        self._early_abort: tuple[ErrorCode, str] | None = None
 
     # -- link -> flow ------------------------------------------------------------------
     def on_data(self, data: memoryview | bytes) -> None:
         peer = self.peer
         if peer is None:
-            assert self._pre is not None
-            self._pre.append(data)
-            self._held += len(data)
-            return
-        peer.feed(data)
-        if self._input_paused:
-            self._held += len(data)
-        else:  # the WINDOW this may queue goes out with data_received's kick
-            self.link.conn.acknowledge_received(self.sid, len(data))
+            self._early.append(data)
+        else:
+            peer.feed(data)
+        # the WINDOW this may queue goes out with data_received's kick
+        self.link.scheduler.received(self.box, len(data))
 
     def on_eof(self) -> None:
         if self.peer is None:
-            assert self._pre is not None
-            self._pre.append(b"")  # eof marker
+            self._early_eof = True
         else:
             self.peer.feed_eof()
         self._maybe_done()
@@ -120,101 +109,48 @@ class StreamEnd(End):
         if self.peer is not None:
             self.peer.feed_abort(code, text or "")
         else:
-            self._abort_code = code
-            self._abort_text = text or ""
+            self._early_abort = (code, text or "")
 
     def on_window(self) -> None:
-        if self._pending:
-            self._drain()
+        self.drained(self.link.scheduler.window_opened(self.box))
 
     def start(self) -> None:
-        """Replay what arrived before the join."""
-        pre, self._pre = self._pre, None
-        for chunk in pre or ():
-            if chunk == b"" and isinstance(chunk, bytes):
-                if self.peer is not None:
-                    self.peer.feed_eof()
-            elif self.peer is not None:
-                self.peer.feed(chunk)
-        if self._abort_code is not None and self.peer is not None:
-            self.peer.feed_abort(self._abort_code, self._abort_text)
-        elif not self._input_paused:
-            self._release_held()
+        """Replay what arrived before the join; credit flows from now on."""
+        early, self._early = self._early, []
+        peer = self.peer
+        if peer is not None:
+            for chunk in early:
+                peer.feed(chunk)
+            if self._early_eof:
+                peer.feed_eof()
+        if self._early_abort is not None and peer is not None:
+            peer.feed_abort(*self._early_abort)
+        else:
+            self.link.scheduler.start(self.box)
+            self.link.kick()
 
     # -- flow -> link ------------------------------------------------------------------
     def feed(self, data: bytes | memoryview) -> None:
         if self.closed:
             return
-        if self._pending or not self.link.writable:
-            self._park(data)
-            return
-        conn = self.link.conn
-        n = len(data)
-        credit = conn.send_window(self.sid)
-        if n <= credit:
-            conn.send_data(self.sid, data)
-        else:
-            if credit:
-                view = memoryview(data)
-                conn.send_data(self.sid, view[:credit])
-                data = view[credit:]
-            self._park(data)
-        self.link.kick()
-
-    def _park(self, data: bytes | memoryview) -> None:
-        self._pending.append(data)
-        self._pending_bytes += len(data)
-        if not self.link.writable:
-            self.link.blocked[self] = None
-        if not self._parked and self.peer is not None:
-            self._parked = True
+        if self.link.scheduler.send(self.box, data) and self.peer is not None:
             self.peer.pause_input()
-
-    def _drain(self, quantum: int = 1 << 62) -> None:
-        """Send parked data as far as credit, the link and `quantum` bytes allow."""
-        conn = self.link.conn
-        pending = self._pending
-        while pending and self.link.writable and quantum > 0:
-            credit = min(conn.send_window(self.sid), quantum)
-            if not credit:
-                break
-            quantum -= credit
-            chunk = pending[0]
-            if len(chunk) <= credit:
-                pending.popleft()
-                conn.send_data(self.sid, chunk)
-                self._pending_bytes -= len(chunk)
-            else:
-                view = memoryview(chunk)
-                conn.send_data(self.sid, view[:credit])
-                pending[0] = view[credit:]
-                self._pending_bytes -= credit
-        if pending and (not self.link.writable or quantum <= 0):
-            self.link.blocked[self] = None  # back of the round-robin queue
         self.link.kick()
-        if not pending:
-            if self._want_eof:
-                self._want_eof = False
-                self._send_eof()
-            if self._parked and self.peer is not None:
-                self._parked = False
-                self.peer.resume_input()
+
+    def drained(self, flags: int) -> None:
+        """What the scheduler reports after draining this stream's parked data."""
+        self.link.kick()
+        if flags & EOF_SENT:
+            self._maybe_done()
+        if flags & RESUMED and self.peer is not None:
+            self.peer.resume_input()
 
     def feed_eof(self) -> None:
         if self.closed:
             return
-        if self._pending:
-            self._want_eof = True
-        else:
-            self._send_eof()
-
-    def _send_eof(self) -> None:
-        try:
-            self.link.conn.send_eof(self.sid)
-        except LocalProtocolError:
-            return
-        self.link.kick()
-        self._maybe_done()
+        if self.link.scheduler.send_eof(self.box):
+            self.link.kick()
+            self._maybe_done()
 
     def feed_abort(self, code: ErrorCode, text: str = "") -> None:
         if self.closed:
@@ -227,17 +163,11 @@ class StreamEnd(End):
         self.link.kick()
 
     def pause_input(self) -> None:
-        self._input_paused = True
+        self.link.scheduler.pause_sink(self.box)
 
     def resume_input(self) -> None:
-        self._input_paused = False
-        self._release_held()
-
-    def _release_held(self) -> None:
-        if self._held and not self.closed:
-            held, self._held = self._held, 0
-            self.link.conn.acknowledge_received(self.sid, held)
-            self.link.kick()
+        self.link.scheduler.resume_sink(self.box)
+        self.link.kick()
 
     # -- lifecycle ---------------------------------------------------------------------
     def _maybe_done(self) -> None:
@@ -247,8 +177,7 @@ class StreamEnd(End):
     def _finish(self) -> None:
         if not self.closed:
             self.closed = True
-            self._pending.clear()
-            self.link.blocked.pop(self, None)
+            self.link.scheduler.close(self.box)
             self.link.streams.pop(self.sid, None)
 
     def link_lost(self) -> None:
@@ -262,15 +191,19 @@ def _reset_error(code: ErrorCode, text: str | None = None) -> Exception:
     return FlowRefused(msg, code)
 
 
-class LinkOwner:
-    """What a link reports to (the gateway)."""
+class LinkOwner(Protocol):
+    """What a link reports to (the gateway; tests' in-memory owners)."""
 
     def link_ready(self, link: Link) -> None: ...
+
     def link_accepted(self, link: Link, transport: asyncio.Transport) -> None: ...
+
     def link_closed(self, link: Link, reason: str) -> None: ...
+
     def stream_opened(
         self, link: Link, stream: StreamEnd, target: FlowTarget, hops: int
     ) -> None: ...
+
     def control(self, link: Link, payload: bytes) -> None: ...
 
 
@@ -297,8 +230,8 @@ class Link(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamEnd] = {}
-        self.blocked: dict[StreamEnd, None] = {}  # insertion-ordered set: round robin
-        self.writable = True
+        # A round of the round robin is what the TLS write buffer takes between its marks.
+        self.scheduler = StreamScheduler(self.conn, round_budget=LINK_HIGH_WATER - LINK_LOW_WATER)
         self.ready = False
         self.closed = False
         self.close_reason = ""
@@ -456,22 +389,18 @@ class Link(asyncio.Protocol):
             t.writelines(out)
 
     def pause_writing(self) -> None:
-        self.writable = False
+        self.scheduler.writable = False
 
     def resume_writing(self) -> None:
-        self.writable = True
-        blocked = self.blocked
-        while blocked and self.writable:
-            # round robin in quanta, a buffer's worth per flush: a small flow waits for
-            # at most one quantum of each bulk flow, and TLS writes stay large
-            budget = LINK_HIGH_WATER - LINK_LOW_WATER
-            while blocked and budget > 0:
-                st = next(iter(blocked))
-                del blocked[st]
-                before = st._pending_bytes
-                st._drain(DRAIN_QUANTUM)
-                budget -= max(1, before - st._pending_bytes)
-            self._flush()  # may pause us again: the rest wait for their turn
+        sched = self.scheduler
+        sched.writable = True
+        while sched.blocked and sched.writable:
+            # a round of quanta, then a flush (which may pause us again: the rest wait)
+            for box, flags in sched.drain_round():
+                st = self.streams.get(box.sid)
+                if st is not None:
+                    st.drained(flags)
+            self._flush()
 
     # -- API -------------------------------------------------------------------------
     def open_stream(self, target: FlowTarget, hops: int) -> StreamEnd:
@@ -539,7 +468,6 @@ class Link(asyncio.Protocol):
         for st in list(self.streams.values()):
             st.link_lost()
         self.streams.clear()
-        self.blocked.clear()
         if not self.done.done():
             self.done.set_result(self.close_reason)
             self.owner.link_closed(self, self.close_reason)

@@ -97,6 +97,11 @@ class TcpEnd(End, asyncio.Protocol):
         """Bytes that arrived before the end was joined (uvloop may deliver one read even
         though reading was paused in connection_made); flushed in order by start()."""
 
+    @property
+    def closed(self) -> bool:
+        """Closed or aborted (its connection is gone or going)."""
+        return self._closed
+
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop transports are not subclasses
