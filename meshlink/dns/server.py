@@ -7,7 +7,10 @@ the very next packet sees, and a reply never mixes two snapshots. Handlers never
 
 TCP (RFC 7766): 2-byte length framing, several queries per connection answered in order,
 an idle timeout, a cap on concurrent connections, and backpressure (reading pauses while
-the client does not read its replies).
+the client does not read its replies). At the cap, a new connection closes the one that
+has been quiet longest (RFC 7766 section 6.2.2: the server may close idle connections to
+free resources) rather than being refused, so idle connections held open by a client
+cannot lock the others out. UDP is served whatever TCP holds.
 """
 
 from __future__ import annotations
@@ -75,13 +78,24 @@ class _Tcp(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        if len(self.server.connections) >= self.server.max_connections:
-            log.debug("dns: tcp connection refused, %d open", len(self.server.connections))
-            transport.abort()
-            return
-        self.server.connections.add(self)
+        conns = self.server.connections
+        while len(conns) >= self.server.max_connections:
+            quietest = next(iter(conns))  # least recently active first
+            del conns[quietest]
+            log.debug("dns: %d tcp connections open: closing the quietest", len(conns) + 1)
+            quietest.close()
+        conns[self] = None
         self.server.tcp_accepted += 1
         self._arm()
+
+    def close(self) -> None:
+        """Close now: replies the client has not read are dropped (a graceful close would
+        wait for it, holding the socket)."""
+        if self.transport is not None:
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def _arm(self) -> None:
         if self.idle is not None:
@@ -90,15 +104,18 @@ class _Tcp(asyncio.Protocol):
         self.idle = loop.call_later(self.server.idle_timeout, self._on_idle)
 
     def _on_idle(self) -> None:
-        if self.transport is not None:
-            log.debug("dns: tcp connection idle, closing")
-            self.transport.close()
+        log.debug("dns: tcp connection idle, closing")
+        self.close()
 
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         self._arm()
+        conns = self.server.connections
+        if self in conns:  # most recently active last
+            del conns[self]
+            conns[self] = None
         buf = self.buf
         buf += data
         server = self.server
@@ -134,7 +151,7 @@ class _Tcp(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.idle is not None:
             self.idle.cancel()
-        self.server.connections.discard(self)
+        self.server.connections.pop(self, None)
         self.transport = None
 
 
@@ -158,7 +175,8 @@ class DnsServer:
         self.max_connections = max_connections
         self.snapshot = snapshot
         self.udp_cache = snapshot.cache(max_udp, False)
-        self.connections: set[_Tcp] = set()
+        self.connections: dict[_Tcp, None] = {}
+        """Open TCP connections, least recently active first."""
         self.tcp_accepted = 0
         """TCP connections accepted so far (for status and tests)."""
         self._udp: asyncio.DatagramTransport | None = None
