@@ -22,7 +22,8 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from meshlink.config import HostPort, listen_error
+from meshlink import httpd
+from meshlink.config import HostPort
 from meshlink.errors import MeshlinkError
 from meshlink.links.issuer import GrantRefused, decide_redeem
 from meshlink.links.tokens import split_hostport
@@ -100,21 +101,27 @@ class GrantServer:
 class RunningGrant:
     """A started grant endpoint; ``await close()`` stops it."""
 
-    runner: web.AppRunner
-    host: str
-    port: int
+    served: httpd.Served
     tls: ReloadingServerContext
+
+    @property
+    def host(self) -> str:
+        return self.served.host
+
+    @property
+    def port(self) -> int:
+        return self.served.port
 
     @property
     def address(self) -> str:
         return str(HostPort(self.host, self.port))
 
     async def close(self) -> None:
-        await self.runner.cleanup()
+        await self.served.close()
 
     async def cleanup(self) -> None:
         """The same as ``close`` (the name aiohttp's runners use)."""
-        await self.runner.cleanup()
+        await self.served.close()
 
 
 async def start_grant_server(
@@ -124,21 +131,16 @@ async def start_grant_server(
     *,
     middlewares: Iterable[Middleware] = (),
 ) -> RunningGrant:
-    """Serve ``server`` over TLS on ``host:port`` (port 0: any free port).
+    """Serve ``server`` over TLS on ``host:port`` (port 0: any free port), with meshlink's
+    HTTP limits (``httpd``).
 
     The certificate is read from the identity's files again on the first handshake after
     they change, so a renewed gateway certificate is served without a restart.
     """
     chain, key = server.identity.gateway_chain_path, server.identity.gateway_key_path
     tls = ReloadingServerContext(lambda: grant_server_context(chain, key), [chain, key])
-    runner = web.AppRunner(server.make_app(middlewares), access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls.context, shutdown_timeout=2.0)
-    try:
-        await site.start()
-    except OSError as e:
-        await runner.cleanup()
-        raise listen_error("grant.listen", host, port, e) from None
-    bound = runner.addresses[0]
-    log.info("grant endpoint listening on %s:%s", host, bound[1])
-    return RunningGrant(runner=runner, host=host, port=int(bound[1]), tls=tls)
+    served = await httpd.serve(
+        server.make_app(middlewares), host, port, key="grant.listen", ssl_context=tls.context
+    )
+    log.info("grant endpoint listening on %s:%s", host, served.port)
+    return RunningGrant(served=served, tls=tls)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from meshlink.config import listen_error
+from meshlink import httpd
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class OpsServer:
         self._status = status
         self._ready = ready
         self._registry = registry
-        self._runner: web.AppRunner | None = None
+        self._served: httpd.Served | None = None
         self.port: int | None = None
 
     def _app(self) -> web.Application:
@@ -57,19 +57,12 @@ class OpsServer:
         )
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self._app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError as e:
-            await self.close()
-            raise listen_error("ops.listen", host, port, e) from None
-        server = site._server  # aiohttp exposes the bound port only here
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        """Serve with meshlink's HTTP limits (``httpd``): head, idle and request timeouts,
+        a connection cap, quiet 400s for malformed requests."""
+        self._served = await httpd.serve(self._app(), host, port, key="ops.listen")
+        self.port = self._served.port
 
     async def close(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        if self._served is not None:
+            await self._served.close()
+            self._served = None
