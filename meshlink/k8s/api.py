@@ -23,13 +23,12 @@ from kubernetes_asyncio.client import ApiClient
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from meshlink.errors import KubeError
+from meshlink.k8s.model import Obj
 
 FIELD_MANAGER: Final = "meshlink"
 APPLY_CONTENT_TYPE: Final = "application/apply-patch+yaml"
 MERGE_CONTENT_TYPE: Final = "application/merge-patch+json"
 LIST_PAGE: Final = 500
-
-Obj = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,8 +28,10 @@ from meshlink.catalog.records import (
     ServiceKey,
     ServiceType,
 )
+from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec
 
 Obj = dict[str, Any]
+"""A Kubernetes object as JSON."""
 
 EXPORT_ANNOTATION: Final = "meshlink.io/export"
 AUTO_EXPORT_ANNOTATION: Final = "meshlink.io/auto-export"
@@ -613,3 +615,94 @@ def import_ready(merged: MergedService, ips: Sequence[str]) -> Condition:
     if merged.type == ServiceType.HEADLESS or ips:
         return Condition(READY, "True", REASON_READY, "")
     return Condition(READY, "False", REASON_PENDING, "waiting for the derived Service's IP")
+
+
+# -- small pure pieces of the reconcilers ----------------------------------------------------
+
+
+def namespace_usable(ns: Mapping[str, Any] | None) -> bool:
+    """A Namespace that exists and is not being deleted (imports go only there)."""
+    if ns is None:
+        return False
+    return (
+        not meta(ns).get("deletionTimestamp")
+        and (ns.get("status") or {}).get("phase") != "Terminating"
+    )
+
+
+def import_key(obj: Mapping[str, Any]) -> ServiceKey | None:
+    """The imported service a managed object belongs to (all carry the MCS label)."""
+    name = labels(obj).get(MCS_SERVICE_NAME)
+    if not name:
+        return None
+    return ServiceKey(str(meta(obj).get("namespace", "")), name)
+
+
+def trim_slice(obj: Obj) -> Obj:
+    """Keep only what the controller reads from an EndpointSlice (memory at scale)."""
+    m = obj.get("metadata") or {}
+    return {
+        "metadata": {
+            k: m[k]
+            for k in ("name", "namespace", "labels", "annotations", "resourceVersion", "uid")
+            if k in m
+        },
+        "endpoints": [
+            {k: ep[k] for k in ("addresses", "conditions", "hostname", "targetRef") if k in ep}
+            for ep in obj.get("endpoints") or []
+        ],
+    }
+
+
+def local_endpoint(
+    rec: ExportRecord | None, svc: Mapping[str, Any] | None, port: int
+) -> tuple[str, int] | None:
+    """Where a flow that arrived over a link for port ``port`` of our export goes: the
+    exported Service's ClusterIP (kube-proxy picks the endpoint), or for a headless export
+    one ready endpoint address with the port's target. None if not exported."""
+    if rec is None or svc is None or not any(p.port == port for p in rec.ports):
+        return None
+    spec = svc.get("spec") or {}
+    cluster_ip = spec.get("clusterIP")
+    if cluster_ip and cluster_ip != "None":
+        return (str(cluster_ip), port)
+    for ep in rec.endpoints:
+        if ep.ready and ep.addresses:
+            target = next(
+                (
+                    p.get("targetPort")
+                    for p in spec.get("ports") or ()
+                    if p.get("port") == port and isinstance(p.get("targetPort"), int)
+                ),
+                port,
+            )
+            return (ep.addresses[0], int(target))
+    return None
+
+
+def imported_service(merged: MergedService, ips: tuple[str, ...]) -> ImportedService:
+    """The import as DNS and the listeners see it (Headless: with the endpoints)."""
+    headless = merged.type == ServiceType.HEADLESS
+    return ImportedService(
+        namespace=merged.key.namespace,
+        name=merged.key.name,
+        type=merged.type,
+        ips=ips,
+        ports=merged.ports,
+        clusters=tuple(
+            ClusterEndpoints(r.origin, r.endpoints if headless else ())
+            for r in sorted(merged.serving, key=lambda r: r.origin)
+        ),
+    )
+
+
+def import_listeners(
+    merged: MergedService, target_ports: TargetPorts, bind: str
+) -> tuple[ListenerSpec, ...]:
+    """The gateway listeners of an import: one per imported TCP port that has a gateway
+    port (``target_ports``), on ``bind``."""
+    return tuple(
+        ListenerSpec(merged.key, bind, target_ports[(p.protocol, p.port)], p.port, origins)
+        for p, origins in merged.port_origins
+        if (p.protocol, p.port) in target_ports
+    )

@@ -18,7 +18,8 @@ from contextlib import aclosing
 from typing import Final
 
 from meshlink.errors import KubeError
-from meshlink.k8s.api import Gone, Kube, NotFound, Obj, Resource
+from meshlink.k8s.api import Gone, Kube, NotFound, Resource
+from meshlink.k8s.model import Obj
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,24 @@ class Watcher:
         self.synced = asyncio.Event()
         self.relists = 0
         self.missing = False
+
+    def get(self, key: ObjKey) -> Obj | None:
+        return self.cache.get(key)
+
+    def wrote(self, obj: Obj) -> None:
+        """Our own write of ``obj``, known before its watch event: the cache holds it now
+        (so a reconcile right after does not write the same again); the event replaces it.
+        Only an object with the cached one's uid is taken (not one deleted and recreated)."""
+        key = obj_key(obj)
+        cur = self.cache.get(key)
+        if cur is not None and (cur.get("metadata") or {}).get("uid") == (
+            obj.get("metadata") or {}
+        ).get("uid"):
+            self.cache[key] = self.trim(obj)
+
+    def deleted(self, key: ObjKey) -> None:
+        """Our own delete of ``key``, known before its watch event."""
+        self.cache.pop(key, None)
 
     def _emit(self, key: ObjKey, old: Obj | None, new: Obj | None) -> None:
         try:

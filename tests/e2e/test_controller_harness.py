@@ -21,7 +21,8 @@ from meshlink.catalog.records import ExportRecord, ServiceKey
 from meshlink.catalog.view import ImportedService
 from meshlink.config import KubernetesConfig, SiteConfig
 from meshlink.k8s import Controller
-from meshlink.k8s.api import Kube, NotFound, Obj, Resource
+from meshlink.k8s.api import Kube, NotFound, Resource
+from meshlink.k8s.model import Obj
 from tests.kube import async_wait_until
 
 Grouped = dict[ServiceKey, list[ExportRecord]]

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from meshlink.catalog.merge import merge
-from meshlink.catalog.records import Endpoint, ExportRecord, Port, ServiceType
+from meshlink.catalog.records import Endpoint, ExportRecord, Port, ServiceKey, ServiceType
 from meshlink.k8s import model
+from meshlink.k8s.clusterset import ClustersetCatalog
 from meshlink.k8s.model import Condition
 from meshlink.k8s.workqueue import WorkQueue
 
@@ -360,3 +361,91 @@ def test_recorded_gateway_ports_come_from_clusterset_ip_derived_services_only() 
     assert model.recorded_gateway_ports(headless) == []
     named = {"spec": {"ports": [{"port": 80, "targetPort": "http", "protocol": "TCP"}]}}
     assert model.recorded_gateway_ports(named) == []
+
+
+# -- the reconcilers' pure pieces ----------------------------------------------------------
+
+
+def test_namespace_usable_and_import_key() -> None:
+    assert not model.namespace_usable(None)
+    assert model.namespace_usable({"metadata": {"name": "a"}})
+    assert not model.namespace_usable({"metadata": {"deletionTimestamp": "x"}})
+    assert not model.namespace_usable({"metadata": {}, "status": {"phase": "Terminating"}})
+    obj = {"metadata": {"namespace": "ns", "labels": {model.MCS_SERVICE_NAME: "web"}}}
+    assert model.import_key(obj) == ServiceKey("ns", "web")
+    assert model.import_key({"metadata": {"namespace": "ns"}}) is None
+
+
+def test_trim_slice_keeps_what_is_read() -> None:
+    full = {
+        "metadata": {"name": "s", "namespace": "n", "uid": "u", "managedFields": [1] * 50},
+        "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "n1", "zone": "z"}],
+        "ports": [{"port": 80}],
+    }
+    assert model.trim_slice(full) == {
+        "metadata": {"name": "s", "namespace": "n", "uid": "u"},
+        "endpoints": [{"addresses": ["10.0.0.1"]}],
+    }
+
+
+def test_local_endpoint_is_the_cluster_ip_or_a_ready_headless_endpoint() -> None:
+    r = rec("a", 1.0)
+    assert model.local_endpoint(r, service(), 80) == ("10.0.0.5", 80)
+    assert model.local_endpoint(r, service(), 81) is None  # not an exported port
+    assert model.local_endpoint(None, service(), 80) is None
+    assert model.local_endpoint(r, None, 80) is None
+    headless = rec(
+        "a",
+        1.0,
+        type=ServiceType.HEADLESS,
+        endpoints=(Endpoint(("10.1.0.1",), ready=False), Endpoint(("10.1.0.2",))),
+    )
+    svc = service(clusterIP="None", ports=[{"port": 80, "targetPort": 8080}])
+    assert model.local_endpoint(headless, svc, 80) == ("10.1.0.2", 8080)
+
+
+def test_imported_service_and_its_listeners() -> None:
+    m = merge([rec("b", 2.0), rec("a", 1.0)])
+    imp = model.imported_service(m, ("10.9.0.1",))
+    assert (imp.namespace, imp.name, imp.ips) == ("demo", "web", ("10.9.0.1",))
+    assert [c.cluster for c in imp.clusters] == ["a", "b"]
+    assert all(c.endpoints == () for c in imp.clusters)
+    (spec,) = model.import_listeners(m, {("TCP", 80): 20001}, "0.0.0.0")
+    assert (spec.address, spec.port, spec.service_port, spec.origins) == (
+        "0.0.0.0",
+        20001,
+        80,
+        ("a", "b"),
+    )
+    assert model.import_listeners(m, {}, "0.0.0.0") == ()
+
+
+def test_clusterset_catalog_reports_what_changed_and_what_it_carries() -> None:
+    cat = ClustersetCatalog()
+    a, b = rec("a", 1.0), rec("b", 2.0)
+    key = a.key
+    assert cat.update({key: [b, a]}) == [key]
+    assert [r.origin for r in cat.records[key]] == ["a", "b"]
+    assert cat.merged[key].winner.origin == "a"
+    assert cat.carries(a)
+    assert cat.update({key: [a, b]}) == []  # same records: nothing changed
+    assert cat.update({}) == [key]
+    assert key not in cat.merged
+    assert not cat.carries(a)
+
+
+def test_a_watchers_own_writes_are_in_its_cache_until_their_events() -> None:
+    from meshlink.k8s.api import SERVICE
+    from meshlink.k8s.watch import ApiHealth, Watcher
+
+    w = Watcher(None, SERVICE, lambda *a: None, ApiHealth("test"))  # type: ignore[arg-type]
+    old = {"metadata": {"name": "web", "namespace": "demo", "uid": "1", "resourceVersion": "5"}}
+    w.cache[("demo", "web")] = old
+    newer = {"metadata": {**old["metadata"], "resourceVersion": "6", "managedFields": []}}
+    w.wrote(newer)
+    assert w.get(("demo", "web")) == {"metadata": {**old["metadata"], "resourceVersion": "6"}}
+    other = {"metadata": {**old["metadata"], "uid": "2"}}  # deleted and recreated meanwhile
+    w.wrote(other)
+    assert w.get(("demo", "web"))["metadata"]["uid"] == "1"  # type: ignore[index]
+    w.deleted(("demo", "web"))
+    assert w.get(("demo", "web")) is None
