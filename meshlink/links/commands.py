@@ -16,11 +16,11 @@ from meshlink.config import SiteConfig
 from meshlink.errors import ConfigError, PkiError
 from meshlink.links.issuer import create_token
 from meshlink.links.records import (
+    LINKS,
+    PEERS,
+    TOKENS,
     delete_link,
     link_cert_path,
-    list_links,
-    list_peers,
-    list_tokens,
     revoke_peer,
     revoke_token,
 )
@@ -80,7 +80,7 @@ def cmd_token_create(
 def cmd_token_list(cfg: SiteConfig) -> str:
     now = time.time()
     rows = [("TOKEN", "USES LEFT", "EXPIRES", "STATE")]
-    for t in list_tokens(cfg.state_dir):
+    for t in TOKENS.list(cfg.state_dir):
         state = "expired" if now >= t.expires else ("used up" if t.uses_left <= 0 else "valid")
         rows.append((t.id, f"{t.uses_left}/{t.uses}", _ts(t.expires), state))
     return _table(rows)
@@ -103,7 +103,7 @@ def cmd_link_create(cfg: SiteConfig, token_arg: str, *, name: str | None = None)
 
 def cmd_link_list(cfg: SiteConfig) -> str:
     rows = [("NAME", "PEER", "ENDPOINTS", "CERT EXPIRES", "CREATED")]
-    for r in list_links(cfg.state_dir):
+    for r in LINKS.list(cfg.state_dir):
         try:
             expires = _ts(
                 load_cert(link_cert_path(cfg.state_dir, r.name)).not_valid_after_utc.timestamp()
@@ -123,7 +123,7 @@ def cmd_peer_list(cfg: SiteConfig) -> str:
     rows = [("PEER", "LINKED AT", "TOKEN", "CERT EXPIRES")]
     rows += [
         (p.site, _ts(p.linked_at), p.token_id, _ts(p.cert_not_after))
-        for p in list_peers(cfg.state_dir)
+        for p in PEERS.list(cfg.state_dir)
     ]
     return _table(rows)
 

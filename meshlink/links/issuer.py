@@ -34,16 +34,14 @@ from meshlink.errors import (
     TokenUsedUp,
 )
 from meshlink.links.records import (
+    PEERS,
+    TOKENS,
     PeerRecord,
     TokenRecord,
     find_link_to,
     is_peer_allowed,
-    load_peer,
-    load_token_record,
     prune_tokens,
     secret_hash,
-    write_peer,
-    write_token_record,
 )
 from meshlink.links.tokens import (
     Token,
@@ -133,7 +131,7 @@ def create_token(
         exp=int(now + expiry.total_seconds()),
     )
     text = encode_token(token)
-    write_token_record(
+    TOKENS.write(
         state_dir,
         TokenRecord(
             id=token.id,
@@ -199,7 +197,7 @@ def decide_redeem(
     now = time.time() if now is None else now
     req = _parse_request(body)
     tid = req["token_id"]
-    rec = load_token_record(state_dir, tid) if is_token_id(tid) else None
+    rec = TOKENS.load(state_dir, tid) if is_token_id(tid) else None
     # Constant-time comparison, made even when the id is unknown.
     ok = hmac.compare_digest(secret_hash(req["secret"]), rec.secret_sha256 if rec else _DUMMY_HASH)
     if rec is None or not ok:
@@ -246,8 +244,8 @@ def decide_redeem(
         cert = sign_csr(identity.ca, csr, expected_site_id=site, lifetime=cert_lifetime)
     except PkiError as e:
         raise GrantRefused("bad_csr", str(e)) from None
-    write_token_record(state_dir, replace(rec, uses_left=rec.uses_left - 1))
-    write_peer(
+    TOKENS.write(state_dir, replace(rec, uses_left=rec.uses_left - 1))
+    PEERS.write(
         state_dir,
         PeerRecord(
             site=site,
@@ -275,12 +273,12 @@ def sign_renewal(
     lifetime: timedelta = LINK_CERT_LIFETIME,
 ) -> str:
     """Issuer side of renewal over a live link: a fresh client certificate for a current peer."""
-    peer = load_peer(state_dir, peer_site) if is_site_id(peer_site) else None
+    peer = PEERS.load(state_dir, peer_site) if is_site_id(peer_site) else None
     if peer is None:
         raise PkiError(f"site {peer_site!r} is not a peer (revoked?): its renewal is refused")
     cert = sign_csr(
         identity.ca, csr_from_pem(csr_pem), expected_site_id=peer_site, lifetime=lifetime
     )
-    write_peer(state_dir, replace(peer, cert_not_after=cert.not_valid_after_utc.timestamp()))
+    PEERS.write(state_dir, replace(peer, cert_not_after=cert.not_valid_after_utc.timestamp()))
     log.info("renewed the link certificate of site %s", peer_site)
     return cert_to_pem(cert).decode()

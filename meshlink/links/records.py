@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from meshlink.errors import ConfigError, MeshlinkError
 from meshlink.links.tokens import is_token_id
@@ -33,7 +33,7 @@ PEERS_DIR: Final = "peers"
 LINKS_DIR: Final = "links"
 RECORD_MODE: Final = 0o600
 
-T = TypeVar("T")
+R = TypeVar("R")
 
 
 class RecordNotFound(MeshlinkError):
@@ -44,38 +44,62 @@ def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    ensure_dir(path.parent)
-    atomic_write(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), RECORD_MODE)
+class RecordStore(Generic[R]):
+    """One kind of record: a JSON file per record in one directory of the state directory,
+    named by the record's key (checked by ``check_key``: a name can never leave it)."""
 
+    def __init__(
+        self,
+        directory: str,
+        parse: Callable[[dict[str, Any]], R],
+        dump: Callable[[R], dict[str, Any]],
+        key_of: Callable[[R], str],
+        check_key: Callable[[str], str],
+    ) -> None:
+        self.directory = directory
+        self._parse = parse
+        self._dump = dump
+        self._key_of = key_of
+        self._check_key = check_key
 
-def _read_json(path: Path, build: Callable[[dict[str, Any]], T]) -> T | None:
-    """The record in ``path``, or None if there is none. A damaged file is a clear error."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
-    try:
-        data = json.loads(raw)
-        if not isinstance(data, dict):
-            raise TypeError("not an object")
-        return build(data)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ConfigError(
-            f"damaged record ({e}); remove the file and redo the link", source=str(path)
-        ) from None
+    def path(self, state_dir: Path, key: str) -> Path:
+        return Path(state_dir) / self.directory / f"{self._check_key(key)}.json"
 
+    def write(self, state_dir: Path, rec: R) -> None:
+        path = self.path(state_dir, self._key_of(rec))
+        ensure_dir(path.parent)
+        data = json.dumps(self._dump(rec), indent=1, sort_keys=True) + "\n"
+        atomic_write(path, data.encode(), RECORD_MODE)
 
-def _list_json(directory: Path, build: Callable[[dict[str, Any]], T]) -> list[T]:
-    """Every record in ``directory``, by file name (one removed meanwhile is skipped)."""
-    out = []
-    for p in sorted(directory.glob("*.json")):
-        rec = _read_json(p, build)
-        if rec is not None:
-            out.append(rec)
-    return out
+    def load(self, state_dir: Path, key: str) -> R | None:
+        """The record, or None if there is none. A damaged file is a clear error."""
+        return self._read(self.path(state_dir, key))
+
+    def list(self, state_dir: Path) -> list[R]:
+        """Every record, by file name (one removed meanwhile is skipped)."""
+        out = []
+        for p in sorted((Path(state_dir) / self.directory).glob("*.json")):
+            rec = self._read(p)
+            if rec is not None:
+                out.append(rec)
+        return out
+
+    def _read(self, path: Path) -> R | None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
+        try:
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            return self._parse(data)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(
+                f"damaged record ({e}); remove the file and redo the link", source=str(path)
+            ) from None
 
 
 def check_name(name: str, what: str) -> str:
@@ -113,26 +137,17 @@ class TokenRecord:
         return rec
 
 
-def token_path(state_dir: Path, token_id: str) -> Path:
+def _token_id(token_id: str) -> str:
     if not is_token_id(token_id):
         raise ConfigError(f"{token_id!r} is not a token id (16 hex digits)")
-    return Path(state_dir) / TOKENS_DIR / f"{token_id}.json"
+    return token_id
 
 
-def write_token_record(state_dir: Path, rec: TokenRecord) -> None:
-    _write_json(token_path(state_dir, rec.id), asdict(rec))
-
-
-def load_token_record(state_dir: Path, token_id: str) -> TokenRecord | None:
-    return _read_json(token_path(state_dir, token_id), TokenRecord.from_json)
-
-
-def list_tokens(state_dir: Path) -> list[TokenRecord]:
-    return _list_json(Path(state_dir) / TOKENS_DIR, TokenRecord.from_json)
+TOKENS: Final = RecordStore(TOKENS_DIR, TokenRecord.from_json, asdict, lambda r: r.id, _token_id)
 
 
 def revoke_token(state_dir: Path, token_id: str) -> None:
-    path = token_path(state_dir, token_id)
+    path = TOKENS.path(state_dir, token_id)
     if not path.exists():
         raise RecordNotFound(f"no token {token_id}; `meshlink token list` shows the tokens")
     path.unlink()
@@ -142,9 +157,9 @@ def prune_tokens(state_dir: Path, *, now: float | None = None, keep: float = 864
     """Remove token records that expired more than ``keep`` seconds ago; return how many."""
     now = time.time() if now is None else now
     n = 0
-    for rec in list_tokens(state_dir):
+    for rec in TOKENS.list(state_dir):
         if rec.expires + keep < now:
-            token_path(state_dir, rec.id).unlink(missing_ok=True)
+            TOKENS.path(state_dir, rec.id).unlink(missing_ok=True)
             n += 1
     return n
 
@@ -174,29 +189,17 @@ class PeerRecord:
         )
 
 
-def peer_path(state_dir: Path, site: str) -> Path:
-    return Path(state_dir) / PEERS_DIR / f"{check_name(site, 'site id')}.json"
-
-
-def write_peer(state_dir: Path, rec: PeerRecord) -> None:
-    _write_json(peer_path(state_dir, rec.site), asdict(rec))
-
-
-def load_peer(state_dir: Path, site: str) -> PeerRecord | None:
-    return _read_json(peer_path(state_dir, site), PeerRecord.from_json)
-
-
-def list_peers(state_dir: Path) -> list[PeerRecord]:
-    return _list_json(Path(state_dir) / PEERS_DIR, PeerRecord.from_json)
+PEERS: Final = RecordStore(
+    PEERS_DIR, PeerRecord.from_json, asdict, lambda r: r.site, lambda k: check_name(k, "site id")
+)
 
 
 def revoke_peer(state_dir: Path, site: str) -> PeerRecord:
     """Forget a peer: its gateway is refused from now on (the gateway checks on every link)."""
-    path = peer_path(state_dir, site)
-    rec = _read_json(path, PeerRecord.from_json)
+    rec = PEERS.load(state_dir, site)
     if rec is None:
         raise RecordNotFound(f"no peer {site!r}; `meshlink peer list` shows the linked peers")
-    path.unlink(missing_ok=True)
+    PEERS.path(state_dir, site).unlink(missing_ok=True)
     log.info("peer %s revoked", site)
     return rec
 
@@ -244,37 +247,29 @@ class LinkRecord:
         return d
 
 
-def link_path(state_dir: Path, name: str) -> Path:
-    return Path(state_dir) / LINKS_DIR / f"{check_name(name, 'link name')}.json"
+LINKS: Final = RecordStore(
+    LINKS_DIR,
+    LinkRecord.from_json,
+    LinkRecord.to_json,
+    lambda r: r.name,
+    lambda k: check_name(k, "link name"),
+)
 
 
 def link_cert_path(state_dir: Path, name: str) -> Path:
     return Path(state_dir) / LINKS_DIR / f"{check_name(name, 'link name')}.crt"
 
 
-def write_link(state_dir: Path, rec: LinkRecord) -> None:
-    _write_json(link_path(state_dir, rec.name), rec.to_json())
-
-
-def load_link(state_dir: Path, name: str) -> LinkRecord | None:
-    return _read_json(link_path(state_dir, name), LinkRecord.from_json)
-
-
-def list_links(state_dir: Path) -> list[LinkRecord]:
-    return _list_json(Path(state_dir) / LINKS_DIR, LinkRecord.from_json)
-
-
 def find_link_to(state_dir: Path, site: str) -> LinkRecord | None:
-    return next((r for r in list_links(state_dir) if r.peer_site == site), None)
+    return next((r for r in LINKS.list(state_dir) if r.peer_site == site), None)
 
 
 def delete_link(state_dir: Path, name: str) -> LinkRecord:
     """Forget a link: remove its record and its client certificate."""
-    path = link_path(state_dir, name)
-    rec = _read_json(path, LinkRecord.from_json)
+    rec = LINKS.load(state_dir, name)
     if rec is None:
         raise RecordNotFound(f"no link named {name!r}; `meshlink link list` shows the links")
-    path.unlink(missing_ok=True)
+    LINKS.path(state_dir, name).unlink(missing_ok=True)
     link_cert_path(state_dir, name).unlink(missing_ok=True)
     log.info("link %s to site %s deleted", name, rec.peer_site)
     return rec

@@ -31,13 +31,12 @@ from meshlink.links.certcheck import check_link_cert
 from meshlink.links.grant import REDEEM_PATH
 from meshlink.links.issuer import REFUSALS, _ts
 from meshlink.links.records import (
+    LINKS,
     LinkRecord,
     check_name,
     find_link_to,
     is_peer_allowed,
     link_cert_path,
-    load_link,
-    write_link,
 )
 from meshlink.links.tokens import decode_token, split_hostport
 from meshlink.pki import (
@@ -70,7 +69,7 @@ def _local_checks(identity: SiteIdentity, state_dir: Path, site: str, name: str)
             f"this token was issued by this very site ({site}): run `meshlink link create` "
             "on the other site"
         )
-    existing = load_link(state_dir, name)
+    existing = LINKS.load(state_dir, name)
     if existing is not None:
         raise SiteIdClash(
             f"a link named {name!r} already exists (to site {existing.peer_site}): "
@@ -219,6 +218,6 @@ def _accept(
         cert_path=str(cert_path),
         created=time.time(),
     )
-    write_link(state_dir, rec)
+    LINKS.write(state_dir, rec)
     log.info("linked to site %s as %r (endpoints %s)", site, name, ", ".join(endpoints))
     return rec

@@ -25,11 +25,11 @@ from meshlink.errors import CatalogError
 from meshlink.links.certcheck import check_link_cert
 from meshlink.links.issuer import sign_renewal
 from meshlink.links.records import (
+    LINKS,
     LinkRecord,
     RecordNotFound,
     find_link_to,
     link_cert_path,
-    load_link,
 )
 from meshlink.pki import (
     LINK_CERT_LIFETIME,
@@ -72,7 +72,7 @@ def store_renewed_cert(
     identity: SiteIdentity, state_dir: Path, name: str, cert_pem: str
 ) -> x509.Certificate:
     """Check a renewed certificate (our site, our key, the peer's CA, valid now) and store it."""
-    rec = load_link(state_dir, name)
+    rec = LINKS.load(state_dir, name)
     if rec is None:
         raise RecordNotFound(f"no link named {name!r} to store a renewed certificate for")
     cert = cert_from_pem(cert_pem, "the renewed link certificate")

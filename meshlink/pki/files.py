@@ -10,13 +10,17 @@ from __future__ import annotations
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshlink.errors import PkiError
+
+T = TypeVar("T")
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
@@ -119,12 +123,7 @@ def write_cert(path: Path, *certs: x509.Certificate) -> None:
 def check_key_file(path: Path) -> None:
     """Refuse a key file that is missing, not a regular file, or open to group/others."""
     path = Path(path)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise PkiError(f"private key {path} does not exist") from None
-    except OSError as e:
-        raise PkiError(f"cannot read private key {path}: {e.strerror}") from None
+    st = _read(path, "private key", Path.stat)
     if not stat.S_ISREG(st.st_mode):
         raise PkiError(f"private key {path} is not a regular file")
     if st.st_mode & 0o077:
@@ -153,10 +152,14 @@ def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def load_cert(path: Path) -> x509.Certificate:
     path = Path(path)
+    return cert_from_pem(_read(path, "certificate", Path.read_bytes), what=str(path))
+
+
+def _read(path: Path, what: str, op: Callable[[Path], T]) -> T:
+    """``op(path)``, its OSError one PkiError line naming ``what`` and the path."""
     try:
-        data = path.read_bytes()
+        return op(path)
     except FileNotFoundError:
-        raise PkiError(f"certificate {path} does not exist") from None
+        raise PkiError(f"{what} {path} does not exist") from None
     except OSError as e:
-        raise PkiError(f"cannot read certificate {path}: {e.strerror}") from None
-    return cert_from_pem(data, what=str(path))
+        raise PkiError(f"cannot read {what} {path}: {e.strerror}") from None

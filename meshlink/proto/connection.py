@@ -16,21 +16,8 @@ import os
 from typing import Final
 
 from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from meshlink.proto import events as E
 from meshlink.proto import frames as F
-from meshlink.proto.events import (
-    ControlReceived,
-    DataReceived,
-    Event,
-    GoAwayReceived,
-    HelloReceived,
-    PingReceived,
-    PongReceived,
-    StreamAccepted,
-    StreamEnded,
-    StreamOpened,
-    StreamReset,
-    WindowUpdated,
-)
 from meshlink.proto.state import Action, StreamState, next_state
 from meshlink.proto.target import FlowTarget
 from meshlink.proto.windows import FlowWindow
@@ -284,7 +271,7 @@ class Connection:
         self._queue(F.FrameType.GOAWAY, 0, F.encode_goaway(code, text))
 
     # ------------------------------------------------------------------ input
-    def receive_data(self, data: bytes | bytearray | memoryview) -> list[Event]:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[E.Event]:
         """Feed bytes read from the transport; returns what the peer did.
 
         Raises RemoteProtocolError (with a wire code) when the peer broke the protocol;
@@ -293,7 +280,7 @@ class Connection:
             raise self._error
         if type(data) is not bytes:
             data = bytes(data)
-        events: list[Event] = []
+        events: list[E.Event] = []
         try:
             self._parse(data, events)
         except RemoteProtocolError as exc:
@@ -304,7 +291,7 @@ class Connection:
             raise
         return events
 
-    def _parse(self, data: bytes, events: list[Event]) -> None:
+    def _parse(self, data: bytes, events: list[E.Event]) -> None:
         view = memoryview(data)
         pos = 0
         end = len(data)
@@ -313,7 +300,7 @@ class Connection:
             if left:  # inside a DATA payload: hand it out as it arrives
                 take = min(left, end - pos)
                 if self._data_stream:
-                    events.append(DataReceived(self._data_stream, view[pos : pos + take]))
+                    events.append(E.DataReceived(self._data_stream, view[pos : pos + take]))
                 pos += take
                 self._data_left = left - take
                 continue
@@ -392,7 +379,7 @@ class Connection:
             self._forget(sid)
         return st
 
-    def _handle(self, ftype: int, sid: int, payload: bytes, events: list[Event]) -> None:
+    def _handle(self, ftype: int, sid: int, payload: bytes, events: list[E.Event]) -> None:
         T = F.FrameType
         if self.peer_version is None:  # _parse let only a HELLO through
             if sid != 0:
@@ -409,7 +396,7 @@ class Connection:
             self.peer_max_frame = max_frame
             self.peer_window = window
             self.peer_max_streams = max_streams
-            events.append(HelloReceived(version, max_frame, window, max_streams))
+            events.append(E.HelloReceived(version, max_frame, window, max_streams))
             return
         if ftype in F.CONNECTION_FRAMES:
             if sid != 0:
@@ -424,11 +411,11 @@ class Connection:
             if payload:
                 raise RemoteProtocolError("FIN frame with a payload", ErrorCode.FRAME_SIZE_ERROR)
             if self._remote_stream(sid, Action.RECV_FIN) is not None:
-                events.append(StreamEnded(sid))
+                events.append(E.StreamEnded(sid))
         elif ftype == T.RST:
             code, text = F.decode_rst(payload)
             if self._remote_stream(sid, Action.RECV_RST) is not None:
-                events.append(StreamReset(sid, code, text))
+                events.append(E.StreamReset(sid, code, text))
         elif ftype == T.WINDOW:
             inc = F.decode_u32(payload, "WINDOW")
             st = self._streams.get(sid)
@@ -436,7 +423,7 @@ class Connection:
                 self._remote_stream(sid, Action.RECV_DATA)  # raises for never-opened ids
                 return
             st.window.grant(inc)
-            events.append(WindowUpdated(sid, inc))
+            events.append(E.WindowUpdated(sid, inc))
         elif ftype == T.ACCEPT:
             if payload:
                 raise RemoteProtocolError("ACCEPT frame with a payload", ErrorCode.FRAME_SIZE_ERROR)
@@ -447,7 +434,7 @@ class Connection:
             if not st.local or st.accepted:
                 raise RemoteProtocolError(f"unexpected ACCEPT for stream {sid}")
             st.accepted = True
-            events.append(StreamAccepted(sid))
+            events.append(E.StreamAccepted(sid))
         elif ftype == T.PING:
             if len(payload) != 8:
                 raise RemoteProtocolError(
@@ -455,25 +442,25 @@ class Connection:
                 )
             if not self._goaway_sent:
                 self._queue(T.PONG, 0, payload)
-            events.append(PingReceived(payload))
+            events.append(E.PingReceived(payload))
         elif ftype == T.PONG:
             if len(payload) != 8:
                 raise RemoteProtocolError(
                     "PONG payload must be 8 bytes", ErrorCode.FRAME_SIZE_ERROR
                 )
-            events.append(PongReceived(payload))
+            events.append(E.PongReceived(payload))
         elif ftype == T.CONTROL:
-            events.append(ControlReceived(payload))
+            events.append(E.ControlReceived(payload))
         elif ftype == T.GOAWAY:
             code, text = F.decode_goaway(payload)
             self.goaway_received = True
-            events.append(GoAwayReceived(code, text))
+            events.append(E.GoAwayReceived(code, text))
         elif ftype == T.HELLO:
             raise RemoteProtocolError("second HELLO")
         else:
             raise RemoteProtocolError(f"unknown frame type {ftype}")
 
-    def _on_open(self, sid: int, payload: bytes, events: list[Event]) -> None:
+    def _on_open(self, sid: int, payload: bytes, events: list[E.Event]) -> None:
         if (sid % 2 == 1) == self.initiator:
             raise RemoteProtocolError(f"peer opened stream {sid}, an id of this side's parity")
         if sid <= self._last_remote:
@@ -497,4 +484,4 @@ class Connection:
             local=False,
         )
         self._opened_there += 1
-        events.append(StreamOpened(sid, target, hops))
+        events.append(E.StreamOpened(sid, target, hops))

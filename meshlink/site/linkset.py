@@ -55,7 +55,7 @@ class LinkSet:
     def poll(self) -> None:
         """Follow the records (a periodic job); a damaged record is one log line."""
         try:
-            self.records = links.list_links(self._state_dir)
+            self.records = links.LINKS.list(self._state_dir)
             self._gateway.set_dials([self._dial(rec) for rec in self.records])
             dialled = {r.peer_site for r in self.records}
             for peer in self._peers():

@@ -21,8 +21,8 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from meshlink.catalog.records import Endpoint, Port, ServiceType
-from meshlink.catalog.view import ClusterEndpoints, ImportedService
+from meshlink.catalog.records import Endpoint, Port
+from meshlink.catalog.view import ImportedService
 from meshlink.dns.run import serve_file, start_server
 from meshlink.dns.server import DnsServer
 from meshlink.dns.snapshot import (
@@ -32,6 +32,7 @@ from meshlink.dns.snapshot import (
     build_snapshot,
 )
 from meshlink.errors import ConfigError
+from tests.dnsview import clusterset_ip, headless
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,35 +43,20 @@ HOST = "127.0.0.1"
 def services(web_ip: str = "10.0.0.1") -> list[ImportedService]:
     many = tuple(Endpoint((f"10.3.0.{i}", f"fd00:3::{i:x}"), f"pod-{i}") for i in range(1, 121))
     return [
-        ImportedService(
-            "default",
+        clusterset_ip(
             "web",
-            ServiceType.CLUSTERSET_IP,
             (web_ip, "fd00::1"),
             (Port(80, "TCP", "http"), Port(42, "TCP", "x"), Port(42, "UDP", "y")),
-            (ClusterEndpoints("east"),),
         ),
-        ImportedService(
-            "default",
+        headless(
             "db",
-            ServiceType.HEADLESS,
-            (),
             (Port(5432, "TCP", "pg"),),
-            (
-                ClusterEndpoints(
-                    "east", (Endpoint(("10.1.2.3",)), Endpoint(("10.1.2.4",), "db-1"))
-                ),
-                ClusterEndpoints("west", (Endpoint(("fd00::7",)),)),
-            ),
+            {
+                "east": (Endpoint(("10.1.2.3",)), Endpoint(("10.1.2.4",), "db-1")),
+                "west": (Endpoint(("fd00::7",)),),
+            },
         ),
-        ImportedService(
-            "big",
-            "many",
-            ServiceType.HEADLESS,
-            (),
-            (Port(80, "TCP", "http"),),
-            (ClusterEndpoints("c1", many),),
-        ),
+        headless("many", (Port(80, "TCP", "http"),), {"c1": many}, namespace="big"),
     ]
 
 

@@ -107,8 +107,8 @@ async def test_redeem_success(
     assert rec.name == "site-a"
     assert rec.peer_site == "site-a"
     assert rec.endpoints == tuple(GATEWAY_EPS)
-    assert links.list_links(b.state_dir) == [rec]
-    assert links.load_link(b.state_dir, "site-a") == rec
+    assert links.LINKS.list(b.state_dir) == [rec]
+    assert links.LINKS.load(b.state_dir, "site-a") == rec
     assert stat.S_IMODE((b.state_dir / "links" / "site-a.json").stat().st_mode) == 0o600
     cert = pki.load_cert(Path(rec.cert_path))
     assert pki.site_id_of(cert) == "site-b"
@@ -119,7 +119,7 @@ async def test_redeem_success(
     assert timedelta(hours=23) < life <= timedelta(hours=24)
 
     # the issuer's side
-    peers = links.list_peers(issuer.identity.state_dir)
+    peers = links.PEERS.list(issuer.identity.state_dir)
     assert [p.site for p in peers] == ["site-b"]
     assert peers[0].ca_pem == b.ca_pem.decode()
     assert peers[0].token_id == links.decode_token(token).id
@@ -143,7 +143,7 @@ async def test_used_up(issuer: Issuer, tmp_path: Path) -> None:
     await links.redeem(b, b.state_dir, token)
     with pytest.raises(TokenUsedUp, match=r"site site-a refused the token: .*already used"):
         await links.redeem(c, c.state_dir, token)
-    assert links.list_links(c.state_dir) == []
+    assert links.LINKS.list(c.state_dir) == []
     assert not links.is_peer_allowed(issuer.identity.state_dir, "site-c")
 
 
@@ -155,7 +155,7 @@ async def test_multi_use_token(issuer: Issuer, tmp_path: Path) -> None:
     d = site(tmp_path, "site-d")
     with pytest.raises(TokenUsedUp):
         await links.redeem(d, d.state_dir, token)
-    assert [p.site for p in links.list_peers(issuer.identity.state_dir)] == ["site-b", "site-c"]
+    assert [p.site for p in links.PEERS.list(issuer.identity.state_dir)] == ["site-b", "site-c"]
 
 
 async def test_concurrent_redemptions_use_a_token_once(issuer: Issuer, tmp_path: Path) -> None:
@@ -168,7 +168,7 @@ async def test_concurrent_redemptions_use_a_token_once(issuer: Issuer, tmp_path:
     used = [r for r in results if isinstance(r, TokenUsedUp)]
     assert len(ok) == 1
     assert len(used) == 4
-    assert len(links.list_peers(issuer.identity.state_dir)) == 1
+    assert len(links.PEERS.list(issuer.identity.state_dir)) == 1
 
 
 async def test_expired_at_issuer(issuer: Issuer, tmp_path: Path) -> None:
@@ -177,7 +177,7 @@ async def test_expired_at_issuer(issuer: Issuer, tmp_path: Path) -> None:
     b = site(tmp_path, "site-b")
     with pytest.raises(TokenExpired, match="site site-a refused the token: the token expired at"):
         await links.redeem(b, b.state_dir, token)
-    assert links.list_links(b.state_dir) == []
+    assert links.LINKS.list(b.state_dir) == []
 
 
 async def test_expired_locally_never_connects(issuer: Issuer, tmp_path: Path) -> None:
@@ -239,7 +239,7 @@ async def test_site_id_clash_at_issuer(issuer: Issuer, tmp_path: Path) -> None:
     twin = site(tmp_path, "site-b", folder="twin-b")
     with pytest.raises(SiteIdClash, match="a site with id 'site-b' is already linked to site-a"):
         await links.redeem(twin, twin.state_dir, token)
-    rec = links.load_token_record(issuer.identity.state_dir, links.decode_token(token).id)
+    rec = links.TOKENS.load(issuer.identity.state_dir, links.decode_token(token).id)
     assert rec is not None
     assert rec.uses_left == 1  # a refusal consumes no use
 

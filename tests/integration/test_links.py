@@ -334,7 +334,7 @@ async def test_commands(tmp_path: Path) -> None:
     )
     assert len(links.cmd_peer_list(a).splitlines()) == 1
     assert links.cmd_link_delete(b, "to-a") == "link to-a to site site-a deleted"
-    assert links.list_links(b.state_dir) == []
+    assert links.LINKS.list(b.state_dir) == []
     assert not (b.state_dir / "links" / "to-a.crt").exists()
     with pytest.raises(links.RecordNotFound, match="no link named 'to-a'"):
         links.cmd_link_delete(b, "to-a")

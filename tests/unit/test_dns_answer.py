@@ -22,16 +22,15 @@ from meshlink.dns.snapshot import (
     build_snapshot,
     dashed_ip,
 )
+from tests.dnsview import clusterset_ip, headless
 
 Z = "clusterset.local"
 
 
 def services() -> list[ImportedService]:
     return [
-        ImportedService(
-            "default",
+        clusterset_ip(
             "web",
-            ServiceType.CLUSTERSET_IP,
             ("10.0.0.1", "fd00::1"),
             (
                 Port(80, "TCP", "http"),
@@ -39,41 +38,25 @@ def services() -> list[ImportedService]:
                 Port(42, "UDP", "y"),
                 Port(8080, "TCP"),
             ),
-            (ClusterEndpoints("east"), ClusterEndpoints("west")),
+            ("east", "west"),
         ),
-        ImportedService(
-            "default",
-            "v4only",
-            ServiceType.CLUSTERSET_IP,
-            ("10.0.0.2",),
-            (Port(80),),
-            (ClusterEndpoints("east"),),
-        ),
-        ImportedService(
-            "default",
+        clusterset_ip("v4only", ("10.0.0.2",), (Port(80),)),
+        headless(
             "db",
-            ServiceType.HEADLESS,
-            (),
             (Port(5432, "TCP", "pg"),),
-            (
-                ClusterEndpoints(
-                    "east",
-                    (
-                        Endpoint(("10.1.2.3",)),
-                        Endpoint(("10.1.2.4", "fd00::4"), "db-1"),
-                        Endpoint(("10.1.2.5",), "db-2", ready=False),
-                    ),
+            {
+                "east": (
+                    Endpoint(("10.1.2.3",)),
+                    Endpoint(("10.1.2.4", "fd00::4"), "db-1"),
+                    Endpoint(("10.1.2.5",), "db-2", ready=False),
                 ),
-                ClusterEndpoints("west", (Endpoint(("fd00::1",)),)),
-            ),
+                "west": (Endpoint(("fd00::1",)),),
+            },
         ),
-        ImportedService(
-            "default",
+        headless(
             "empty",
-            ServiceType.HEADLESS,
-            (),
             (Port(80, "TCP", "http"),),
-            (ClusterEndpoints("east", (Endpoint(("10.1.2.9",), "e-0", ready=False),)),),
+            {"east": (Endpoint(("10.1.2.9",), "e-0", ready=False),)},
         ),
     ]
 

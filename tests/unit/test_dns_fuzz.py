@@ -7,32 +7,20 @@ from dnslib import EDNS0, DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshlink.catalog.records import Endpoint, Port, ServiceType
-from meshlink.catalog.view import ClusterEndpoints, ImportedService
+from meshlink.catalog.records import Endpoint, Port
 from meshlink.dns.answer import answer, compute
 from meshlink.dns.snapshot import build_snapshot
+from tests.dnsview import clusterset_ip, headless
 
 SNAP = build_snapshot(
     [
-        ImportedService(
-            "default",
-            "web",
-            ServiceType.CLUSTERSET_IP,
-            ("10.0.0.1", "fd00::1"),
-            (Port(80, "TCP", "http"), Port(53, "UDP", "dns")),
-            (ClusterEndpoints("east"),),
+        clusterset_ip(
+            "web", ("10.0.0.1", "fd00::1"), (Port(80, "TCP", "http"), Port(53, "UDP", "dns"))
         ),
-        ImportedService(
-            "default",
+        headless(
             "db",
-            ServiceType.HEADLESS,
-            (),
             (Port(5432, "TCP", "pg"),),
-            (
-                ClusterEndpoints(
-                    "east", tuple(Endpoint((f"10.1.0.{i}",), f"db-{i}") for i in range(1, 40))
-                ),
-            ),
+            {"east": (Endpoint((f"10.1.0.{i}",), f"db-{i}") for i in range(1, 40))},
         ),
     ]
 )

@@ -14,7 +14,7 @@ from cryptography import x509
 from meshlink import links, pki
 from meshlink.errors import PkiError, TokenError
 from meshlink.links.certcheck import check_link_cert
-from meshlink.links.records import write_link
+from meshlink.links.records import LINKS
 from meshlink.links.redeem import _accept
 
 DAY = timedelta(days=1)
@@ -96,7 +96,7 @@ def test_redeem_answer_refused_with_the_shared_message(
     }
     with pytest.raises(TokenError, match=f"^site site-a's grant answer is unusable: {message}"):
         _accept(b, b.state_dir, "site-a", "site-a", a.pin, answer)
-    assert links.list_links(b.state_dir) == []
+    assert links.LINKS.list(b.state_dir) == []
     assert not links.link_cert_path(b.state_dir, "site-a").exists()
 
 
@@ -110,7 +110,7 @@ def test_renewal_refused_with_the_shared_message(
     pki.ensure_dir(cert_path.parent)
     current = good_cert(a, b)
     pki.write_cert(cert_path, current)
-    write_link(
+    LINKS.write(
         b.state_dir,
         links.LinkRecord(
             name="site-a",

@@ -7,43 +7,28 @@ import struct
 import pytest
 
 from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
-from meshlink.proto import (
-    Connection,
-    ControlReceived,
-    DataReceived,
-    Event,
-    FlowTarget,
-    GoAwayReceived,
-    HelloReceived,
-    PingReceived,
-    PongReceived,
-    StreamAccepted,
-    StreamEnded,
-    StreamOpened,
-    StreamReset,
-    StreamState,
-    WindowUpdated,
-)
+from meshlink.proto import Connection, FlowTarget, StreamState
+from meshlink.proto import events as E
 from meshlink.proto import frames as F
 
 TARGET = FlowTarget(site="site-a", namespace="default", name="web", port=80)
 
 
-def pump(src: Connection, dst: Connection) -> list[Event]:
+def pump(src: Connection, dst: Connection) -> list[E.Event]:
     return dst.receive_data(src.bytes_to_send())
 
 
 def pair(**kw: int) -> tuple[Connection, Connection]:
     a = Connection(initiator=True, **kw)
     b = Connection(initiator=False, **kw)
-    assert isinstance(pump(a, b)[0], HelloReceived)
-    assert isinstance(pump(b, a)[0], HelloReceived)
+    assert isinstance(pump(a, b)[0], E.HelloReceived)
+    assert isinstance(pump(b, a)[0], E.HelloReceived)
     return a, b
 
 
-def data_of(events: list[Event], sid: int) -> bytes:
+def data_of(events: list[E.Event], sid: int) -> bytes:
     return b"".join(
-        bytes(e.data) for e in events if isinstance(e, DataReceived) and e.stream_id == sid
+        bytes(e.data) for e in events if isinstance(e, E.DataReceived) and e.stream_id == sid
     )
 
 
@@ -51,7 +36,7 @@ def test_hello_exchange_reports_peer_limits() -> None:
     a = Connection(initiator=True, max_frame=32768, initial_window=5000, max_streams=7)
     b = Connection(initiator=False)
     (ev,) = pump(a, b)
-    assert ev == HelloReceived(version=1, max_frame=32768, initial_window=5000, max_streams=7)
+    assert ev == E.HelloReceived(version=1, max_frame=32768, initial_window=5000, max_streams=7)
     assert b.peer_max_streams == 7
     assert b.ready
     assert not a.ready
@@ -65,22 +50,22 @@ def test_stream_open_accept_data_both_ways_and_half_close() -> None:
     assert sid % 2 == 1
     a.send_data(sid, b"hello")
     evs = pump(a, b)
-    assert evs[0] == StreamOpened(sid, TARGET, 2)
+    assert evs[0] == E.StreamOpened(sid, TARGET, 2)
     assert data_of(evs, sid) == b"hello"
     b.accept_stream(sid)
     b.send_data(sid, b"world")
     b.send_eof(sid)
     evs = pump(b, a)
-    assert evs[0] == StreamAccepted(sid)
+    assert evs[0] == E.StreamAccepted(sid)
     assert data_of(evs, sid) == b"world"
-    assert evs[-1] == StreamEnded(sid)
+    assert evs[-1] == E.StreamEnded(sid)
     assert a.stream_state(sid) is StreamState.REMOTE_CLOSED
     # a may still send after b's FIN (half-close), then closes its side
     a.send_data(sid, b"more")
     a.send_eof(sid)
     evs = pump(a, b)
     assert data_of(evs, sid) == b"more"
-    assert evs[-1] == StreamEnded(sid)
+    assert evs[-1] == E.StreamEnded(sid)
     assert a.open_streams == 0
     assert b.open_streams == 0
     with pytest.raises(LocalProtocolError):
@@ -94,8 +79,8 @@ def test_both_sides_open_with_distinct_parity() -> None:
     s3 = a.open_stream(TARGET)
     assert (s1 % 2, s2 % 2, s3 % 2) == (1, 0, 1)
     assert s3 > s1
-    assert [e.stream_id for e in pump(a, b) if isinstance(e, StreamOpened)] == [s1, s3]
-    assert [e.stream_id for e in pump(b, a) if isinstance(e, StreamOpened)] == [s2]
+    assert [e.stream_id for e in pump(a, b) if isinstance(e, E.StreamOpened)] == [s1, s3]
+    assert [e.stream_id for e in pump(b, a) if isinstance(e, E.StreamOpened)] == [s2]
 
 
 def test_send_after_fin_and_data_after_peer_fin_are_errors() -> None:
@@ -120,7 +105,7 @@ def test_reset_both_ways_and_late_frames_are_ignored() -> None:
     # data a sent before seeing the reset is ignored by b, not an error
     a.send_data(sid, b"in flight")
     in_flight = a.bytes_to_send()
-    assert pump(b, a) == [StreamReset(sid, ErrorCode.NO_ROUTE)]
+    assert pump(b, a) == [E.StreamReset(sid, ErrorCode.NO_ROUTE)]
     assert b.receive_data(in_flight) == []
     assert a.open_streams == 0
     a.reset_stream(sid)  # resetting a closed stream is a no-op
@@ -129,7 +114,7 @@ def test_reset_both_ways_and_late_frames_are_ignored() -> None:
     s2 = b.open_stream(TARGET)
     pump(b, a)
     a.reset_stream(s2, ErrorCode.CONNECT_ERROR, "connection refused")
-    assert pump(a, b) == [StreamReset(s2, ErrorCode.CONNECT_ERROR, "connection refused")]
+    assert pump(a, b) == [E.StreamReset(s2, ErrorCode.CONNECT_ERROR, "connection refused")]
 
 
 def test_flow_control_credit_is_never_exceeded() -> None:
@@ -141,10 +126,10 @@ def test_flow_control_credit_is_never_exceeded() -> None:
     with pytest.raises(LocalProtocolError):
         a.send_data(sid, b"y")
     evs = pump(a, b)
-    got = sum(len(e.data) for e in evs if isinstance(e, DataReceived))
+    got = sum(len(e.data) for e in evs if isinstance(e, E.DataReceived))
     assert got == 16384
     b.acknowledge_received(sid, 1000)  # the sender is stalled: credit goes back at once
-    assert pump(b, a) == [WindowUpdated(sid, 1000)]
+    assert pump(b, a) == [E.WindowUpdated(sid, 1000)]
     assert a.send_window(sid) == 1000
     with pytest.raises(LocalProtocolError):
         b.acknowledge_received(sid, 20000)  # more than was ever received
@@ -158,7 +143,7 @@ def test_window_updates_are_batched_to_a_quarter_window() -> None:
     b.acknowledge_received(sid, 1000)  # below a quarter window: no WINDOW yet
     assert b.bytes_to_send() == b""
     b.acknowledge_received(sid, 4000)
-    assert pump(b, a) == [WindowUpdated(sid, 5000)]
+    assert pump(b, a) == [E.WindowUpdated(sid, 5000)]
     assert a.send_window(sid) == 16384 - 8000 + 5000
 
 
@@ -171,7 +156,7 @@ def test_peer_exceeding_credit_is_a_flow_control_error() -> None:
     assert err.value.code == ErrorCode.FLOW_CONTROL_ERROR
     # the connection queued a GOAWAY with the code and stays failed
     evs = a.receive_data(b.bytes_to_send())
-    assert isinstance(evs[-1], GoAwayReceived)
+    assert isinstance(evs[-1], E.GoAwayReceived)
     assert evs[-1].code == ErrorCode.FLOW_CONTROL_ERROR
     with pytest.raises(RemoteProtocolError):
         b.receive_data(b"")
@@ -205,8 +190,8 @@ def test_ping_pong_echoes_payload() -> None:
     a, b = pair()
     token = a.ping()
     assert len(token) == 8
-    assert pump(a, b) == [PingReceived(token)]
-    assert pump(b, a) == [PongReceived(token)]
+    assert pump(a, b) == [E.PingReceived(token)]
+    assert pump(b, a) == [E.PongReceived(token)]
     assert a.ping(b"12345678") == b"12345678"
     with pytest.raises(LocalProtocolError):
         a.ping(b"short")
@@ -215,7 +200,7 @@ def test_ping_pong_echoes_payload() -> None:
 def test_control_messages_and_size_bound() -> None:
     a, b = pair()
     a.send_control(b'{"snapshot": []}')
-    assert pump(a, b) == [ControlReceived(b'{"snapshot": []}')]
+    assert pump(a, b) == [E.ControlReceived(b'{"snapshot": []}')]
     with pytest.raises(LocalProtocolError):
         a.send_control(b"x" * (F.MAX_CONTROL + 1))
 
@@ -223,7 +208,7 @@ def test_control_messages_and_size_bound() -> None:
 def test_goaway_and_no_streams_after_it() -> None:
     a, b = pair()
     a.go_away(ErrorCode.NOT_AUTHORIZED, "site x is not linked")
-    assert pump(a, b) == [GoAwayReceived(ErrorCode.NOT_AUTHORIZED, "site x is not linked")]
+    assert pump(a, b) == [E.GoAwayReceived(ErrorCode.NOT_AUTHORIZED, "site x is not linked")]
     assert a.closed
     assert b.closed
     with pytest.raises(LocalProtocolError):
@@ -237,8 +222,10 @@ def test_unsupported_version_answers_goaway() -> None:
         pump(future, b)
     assert err.value.code == ErrorCode.UNSUPPORTED_VERSION
     evs = future.receive_data(b.bytes_to_send())
-    assert evs[0] == HelloReceived(1, F.DEFAULT_MAX_FRAME, F.DEFAULT_WINDOW, F.DEFAULT_MAX_STREAMS)
-    assert isinstance(evs[1], GoAwayReceived)
+    assert evs[0] == E.HelloReceived(
+        1, F.DEFAULT_MAX_FRAME, F.DEFAULT_WINDOW, F.DEFAULT_MAX_STREAMS
+    )
+    assert isinstance(evs[1], E.GoAwayReceived)
     assert evs[1].code == ErrorCode.UNSUPPORTED_VERSION
     assert "speaks 1" in evs[1].text
 
@@ -300,10 +287,10 @@ def test_stream_limit_refuses_with_rst() -> None:
     s2 = a.open_stream(TARGET)
     a.send_data(s2, b"optimistic")
     evs = pump(a, b)
-    assert [e for e in evs if isinstance(e, StreamOpened)] == [StreamOpened(s1, TARGET, 0)]
+    assert [e for e in evs if isinstance(e, E.StreamOpened)] == [E.StreamOpened(s1, TARGET, 0)]
     assert data_of(evs, s2) == b""
     assert pump(b, a) == [
-        StreamReset(s2, ErrorCode.REFUSED_STREAM, "more than 1 open streams on this link")
+        E.StreamReset(s2, ErrorCode.REFUSED_STREAM, "more than 1 open streams on this link")
     ]
     assert b.open_streams == 1
 
@@ -321,7 +308,7 @@ def test_stream_limit_is_announced_and_kept_by_the_opener() -> None:
         a.open_stream(TARGET)
     assert err.value.code == ErrorCode.REFUSED_STREAM
     evs = pump(a, b)
-    assert [e.stream_id for e in evs if isinstance(e, StreamOpened)] == [s1, s2]
+    assert [e.stream_id for e in evs if isinstance(e, E.StreamOpened)] == [s1, s2]
     # A reset frees its slot at once; a half-closed stream holds it until both FINs.
     a.reset_stream(s1)
     assert a.can_open_stream
@@ -329,20 +316,20 @@ def test_stream_limit_is_announced_and_kept_by_the_opener() -> None:
     a.send_eof(s2)
     assert not a.can_open_stream
     evs = pump(a, b)
-    assert StreamOpened(s3, TARGET, 0) in evs  # b forgot s1 before s3's OPEN arrived
+    assert E.StreamOpened(s3, TARGET, 0) in evs  # b forgot s1 before s3's OPEN arrived
     b.send_eof(s2)
     pump(b, a)
     assert a.stream_state(s2) is StreamState.CLOSED
     assert a.can_open_stream
     s4 = a.open_stream(TARGET)
-    assert StreamOpened(s4, TARGET, 0) in pump(a, b)
+    assert E.StreamOpened(s4, TARGET, 0) in pump(a, b)
     assert b.open_streams == 2
 
 
 def test_hello_without_a_stream_limit_means_none() -> None:
     a = Connection(initiator=True)
     (ev,) = a.receive_data(_v1_hello_without_limit())
-    assert isinstance(ev, HelloReceived)
+    assert isinstance(ev, E.HelloReceived)
     assert a.peer_max_streams == F.NO_STREAM_LIMIT
 
 
@@ -359,7 +346,7 @@ def test_hello_on_a_stream_is_a_protocol_error(sid: int) -> None:
     out = b.bytes_to_send()
     peer = Connection(initiator=True)
     evs = peer.receive_data(out)
-    assert isinstance(evs[-1], GoAwayReceived)
+    assert isinstance(evs[-1], E.GoAwayReceived)
     assert evs[-1].code == ErrorCode.PROTOCOL_ERROR
 
 

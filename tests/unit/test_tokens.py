@@ -175,7 +175,7 @@ def test_create_token_stores_only_hash(issuer: pki.SiteIdentity) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     content = path.read_text()
     assert tok.secret not in content
-    rec = links.load_token_record(issuer.state_dir, tok.id)
+    rec = links.TOKENS.load(issuer.state_dir, tok.id)
     assert rec is not None
     assert rec.secret_sha256 == secret_hash(tok.secret)
     assert (rec.uses, rec.uses_left, rec.expires) == (2, 2, tok.exp)
@@ -249,7 +249,7 @@ def test_decide_unknown_and_wrong_secret_look_the_same(
     assert unknown.value.code == wrong.value.code == wrong_late.value.code == "unknown_token"
     assert str(unknown.value) == str(wrong.value) == str(wrong_late.value)
     assert tok.secret not in str(wrong.value)
-    rec = links.load_token_record(issuer.state_dir, tok.id)
+    rec = links.TOKENS.load(issuer.state_dir, tok.id)
     assert rec is not None
     assert rec.uses_left == 1  # refusals consume nothing
 
@@ -280,7 +280,7 @@ def test_decide_bad_csr_consumes_nothing(issuer: pki.SiteIdentity, tmp_path: Pat
     body = request_for(b, tok) | {"ca_pem": issuer.ca_pem.decode()}  # a CA not of site-b
     with pytest.raises(GrantRefused, match="not a meshlink CA for site 'site-b'"):
         decide(issuer, body)
-    rec = links.load_token_record(issuer.state_dir, tok.id)
+    rec = links.TOKENS.load(issuer.state_dir, tok.id)
     assert rec is not None
     assert rec.uses_left == 1
     decide(issuer, request_for(b, tok))  # still redeemable
@@ -314,11 +314,11 @@ def test_refusal_codes_distinct() -> None:
 def test_prune_and_revoke_tokens(issuer: pki.SiteIdentity) -> None:
     old = links.decode_token(links.create_token(issuer, "h:1", now=time.time() - 3 * 86400))
     new = links.decode_token(links.create_token(issuer, "h:1"))  # creating prunes the old one
-    ids = [t.id for t in links.list_tokens(issuer.state_dir)]
+    ids = [t.id for t in links.TOKENS.list(issuer.state_dir)]
     assert ids == [new.id]
     assert old.id not in ids
     links.revoke_token(issuer.state_dir, new.id)
-    assert links.list_tokens(issuer.state_dir) == []
+    assert links.TOKENS.list(issuer.state_dir) == []
     with pytest.raises(links.RecordNotFound, match="no token"):
         links.revoke_token(issuer.state_dir, new.id)
 
