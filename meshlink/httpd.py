@@ -77,9 +77,9 @@ class _Connections:
         # one whose last request finished longest ago.
         return min(idle, key=lambda h: self.done_at.get(h, -1.0))
 
-    def forget_all_but(self, handlers: list[RequestHandler]) -> None:
-        live = set(handlers)
-        self.done_at = {h: t for h, t in self.done_at.items() if h in live}
+    def forget_closed(self) -> None:
+        """Drop the connections that are gone (called as the record grows)."""
+        self.done_at = {h: t for h, t in self.done_at.items() if h.transport is not None}
 
 
 class _CappedSite(web.BaseSite):
@@ -137,8 +137,6 @@ class _CappedSite(web.BaseSite):
                 return _Refuse()
             log.debug("http: %d connections: closing the quietest idle one", len(live))
             quietest.force_close()
-            if len(self._conns.done_at) > 2 * self._limits.max_connections:
-                self._conns.forget_all_but(live)
         return server()
 
 
@@ -162,6 +160,8 @@ def _middleware(limits: Limits, conns: _Connections) -> Any:
         finally:
             conns.busy.discard(proto)
             conns.done_at[proto] = asyncio.get_running_loop().time()
+            if len(conns.done_at) > 2 * limits.max_connections:
+                conns.forget_closed()
 
     return limit
 
@@ -173,6 +173,12 @@ class Served:
     runner: web.AppRunner
     host: str
     port: int
+    _conns: _Connections
+
+    @property
+    def remembered(self) -> int:
+        """Connections whose last request time is kept (bounded: closed ones are dropped)."""
+        return len(self._conns.done_at)
 
     async def close(self) -> None:
         await self.runner.cleanup()
@@ -207,4 +213,4 @@ async def serve(
     except OSError as e:
         await runner.cleanup()
         raise listen_error(key, host, port, e) from None
-    return Served(runner, host, site.bound_port)
+    return Served(runner, host, site.bound_port, conns)

@@ -130,3 +130,32 @@ def test_overlong_request_line_is_a_quiet_400(site: SiteProc, port: str) -> None
     assert "LineTooLong" not in log
     assert "Traceback" not in log
     assert " ERROR " not in log
+
+
+async def test_per_connection_bookkeeping_stays_bounded() -> None:
+    """Many short connections (a probe every second, for days): the server remembers only
+    about as many as its cap, not one per connection ever made."""
+    import asyncio
+
+    from aiohttp import web
+
+    from meshlink import httpd
+
+    async def ok(_req: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", ok)
+    served = await httpd.serve(
+        app, "127.0.0.1", 0, key="test.listen", limits=httpd.Limits(max_connections=4)
+    )
+    try:
+        for _ in range(50):
+            reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 200")
+            writer.close()
+            await writer.wait_closed()
+        assert served.remembered <= 2 * 4 + 1
+    finally:
+        await served.close()
