@@ -2,6 +2,8 @@
 # Build, once, the real Kubernetes control plane the tests run, and cache it by version:
 #   kube-apiserver and kubectl  from the official k8s.io/kubernetes Go module (hack/kube/apiserver)
 #   etcd                        from go.etcd.io/etcd/server/v3          (hack/kube/etcd)
+# and, with --node, what a kind node image needs besides (hack/kind/node-image.sh): kubelet,
+# kubeadm, kube-proxy, kube-controller-manager and kube-scheduler, from the same module set.
 #
 # k8s.io/kubernetes lists its staging modules (k8s.io/api, k8s.io/apiserver, ...) at v0.0.0,
 # which the module proxy does not serve, so `go install k8s.io/kubernetes/cmd/...@v1.x` is
@@ -10,11 +12,12 @@
 # pins every checksum. The distribution's etcd (3.4) is older than what Kubernetes 1.34 is
 # tested with and lacks --unsafe-no-fsync, so etcd is built the same way.
 #
-# Usage: hack/kube-bin.sh [--print-dir]
+# Usage: hack/kube-bin.sh [--node] [--print-dir]
+#   --node        also build the node binaries
 #   --print-dir   print only the bin directory on stdout (building first if needed)
 # Environment: MESHLINK_CACHE (default ~/.cache/meshlink). GOPROXY etc. as usual.
 # Cache layout:
-#   $MESHLINK_CACHE/kube/<k8s>-etcd<etcd>/bin/{kube-apiserver,kubectl,etcd}
+#   $MESHLINK_CACHE/kube/<k8s>-etcd<etcd>/bin/{kube-apiserver,kubectl,etcd,...}
 #   $MESHLINK_CACHE/kube/<k8s>-etcd<etcd>/BUILD-INFO   versions, go version, build seconds
 #   $MESHLINK_CACHE/go/{mod,build}                      GOMODCACHE and GOCACHE
 set -euo pipefail
@@ -35,18 +38,24 @@ die() {
 }
 
 print_dir=0
-case "${1:-}" in
-"") ;;
---print-dir) print_dir=1 ;;
--h | --help)
-	sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
-	exit 0
-	;;
-*) die "unknown argument '$1' (usage: hack/kube-bin.sh [--print-dir])" ;;
-esac
+names=(etcd kube-apiserver kubectl)
+for arg in "$@"; do
+	case "$arg" in
+	--print-dir) print_dir=1 ;;
+	--node) names+=(kubelet kubeadm kube-proxy kube-controller-manager kube-scheduler) ;;
+	-h | --help)
+		sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+		exit 0
+		;;
+	*) die "unknown argument '$arg' (usage: hack/kube-bin.sh [--node] [--print-dir])" ;;
+	esac
+done
 
 have_all() {
-	[[ -x "$bin_dir/kube-apiserver" && -x "$bin_dir/kubectl" && -x "$bin_dir/etcd" ]]
+	local name
+	for name in "${names[@]}"; do
+		[[ -x "$bin_dir/$name" ]] || return 1
+	done
 }
 
 if ! have_all; then
@@ -90,14 +99,18 @@ if ! have_all; then
 		mv -f "$bin_dir/.$name.tmp" "$bin_dir/$name"
 		log "built $name in $((SECONDS - t0)) s"
 	}
-	build etcd go.etcd.io/etcd/server/v3 etcd "-s -w"
-	build apiserver k8s.io/kubernetes/cmd/kube-apiserver kube-apiserver "$k8s_ldflags"
-	build apiserver k8s.io/kubernetes/cmd/kubectl kubectl "$k8s_ldflags"
+	for name in "${names[@]}"; do
+		if [[ "$name" = etcd ]]; then
+			build etcd go.etcd.io/etcd/server/v3 etcd "-s -w"
+		else
+			build apiserver "k8s.io/kubernetes/cmd/$name" "$name" "$k8s_ldflags"
+		fi
+	done
 
 	"$bin_dir/kube-apiserver" --version >/dev/null 2>&1 || die "$bin_dir/kube-apiserver does not run"
 	"$bin_dir/etcd" --version >/dev/null 2>&1 || die "$bin_dir/etcd does not run"
 	{
-		echo "kubernetes $K8S_VERSION (kube-apiserver, kubectl from k8s.io/kubernetes)"
+		echo "kubernetes $K8S_VERSION (${names[*]:1} from k8s.io/kubernetes)"
 		echo "etcd $ETCD_VERSION (go.etcd.io/etcd/server/v3)"
 		echo "$(go version)"
 		echo "build_seconds $((SECONDS - started))"
@@ -109,8 +122,11 @@ fi
 if ((print_dir)); then
 	echo "$bin_dir"
 else
+	# First lines only, without `| head -1`: under pipefail, head closing the pipe early
+	# made kubectl die of SIGPIPE (exit 141) about one run in 15, failing the whole build.
+	first_line() { local out; out=$("$@" 2>/dev/null) || true; echo "${out%%$'\n'*}"; }
 	echo "control plane binaries in $bin_dir:"
-	"$bin_dir/kube-apiserver" --version
-	"$bin_dir/etcd" --version | head -1
-	"$bin_dir/kubectl" version --client 2>/dev/null | head -1
+	first_line "$bin_dir/kube-apiserver" --version
+	first_line "$bin_dir/etcd" --version
+	first_line "$bin_dir/kubectl" version --client
 fi

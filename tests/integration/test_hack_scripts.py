@@ -1,0 +1,58 @@
+"""The shell scripts under hack/ that CI depends on, run for real against a throwaway cache."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBE_BIN = ROOT / "hack" / "kube-bin.sh"
+
+# Stand-in binaries (fakes named as such): each prints a first line, then keeps writing for
+# a while, the way kubectl prints its client version and then the kustomize line.
+_CHATTY_FAKE = """#!/bin/sh
+echo "{name} fake v0"
+i=0
+while [ $i -lt 2000 ]; do echo "more output from the {name} fake, line $i"; i=$((i+1)); done
+"""
+
+
+def _cache_with_fakes(tmp_path: Path) -> Path:
+    text = KUBE_BIN.read_text()
+    k8s = re.search(r"^K8S_VERSION=v(\S+)", text, re.M)
+    etcd = re.search(r"^ETCD_VERSION=v(\S+)", text, re.M)
+    assert k8s and etcd, "hack/kube-bin.sh no longer pins K8S_VERSION/ETCD_VERSION"
+    bin_dir = tmp_path / "kube" / f"{k8s.group(1)}-etcd{etcd.group(1)}" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("kube-apiserver", "kubectl", "etcd"):
+        fake = bin_dir / name
+        fake.write_text(_CHATTY_FAKE.format(name=name))
+        fake.chmod(0o755)
+    return tmp_path
+
+
+def test_kube_bin_summary_survives_chatty_binaries(tmp_path: Path) -> None:
+    """The summary printed after the build must not die of SIGPIPE (exit 141) when a
+    binary writes more after the line that is shown (the cold-machine CI flake)."""
+    cache = _cache_with_fakes(tmp_path)
+    env = {**os.environ, "MESHLINK_CACHE": str(cache)}
+    for _ in range(5):
+        proc = subprocess.run(
+            ["bash", str(KUBE_BIN)], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+        shown = proc.stdout.splitlines()
+        assert shown[1:] == ["kube-apiserver fake v0", "etcd fake v0", "kubectl fake v0"], shown
+
+
+def test_kube_bin_print_dir_builds_nothing_when_cached(tmp_path: Path) -> None:
+    cache = _cache_with_fakes(tmp_path)
+    env = {**os.environ, "MESHLINK_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        ["bash", str(KUBE_BIN), "--print-dir"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).is_dir()
+    assert "building" not in proc.stderr
