@@ -6,13 +6,14 @@ Nothing here prints; errors are MeshlinkError subclasses whose message is the li
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from meshlink.config import SiteConfig
+from meshlink.config import HostPort, SiteConfig
 from meshlink.errors import ConfigError, PkiError
 from meshlink.links.issuer import create_token
 from meshlink.links.records import (
@@ -64,6 +65,7 @@ def cmd_token_create(
     output: Path | None = None,
 ) -> str:
     """Create a token; with ``output`` write it there (0600) and say so, else return it."""
+    _check_dialable(cfg)
     token = create_token(_identity(cfg), str(cfg.grant_address), expiry=expiry, uses=uses)
     if output is None:
         return token
@@ -75,6 +77,27 @@ def cmd_token_create(
         f"token written to {output} (valid {expiry}, {uses} use(s)); "
         f"on the other site run: meshlink link create {output}"
     )
+
+
+def _check_dialable(cfg: SiteConfig) -> None:
+    """Refuse to hand out addresses the redeeming site cannot dial: a token names the grant
+    address, and redemption answers with the gateway's. ``0.0.0.0`` or ``::`` there is a
+    listen address left as the advertised one."""
+    wanted: list[tuple[str, HostPort]] = [("grant.advertise", cfg.grant_address)]
+    wanted += [("gateway.advertise", hp) for hp in cfg.advertise]
+    for key, hp in wanted:
+        try:
+            unspecified = ipaddress.ip_address(hp.host).is_unspecified
+        except ValueError:
+            continue  # a host name
+        if unspecified:
+            raise ConfigError(
+                f"{hp} is not an address another site can dial ({hp.host} means any address of "
+                f"this host); set {key} to one it can reach, e.g. the gateway Service's "
+                "NodePort or LoadBalancer address",
+                key=key,
+                source=cfg.source,
+            )
 
 
 def cmd_token_list(cfg: SiteConfig) -> str:

@@ -11,12 +11,13 @@ import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from meshlink import links, pki
 from meshlink.config import HostPort, SiteConfig
-from meshlink.errors import CatalogError, PeerNotAuthorized, PkiError
+from meshlink.errors import CatalogError, ConfigError, PeerNotAuthorized, PkiError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -338,3 +339,41 @@ async def test_commands(tmp_path: Path) -> None:
     assert not (b.state_dir / "links" / "to-a.crt").exists()
     with pytest.raises(links.RecordNotFound, match="no link named 'to-a'"):
         links.cmd_link_delete(b, "to-a")
+
+
+@pytest.mark.parametrize(
+    ("site", "key"),
+    [
+        ({"grant_listen": HostPort("0.0.0.0", 7444)}, "grant.advertise"),
+        (
+            {
+                "grant_listen": HostPort("0.0.0.0", 7444),
+                "grant_advertise": HostPort("gw.example.net", 7444),
+            },
+            "gateway.advertise",
+        ),
+        (
+            {
+                "grant_advertise": HostPort("10.0.0.1", 7444),
+                "gateway_advertise": (HostPort("10.0.0.1", 7443), HostPort("::", 7443)),
+            },
+            "gateway.advertise",
+        ),
+    ],
+)
+def test_token_create_refuses_addresses_nobody_can_dial(
+    tmp_path: Path, site: dict[str, Any], key: str
+) -> None:
+    """The manifests listen on 0.0.0.0: a token must not silently send peers there."""
+    cfg = SiteConfig(
+        site="site-a",
+        state_dir=tmp_path / "a",
+        gateway_listen=HostPort("0.0.0.0", 7443),
+        source="site.yaml",
+        **site,
+    )
+    with pytest.raises(ConfigError) as ei:
+        links.cmd_token_create(cfg)
+    assert str(ei.value).startswith(f"site.yaml: {key}: "), str(ei.value)
+    assert "not an address another site can dial" in str(ei.value)
+    assert links.cmd_token_list(cfg).splitlines()[1:] == []  # nothing was issued
