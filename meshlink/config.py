@@ -469,10 +469,31 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
 
 
 def load(path: str | os.PathLike[str]) -> SiteConfig:
-    """Read and parse a YAML config file."""
+    """Read and parse a YAML config file, or a directory of them.
+
+    A directory (how Kubernetes mounts a ConfigMap) is read as its ``*.yaml`` files in name
+    order, each merged over the ones before it: mappings key by key, anything else replaced.
+    So a base ``config.yaml`` and a per-cluster ``site.yaml`` make one configuration, and a
+    kustomize overlay adds the second file without editing the first."""
+    where = Path(path)
+    if not where.is_dir():
+        return parse(_read_yaml(where), str(path))
+    files = sorted(p for p in where.glob("*.yaml") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ConfigError("a directory without *.yaml files", source=str(path))
+    data: object = {}
+    for file in files:
+        layer = _read_yaml(file)
+        if not isinstance(layer, dict):
+            raise ConfigError("must be a mapping", source=str(file))
+        data = _merged(data, layer)
+    return parse(data, f"{where} ({' + '.join(f.name for f in files)})")
+
+
+def _read_yaml(path: Path) -> object:
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read: {e.strerror}", source=source) from None
     except UnicodeDecodeError as e:
@@ -488,7 +509,17 @@ def load(path: str | os.PathLike[str]) -> SiteConfig:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"not valid YAML{where}", source=source) from None
-    return parse(data, source)
+    return {} if data is None else data
+
+
+def _merged(base: object, over: object) -> object:
+    """``over`` laid on ``base``: mappings merge key by key, other values replace."""
+    if not (isinstance(base, dict) and isinstance(over, dict)):
+        return over
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out.get(k), v)
+    return out
 
 
 _BIND_HINTS: Final = {

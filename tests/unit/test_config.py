@@ -133,3 +133,35 @@ def test_peer_record_with_newline_in_a_name_is_refused() -> None:
     for field in ("origin", "namespace", "name"):
         with pytest.raises(CatalogError):
             record_from_wire({**good, field: good[field] + "\n"})
+
+
+def test_a_directory_is_its_yaml_files_merged_in_name_order(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """How a ConfigMap is mounted: a shared config.yaml, and a site.yaml from an overlay."""
+    (tmp_path / "config.yaml").write_text(
+        "site: base\nstateDir: /var/lib/meshlink\n"
+        "gateway: {listen: 0.0.0.0:7443}\ndns: {listen: 0.0.0.0:5353, ttl: 5}\n"
+    )
+    (tmp_path / "site.yaml").write_text(
+        "site: c1\ngateway: {advertise: [172.18.0.2:30443]}\ndns: {ttl: 7}\n"
+    )
+    (tmp_path / ".hidden.yaml").write_text("site: nope\n")
+    (tmp_path / "notes.txt").write_text("site: nope\n")
+    cfg = config.load(tmp_path)
+    assert cfg.site == "c1"
+    assert cfg.gateway_listen == config.HostPort("0.0.0.0", 7443)  # kept from config.yaml
+    assert cfg.advertise == (config.HostPort("172.18.0.2", 30443),)
+    assert cfg.dns.listen == config.HostPort("0.0.0.0", 5353)  # merged, not replaced
+    assert cfg.dns.ttl == 7
+    assert "config.yaml + site.yaml" in cfg.source
+
+
+def test_a_directory_errors_name_the_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match="without \\*.yaml files"):
+        config.load(tmp_path)
+    (tmp_path / "config.yaml").write_text("site: a\n")
+    (tmp_path / "site.yaml").write_text("- not a mapping\n")
+    with pytest.raises(ConfigError, match="site.yaml: must be a mapping"):
+        config.load(tmp_path)
+    (tmp_path / "site.yaml").write_text("gateway: {listen: nowhere}\n")
+    with pytest.raises(ConfigError, match=r"config.yaml \+ site.yaml\): gateway.listen: "):
+        config.load(tmp_path)
