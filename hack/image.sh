@@ -111,7 +111,7 @@ oci_image_from_dir "$out/oci" "$version" "$rootfs" \
 	--config.label "org.opencontainers.image.title=meshlink" \
 	--config.label "org.opencontainers.image.version=$version" \
 	--config.label "org.opencontainers.image.source=https://github.com/meshlink/meshlink"
-oci_to_docker_archive "$out/oci" "$version" "$archive" "$name"
+oci_to_docker_archive "$out/oci" "$version" "$archive" "$name:$version"
 
 size=$(du -sm "$archive" | cut -f1)
 layers=$(python3 - "$out/oci" <<'EOF'

@@ -17,8 +17,8 @@
 #   --print-dir   print only the bin directory on stdout (building first if needed)
 # Environment: MESHLINK_CACHE (default ~/.cache/meshlink). GOPROXY etc. as usual.
 # Cache layout:
-#   $MESHLINK_CACHE/kube/<k8s>-etcd<etcd>/bin/{kube-apiserver,kubectl,etcd,...}
-#   $MESHLINK_CACHE/kube/<k8s>-etcd<etcd>/BUILD-INFO   versions, go version, build seconds
+#   $MESHLINK_CACHE/kube/<k8s>-etcd<etcd>-r<recipe>/bin/{kube-apiserver,kubectl,etcd,...}
+#   $MESHLINK_CACHE/kube/<k8s>-etcd<etcd>-r<recipe>/BUILD-INFO   versions, go version, build seconds
 #   $MESHLINK_CACHE/go/{mod,build}                      GOMODCACHE and GOCACHE
 set -euo pipefail
 
@@ -27,7 +27,11 @@ ETCD_VERSION=v3.6.16  # also in hack/kube/etcd/go.mod
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${MESHLINK_CACHE:-$HOME/.cache/meshlink}
-key="${K8S_VERSION#v}-etcd${ETCD_VERSION#v}"
+# Like the official release builds, every binary but kubelet is static (CGO_ENABLED=0), so
+# the kind node image can ship them in images without a libc. Bump RECIPE when the way the
+# binaries are built changes, so a cache made the old way is not reused.
+RECIPE=2
+key="${K8S_VERSION#v}-etcd${ETCD_VERSION#v}-r$RECIPE"
 top="$cache/kube/$key"
 bin_dir="$top/bin"
 
@@ -92,7 +96,9 @@ if ! have_all; then
 		local mod=$1 pkg=$2 name=$3 ldflags=$4 t0=$SECONDS
 		[[ -x "$bin_dir/$name" ]] && return 0
 		log "go build $pkg ..."
-		if ! (cd "$here/kube/$mod" && go build -trimpath -ldflags "$ldflags" -o "$bin_dir/.$name.tmp" "$pkg"); then
+		local cgo=0
+		[[ "$name" = kubelet ]] && cgo=1
+		if ! (cd "$here/kube/$mod" && CGO_ENABLED=$cgo go build -trimpath -ldflags "$ldflags" -o "$bin_dir/.$name.tmp" "$pkg"); then
 			rm -f "$bin_dir/.$name.tmp"
 			die "building $name from $pkg failed (see the go output above)"
 		fi

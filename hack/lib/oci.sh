@@ -7,7 +7,7 @@
 #   debian_rootfs_tar NAME PKG,PKG,...      print the path of a cached minbase rootfs tarball
 #   oci_image_from_dir LAYOUT REF DIR [umoci config args...]
 #                                           one-layer image REF (name:tag) in the OCI layout
-#   oci_to_docker_archive LAYOUT TAG FILE IMAGE_NAME
+#   oci_to_docker_archive LAYOUT TAG FILE IMAGE_REF
 #
 # Cache: ${MESHLINK_CACHE:-~/.cache/meshlink}/rootfs/NAME-<hash of the inputs>.tar
 
@@ -79,10 +79,11 @@ oci_image_from_dir() {
 	umoci gc --layout "$layout"
 }
 
-# oci_to_docker_archive LAYOUT TAG FILE IMAGE_NAME: a docker-archive (what `docker load`,
-# `kind load image-archive` and `ctr images import` take) of LAYOUT:TAG named IMAGE_NAME:TAG.
+# oci_to_docker_archive LAYOUT TAG FILE IMAGE_REF: a docker-archive (what `docker load`,
+# `kind load image-archive` and `ctr images import` take) of LAYOUT:TAG, named IMAGE_REF
+# (name:tag).
 oci_to_docker_archive() {
-	local layout=$1 tag=$2 file=$3 name=$4
+	local layout=$1 tag=$2 file=$3 ref=$4
 	rm -f "$file"
-	skopeo --insecure-policy copy --quiet "oci:$layout:$tag" "docker-archive:$file:$name:$tag" >&2
+	skopeo --insecure-policy copy --quiet "oci:$layout:$tag" "docker-archive:$file:$ref" >&2
 }

@@ -23,8 +23,10 @@ def _cache_with_fakes(tmp_path: Path) -> Path:
     text = KUBE_BIN.read_text()
     k8s = re.search(r"^K8S_VERSION=v(\S+)", text, re.M)
     etcd = re.search(r"^ETCD_VERSION=v(\S+)", text, re.M)
-    assert k8s and etcd, "hack/kube-bin.sh no longer pins K8S_VERSION/ETCD_VERSION"
-    bin_dir = tmp_path / "kube" / f"{k8s.group(1)}-etcd{etcd.group(1)}" / "bin"
+    recipe = re.search(r"^RECIPE=(\S+)", text, re.M)
+    assert k8s and etcd and recipe, "hack/kube-bin.sh no longer pins its versions and recipe"
+    key = f"{k8s.group(1)}-etcd{etcd.group(1)}-r{recipe.group(1)}"
+    bin_dir = tmp_path / "kube" / key / "bin"
     bin_dir.mkdir(parents=True)
     for name in ("kube-apiserver", "kubectl", "etcd"):
         fake = bin_dir / name
