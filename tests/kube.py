@@ -469,18 +469,14 @@ class _Procs:
 
 
 @dataclass(frozen=True)
-class KubeCluster:
-    """One running control plane: etcd + kube-apiserver on loopback."""
+class Kubectl:
+    """kubectl bound to one cluster's admin kubeconfig: what every test harness shares (the
+    process-level control planes here, the kind clusters of tests/kindbed.py)."""
 
     name: str
-    server: str
-    """https://127.0.0.1:PORT"""
     kubeconfig: Path
-    """Admin kubeconfig (client certificate in system:masters); its context is `name`."""
-    service_cidr: str
-    workdir: Path
+    """Admin kubeconfig; its current context is this cluster."""
     kubectl_bin: Path
-    _procs: _Procs = field(repr=False, compare=False)
 
     def kubectl(
         self, *args: str, input: str | None = None, timeout: float = 30, check: bool = True
@@ -534,6 +530,17 @@ class KubeCluster:
         self, predicate: Callable[[], T | None], timeout: float, what: str = "condition"
     ) -> T:
         return wait_until(predicate, timeout, f"{what} in cluster {self.name}")
+
+
+@dataclass(frozen=True)
+class KubeCluster(Kubectl):
+    """One running control plane: etcd + kube-apiserver on loopback."""
+
+    server: str
+    """https://127.0.0.1:PORT"""
+    service_cidr: str
+    workdir: Path
+    _procs: _Procs = field(repr=False, compare=False)
 
     @property
     def apiserver_running(self) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshlink.config import parse
+from meshlink.config import load
 from tests.kube import (
     MCS_CRDS,
     REPO,
@@ -69,6 +69,8 @@ def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
         "Deployment",
         "Namespace",
         "PersistentVolumeClaim",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
         "ValidatingAdmissionPolicy",
@@ -102,11 +104,24 @@ def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
     assert dep["spec"]["strategy"]["type"] == "Recreate"
 
 
-def test_site_config_matches_the_pod_and_services(rendered: list[dict[str, Any]]) -> None:
-    """The shipped config parses with meshlink's own parser, and its ports are the ones the
-    container, the probes and the Services use."""
-    cm = _one(rendered, "ConfigMap", "meshlink-config")
-    cfg = parse(yaml.safe_load(cm["data"]["config.yaml"]), source="manifests/config.yaml")
+def _config_map(rendered: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generated ConfigMap (kustomize adds a hash suffix to its name)."""
+    (cm,) = [d for d in rendered if d["metadata"]["name"].startswith("meshlink-config-")]
+    return cm
+
+
+def test_site_config_matches_the_pod_and_services(
+    rendered: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    """The shipped config, with the site.yaml an overlay adds, loads with meshlink's own
+    loader the way the pod mounts it, and its ports are the ones the container, the probes
+    and the Services use."""
+    cm = _config_map(rendered)
+    assert set(cm["data"]) == {"config.yaml"}
+    (tmp_path / "config.yaml").write_text(cm["data"]["config.yaml"])
+    (tmp_path / "site.yaml").write_text("site: c1\ngateway: {advertise: [192.0.2.1:30443]}\n")
+    cfg = load(tmp_path)
+    assert cfg.site == "c1"
     assert cfg.kubernetes is not None
     assert cfg.kubernetes.namespace == "meshlink-system"
     assert cfg.kubernetes.kubeconfig is None  # in-cluster service account
@@ -140,8 +155,9 @@ def test_site_config_matches_the_pod_and_services(rendered: list[dict[str, Any]]
 
 
 def test_container_args_are_a_valid_meshlink_command_line(rendered: list[dict[str, Any]]) -> None:
-    """The Deployment's args parse with meshlink's own CLI, name known components, and point
-    at the mounted config file."""
+    """The Deployment's args parse with meshlink's own CLI and name known components, and
+    MESHLINK_CONFIG (read by `run` and by every command run through kubectl exec) is the
+    mounted ConfigMap's directory."""
     from meshlink.cli import build_parser
     from meshlink.runtime import ALL_COMPONENTS
 
@@ -151,10 +167,12 @@ def test_container_args_are_a_valid_meshlink_command_line(rendered: list[dict[st
     assert args.fn.__name__ == "cmd_run"
     comps = set(args.components.split(","))
     assert {"gateway", "controller", "dns"} <= comps <= ALL_COMPONENTS
+    assert not any(a.startswith("--config") for a in ctr["args"])
+    env = {e["name"]: e["value"] for e in ctr["env"]}
     mount = next(m for m in ctr["volumeMounts"] if m["name"] == "config")
-    cm = _one(rendered, "ConfigMap", "meshlink-config")
-    assert Path(args.config).parent == Path(mount["mountPath"])
-    assert Path(args.config).name in cm["data"]
+    assert env["MESHLINK_CONFIG"] == mount["mountPath"]
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "config")
+    assert volume["configMap"]["name"] == _config_map(rendered)["metadata"]["name"]
 
 
 def test_applies_server_side_and_objects_exist(
@@ -279,6 +297,8 @@ def test_rbac_is_least_privilege(applied: KubeCluster) -> None:
         ("delete", "endpointslices.discovery.k8s.io", "-n", "demo"),
         ("create", "events", "-n", "demo"),
         ("create", "events.events.k8s.io", "-n", "demo"),
+        ("list", "pods", "-n", "meshlink-system"),
+        ("watch", "pods", "-n", "meshlink-system"),
     ]
     denied = [
         ("delete", "namespaces"),
@@ -289,6 +309,8 @@ def test_rbac_is_least_privilege(applied: KubeCluster) -> None:
         ("get", "configmaps", "-n", "kube-system"),
         ("create", "pods", "-n", "demo"),
         ("list", "pods", "-A"),
+        ("list", "pods", "-n", "demo"),
+        ("delete", "pods", "-n", "meshlink-system"),
         ("create", "clusterrolebindings"),
         ("create", "clusterproperties.about.k8s.io"),
         ("delete", "customresourcedefinitions.apiextensions.k8s.io"),

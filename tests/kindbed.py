@@ -1,0 +1,136 @@
+"""Real clusters for the end-to-end tests: kind clusters from hack/kind.sh, meshlink deployed
+from manifests/ as a pod from its own image (hack/image.sh), linked through `kubectl exec`.
+
+Everything runs for real: kubelet, containerd, kube-proxy, CoreDNS and the rest of each
+cluster's control plane, each cluster a Docker container on one Docker network. The test
+workloads run the testbed tools image (hack/kind/tools-image.sh: curl, dig, socat, python3
+from Debian). `KindTestbed.up()` is what the session fixture calls; `down()` removes it all.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.kube import REPO, Kubectl, KubeError, wait_until
+
+KIND_SH = REPO / "hack" / "kind.sh"
+PREFIX = "mltest"
+"""Cluster names mltest-c1...: apart from a user's `hack/kind.sh up` (prefix meshlink)."""
+
+
+def _run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> str:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
+        )
+    except subprocess.TimeoutExpired:
+        raise KubeError(f"{shlex.join(argv)} timed out after {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
+        raise KubeError(f"{shlex.join(argv)} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout
+
+
+@dataclass(frozen=True)
+class KindCluster(Kubectl):
+    """One kind cluster (`name` is its site id, c1...)."""
+
+    node: str
+    """The control-plane node's container."""
+
+    def meshlink(self, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
+        """Run a meshlink command in the meshlink pod, the way a user does."""
+        exec_args = ["-n", "meshlink-system", "exec"]
+        if stdin is not None:
+            exec_args.append("-i")
+        return self.kubectl(
+            *exec_args, "deploy/meshlink", "--", "meshlink", *args, input=stdin, timeout=timeout
+        ).stdout
+
+    def exec(self, ns: str, pod: str, *cmd: str, timeout: float = 60) -> str:
+        return self.kubectl("-n", ns, "exec", pod, "--", *cmd, timeout=timeout).stdout
+
+    def node_ip(self) -> str:
+        out = _run(
+            ["docker", "inspect", "-f", "{{.NetworkSettings.Networks.kind.IPAddress}}", self.node],
+            timeout=30,
+        )
+        return out.strip()
+
+    def meshlink_pod(self) -> dict[str, Any]:
+        """The meshlink pod that is Running and not being deleted."""
+        pods = self.get_json("pods", "-n", "meshlink-system", "-l", "app.kubernetes.io/name=meshlink")
+        live = [
+            p
+            for p in pods["items"]
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+        ]
+        if len(live) != 1:
+            raise KubeError(f"{len(live)} running meshlink pods in {self.name}")
+        return live[0]
+
+
+@dataclass
+class KindTestbed:
+    """`n` kind clusters with meshlink, all linked (hack/kind.sh up), plus the tools image."""
+
+    n: int
+    state: Path
+    clusters: list[KindCluster]
+    tools_image: str
+    up_seconds: float
+
+    @classmethod
+    def up(cls, n: int, state: Path) -> KindTestbed:
+        env = {**os.environ, "MESHLINK_KIND_PREFIX": PREFIX, "MESHLINK_KIND_STATE": str(state)}
+        t0 = time.monotonic()
+        # The image of the code under test, always rebuilt (28 s warm): a stale image would
+        # test yesterday's meshlink.
+        _run(["bash", str(REPO / "hack" / "image.sh")], timeout=1800, env=env)
+        out = _run(["bash", str(KIND_SH), "up", str(n)], timeout=2400, env=env)
+        up_seconds = time.monotonic() - t0
+        kubectl_bin = Path(
+            _run(["bash", str(REPO / "hack" / "kube-bin.sh"), "--print-dir"], timeout=1800).strip()
+        ) / "kubectl"
+        configs = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+        clusters = [
+            KindCluster(
+                name=f"c{i}",
+                kubeconfig=Path(configs[f"c{i}"]),
+                kubectl_bin=kubectl_bin,
+                node=f"{PREFIX}-c{i}-control-plane",
+            )
+            for i in range(1, n + 1)
+        ]
+        archive, tools_image = _run(
+            ["bash", str(REPO / "hack" / "kind" / "tools-image.sh")], timeout=1800
+        ).split()
+        _run(["bash", str(KIND_SH), "load", archive], timeout=600, env=env)
+        return cls(n=n, state=state, clusters=clusters, tools_image=tools_image, up_seconds=up_seconds)
+
+    def down(self) -> None:
+        env = {**os.environ, "MESHLINK_KIND_PREFIX": PREFIX, "MESHLINK_KIND_STATE": str(self.state)}
+        _run(["bash", str(KIND_SH), "down"], timeout=600, env=env)
+
+    def docker(self, *args: str, timeout: float = 60) -> str:
+        return _run(["docker", *args], timeout=timeout)
+
+
+def wait_rollout(c: KindCluster, ns: str, what: str, timeout: float = 180) -> None:
+    c.kubectl("-n", ns, "rollout", "status", what, f"--timeout={int(timeout)}s", timeout=timeout + 10)
+
+
+def wait_pod_ready(c: KindCluster, ns: str, pod: str, timeout: float = 120) -> None:
+    c.kubectl(
+        "-n", ns, "wait", "--for=condition=Ready", f"pod/{pod}", f"--timeout={int(timeout)}s",
+        timeout=timeout + 10,
+    )
+
+
+__all__ = ["KindCluster", "KindTestbed", "wait_pod_ready", "wait_rollout", "wait_until"]
