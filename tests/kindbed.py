@@ -65,7 +65,9 @@ class KindCluster(Kubectl):
 
     def meshlink_pod(self) -> dict[str, Any]:
         """The meshlink pod that is Running and not being deleted."""
-        pods = self.get_json("pods", "-n", "meshlink-system", "-l", "app.kubernetes.io/name=meshlink")
+        pods = self.get_json(
+            "pods", "-n", "meshlink-system", "-l", "app.kubernetes.io/name=meshlink"
+        )
         live = [
             p
             for p in pods["items"]
@@ -95,9 +97,14 @@ class KindTestbed:
         _run(["bash", str(REPO / "hack" / "image.sh")], timeout=1800, env=env)
         out = _run(["bash", str(KIND_SH), "up", str(n)], timeout=2400, env=env)
         up_seconds = time.monotonic() - t0
-        kubectl_bin = Path(
-            _run(["bash", str(REPO / "hack" / "kube-bin.sh"), "--print-dir"], timeout=1800).strip()
-        ) / "kubectl"
+        kubectl_bin = (
+            Path(
+                _run(
+                    ["bash", str(REPO / "hack" / "kube-bin.sh"), "--print-dir"], timeout=1800
+                ).strip()
+            )
+            / "kubectl"
+        )
         configs = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
         clusters = [
             KindCluster(
@@ -112,10 +119,14 @@ class KindTestbed:
             ["bash", str(REPO / "hack" / "kind" / "tools-image.sh")], timeout=1800
         ).split()
         _run(["bash", str(KIND_SH), "load", archive], timeout=600, env=env)
-        return cls(n=n, state=state, clusters=clusters, tools_image=tools_image, up_seconds=up_seconds)
+        return cls(
+            n=n, state=state, clusters=clusters, tools_image=tools_image, up_seconds=up_seconds
+        )
 
-    def down(self) -> None:
-        env = {**os.environ, "MESHLINK_KIND_PREFIX": PREFIX, "MESHLINK_KIND_STATE": str(self.state)}
+    @staticmethod
+    def teardown(state: Path) -> None:
+        """Delete the clusters (also after a failed `up`) and stop a dockerd kind.sh started."""
+        env = {**os.environ, "MESHLINK_KIND_PREFIX": PREFIX, "MESHLINK_KIND_STATE": str(state)}
         _run(["bash", str(KIND_SH), "down"], timeout=600, env=env)
 
     def docker(self, *args: str, timeout: float = 60) -> str:
@@ -123,12 +134,19 @@ class KindTestbed:
 
 
 def wait_rollout(c: KindCluster, ns: str, what: str, timeout: float = 180) -> None:
-    c.kubectl("-n", ns, "rollout", "status", what, f"--timeout={int(timeout)}s", timeout=timeout + 10)
+    c.kubectl(
+        "-n", ns, "rollout", "status", what, f"--timeout={int(timeout)}s", timeout=timeout + 10
+    )
 
 
 def wait_pod_ready(c: KindCluster, ns: str, pod: str, timeout: float = 120) -> None:
     c.kubectl(
-        "-n", ns, "wait", "--for=condition=Ready", f"pod/{pod}", f"--timeout={int(timeout)}s",
+        "-n",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        f"pod/{pod}",
+        f"--timeout={int(timeout)}s",
         timeout=timeout + 10,
     )
 

@@ -66,6 +66,7 @@ SERVICE: Final = Resource("", "v1", "services", "Service")
 ENDPOINT_SLICE: Final = Resource("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice")
 NAMESPACE: Final = Resource("", "v1", "namespaces", "Namespace", namespaced=False)
 POD: Final = Resource("", "v1", "pods", "Pod")
+EVENT: Final = Resource("events.k8s.io", "v1", "events", "Event")
 CLUSTER_PROPERTY: Final = Resource(
     "about.k8s.io", "v1alpha1", "clusterproperties", "ClusterProperty", namespaced=False
 )

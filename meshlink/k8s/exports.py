@@ -20,7 +20,8 @@ from typing import Final
 from meshlink.catalog.records import ExportRecord, ServiceKey
 from meshlink.catalog.view import Publish
 from meshlink.k8s import model
-from meshlink.k8s.api import SERVICE_EXPORT, Kube, NotFound
+from meshlink.errors import KubeError
+from meshlink.k8s.api import EVENT, SERVICE_EXPORT, Kube, NotFound
 from meshlink.k8s.caches import Caches
 from meshlink.k8s.clusterset import ClustersetCatalog
 from meshlink.k8s.model import Condition, Obj
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 COALESCE_SECONDS: Final = 0.02
 """Publishing runs at most this often: bursts become one call."""
+
+EVENT_CONTROLLER: Final = "meshlink.io/controller"
+"""reportingController of the Events meshlink records."""
 
 PENDING_GRACE: Final = 1.0
 """Seconds an export may wait for the catalog before Ready=Pending is written."""
@@ -236,3 +240,19 @@ class ExportReconciler:
             return
         # Ahead of the watch, so a re-run does not patch the same thing again.
         self.caches.exports.wrote(obj)
+        for spec in model.condition_events(status.get("conditions") or [], conds):
+            await self._record_event(spec, obj)
+
+    async def _record_event(self, spec: model.EventSpec, regarding: Obj) -> None:
+        """Best effort, like kubelet's: an Event that cannot be written is not worth a retry."""
+        body = model.event_body(
+            spec,
+            regarding,
+            controller=EVENT_CONTROLLER,
+            instance=f"meshlink-{self.origin}",
+            epoch=time.time(),
+        )
+        try:
+            await self.kube.create(EVENT, body)
+        except KubeError as e:
+            log.debug("cannot record event %s on %s: %s", spec.reason, body["regarding"], e)

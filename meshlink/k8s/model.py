@@ -151,6 +151,77 @@ def next_conditions(
     return out if changed else None
 
 
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    """One Event to record about an object (``kubectl describe`` lists them)."""
+
+    type: str
+    """``Normal`` or ``Warning``."""
+    reason: str
+    note: str
+
+
+def condition_events(
+    current: Iterable[Mapping[str, Any]], desired: Sequence[Condition]
+) -> list[EventSpec]:
+    """The Events worth a user's attention when a ServiceExport's conditions go from
+    ``current`` to ``desired``: it became exported, invalid, failed, or conflicting, or a
+    conflict or a refusal ended. Steady states and transient ``Pending`` say nothing."""
+    by_type = {str(c.get("type")): c for c in current}
+    out: list[EventSpec] = []
+    for d in desired:
+        old = by_type.get(d.type)
+        if old is not None and (old.get("status"), old.get("reason")) == (d.status, d.reason):
+            continue
+        was_bad = old is not None and old.get("status") == (
+            "True" if d.type == "Conflict" else "False"
+        )
+        note = d.message or d.reason
+        bad = (d.type == "Conflict" and d.status == "True") or (
+            d.type in ("Valid", "Ready") and d.status == "False" and d.reason != "Pending"
+        )
+        if d.type == "Ready" and d.status == "True":
+            out.append(
+                EventSpec("Normal", d.reason, note if d.message else "exported to the clusterset")
+            )
+        elif bad:
+            out.append(EventSpec("Warning", d.reason, note))
+        elif was_bad:
+            out.append(EventSpec("Normal", d.reason, note))
+    return out
+
+
+def event_body(
+    spec: EventSpec, regarding: Mapping[str, Any], *, controller: str, instance: str, epoch: float
+) -> Obj:
+    """An ``events.k8s.io/v1`` Event about ``regarding`` (a full object)."""
+    m = meta(regarding)
+    micro = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch % 1 * 1e6):06d}Z"
+    return {
+        "apiVersion": "events.k8s.io/v1",
+        "kind": "Event",
+        "metadata": {
+            "name": f"{m.get('name')}.{int(epoch * 1e9):x}",
+            "namespace": m.get("namespace"),
+        },
+        "eventTime": micro,
+        "reportingController": controller,
+        "reportingInstance": instance,
+        "action": "Reconcile",
+        "type": spec.type,
+        "reason": spec.reason,
+        "note": spec.note[:1024],
+        "regarding": {
+            "apiVersion": regarding.get("apiVersion"),
+            "kind": regarding.get("kind"),
+            "name": m.get("name"),
+            "namespace": m.get("namespace"),
+            "uid": m.get("uid"),
+            "resourceVersion": m.get("resourceVersion"),
+        },
+    }
+
+
 # --------------------------------------------------------------------------- export side
 
 

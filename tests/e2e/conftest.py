@@ -5,6 +5,7 @@
 - `kube_clusters` (factory): `clusters = kube_clusters(2)` starts two independent clusters in
   parallel and stops them at the end of the test; later calls continue the numbering (c3...).
 - `kube_cluster`: one cluster.
+- `kind_testbed` (session): three kind clusters running meshlink as pods (tests/kindbed.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.kindbed import KindTestbed
 from tests.kube import KubeBinaries, KubeCluster, KubeControlPlane, KubeError, kube_binaries
+from tests.netbed.netns import require_root
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +62,21 @@ def kube_cluster(kube_clusters: Callable[[int], list[KubeCluster]]) -> KubeClust
 def _collect_leaked_sockets() -> Iterator[None]:
     yield
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def kind_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KindTestbed]:
+    """Three kind clusters with meshlink deployed from manifests/ and linked (hack/kind.sh),
+    brought up once per test session and removed at its end."""
+    require_root()
+    state = tmp_path_factory.mktemp("kind")
+    try:
+        bed = KindTestbed.up(3, state)
+    except KubeError as e:
+        KindTestbed.teardown(state)
+        pytest.fail(f"cannot bring up the kind clusters: {e}", pytrace=False)
+    print(f"\nkind: 3 clusters up, meshlink deployed and linked in {bed.up_seconds:.0f} s")
+    try:
+        yield bed
+    finally:
+        KindTestbed.teardown(state)

@@ -24,7 +24,9 @@ def _cache_with_fakes(tmp_path: Path) -> Path:
     k8s = re.search(r"^K8S_VERSION=v(\S+)", text, re.M)
     etcd = re.search(r"^ETCD_VERSION=v(\S+)", text, re.M)
     recipe = re.search(r"^RECIPE=(\S+)", text, re.M)
-    assert k8s and etcd and recipe, "hack/kube-bin.sh no longer pins its versions and recipe"
+    assert k8s, "hack/kube-bin.sh no longer pins K8S_VERSION"
+    assert etcd, "hack/kube-bin.sh no longer pins ETCD_VERSION"
+    assert recipe, "hack/kube-bin.sh no longer has a RECIPE"
     key = f"{k8s.group(1)}-etcd{etcd.group(1)}-r{recipe.group(1)}"
     bin_dir = tmp_path / "kube" / key / "bin"
     bin_dir.mkdir(parents=True)

@@ -156,12 +156,12 @@ def test_a_directory_is_its_yaml_files_merged_in_name_order(tmp_path) -> None:  
 
 
 def test_a_directory_errors_name_the_files(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ConfigError, match="without \\*.yaml files"):
+    with pytest.raises(ConfigError, match=r"without \*\.yaml files"):
         config.load(tmp_path)
     (tmp_path / "config.yaml").write_text("site: a\n")
     (tmp_path / "site.yaml").write_text("- not a mapping\n")
-    with pytest.raises(ConfigError, match="site.yaml: must be a mapping"):
+    with pytest.raises(ConfigError, match=r"site\.yaml: must be a mapping"):
         config.load(tmp_path)
     (tmp_path / "site.yaml").write_text("gateway: {listen: nowhere}\n")
-    with pytest.raises(ConfigError, match=r"config.yaml \+ site.yaml\): gateway.listen: "):
+    with pytest.raises(ConfigError, match=r"config\.yaml \+ site\.yaml\): gateway\.listen: "):
         config.load(tmp_path)

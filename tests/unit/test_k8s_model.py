@@ -170,6 +170,65 @@ def test_foreign_conditions_are_kept() -> None:
     assert other in out
 
 
+def _events(before: list[Condition], after: list[Condition]) -> list[tuple[str, str]]:
+    current = model.next_conditions([], before, 1, "T0") or [] if before else []
+    return [(e.type, e.reason) for e in model.condition_events(current, after)]
+
+
+def test_condition_events_say_what_changed_and_nothing_else() -> None:
+    valid = Condition("Valid", "True", "Valid")
+    exported = Condition("Ready", "True", "Exported")
+    pending = Condition("Ready", "False", "Pending", "waiting for the clusterset")
+    calm = Condition("Conflict", "False", "NoConflicts")
+    clash = Condition("Conflict", "True", "PortConflict", "ports differ from c1's")
+    # A new export: pending says nothing, being exported does.
+    assert _events([], [valid, pending, calm]) == []
+    assert _events([valid, pending, calm], [valid, exported, calm]) == [("Normal", "Exported")]
+    # Steady state: silence.
+    assert _events([valid, exported, calm], [valid, exported, calm]) == []
+    # A conflict starts (Warning) and ends (Normal).
+    assert _events([valid, exported, calm], [valid, exported, clash]) == [
+        ("Warning", "PortConflict")
+    ]
+    assert _events([valid, exported, clash], [valid, exported, calm]) == [("Normal", "NoConflicts")]
+    # Invalid, then fixed.
+    invalid = Condition("Valid", "False", "InvalidServiceType", "ExternalName")
+    failed = Condition("Ready", "False", "Failed", "not exported")
+    assert _events([valid, exported, calm], [invalid, failed, calm]) == [
+        ("Warning", "InvalidServiceType"),
+        ("Warning", "Failed"),
+    ]
+    assert _events([invalid, failed, calm], [valid, exported, calm]) == [
+        ("Normal", "Valid"),
+        ("Normal", "Exported"),
+    ]
+
+
+def test_event_body_is_an_events_k8s_io_event_about_the_object() -> None:
+    svcex = {
+        "apiVersion": "multicluster.x-k8s.io/v1beta1",
+        "kind": "ServiceExport",
+        "metadata": {"name": "web", "namespace": "shop", "uid": "u-1", "resourceVersion": "7"},
+    }
+    spec = model.EventSpec("Warning", "PortConflict", "x" * 2000)
+    body = model.event_body(
+        spec, svcex, controller="meshlink.io/controller", instance="m-c1", epoch=1_700_000_000.25
+    )
+    assert body["apiVersion"] == "events.k8s.io/v1"
+    assert body["metadata"]["namespace"] == "shop"
+    assert body["metadata"]["name"].startswith("web.")
+    assert body["eventTime"] == "2023-11-14T22:13:20.250000Z"
+    assert body["regarding"] == {
+        "apiVersion": "multicluster.x-k8s.io/v1beta1",
+        "kind": "ServiceExport",
+        "name": "web",
+        "namespace": "shop",
+        "uid": "u-1",
+        "resourceVersion": "7",
+    }
+    assert (body["type"], body["reason"], len(body["note"])) == ("Warning", "PortConflict", 1024)
+
+
 def rec(origin: str, created: float, **kw: Any) -> ExportRecord:
     base: dict[str, Any] = {
         "origin": origin,
