@@ -29,6 +29,8 @@
 #   MESHLINK_KIND_STATE       kubeconfigs and overlays (default $MESHLINK_CACHE/kind/<prefix>)
 #   MESHLINK_KIND_NODE_IMAGE  use this node image
 #   MESHLINK_IMAGE_ARCHIVE    meshlink's docker-archive (default dist/image/meshlink-<version>.tar)
+#   MESHLINK_KIND_SUBNET      the Docker network's subnet when this script creates it
+#                             (default 172.18.0.0/16)
 # Note: each node's kubelet sets vm.overcommit_memory, kernel.panic and kernel.panic_on_oops
 # for the whole machine (they are not namespaced); `down` puts back the values `up` found.
 set -euo pipefail
@@ -107,6 +109,17 @@ ensure_docker() {
 		kill -0 "$(cat "$state/dockerd.ours")" 2>/dev/null || die "dockerd exited: $(tail -n 3 "$state/dockerd.log")"
 		sleep 0.5
 	done
+}
+
+ensure_network() {
+	# kind uses a Docker network named "kind", creating it if absent. Created here with an
+	# explicit subnet instead, so that a node cut off the network (docker network
+	# disconnect) can come back with its address (`docker network connect --ip`): what
+	# peers were told to dial.
+	docker network inspect "$network" >/dev/null 2>&1 && return 0
+	docker network create -d bridge --subnet "${MESHLINK_KIND_SUBNET:-172.18.0.0/16}" \
+		-o com.docker.network.bridge.enable_ip_masquerade=true \
+		-o com.docker.network.driver.mtu=1500 "$network" >/dev/null
 }
 
 node_image() {
@@ -213,7 +226,11 @@ wait_ready() { # wait_ready I: nodes Ready, CoreDNS and meshlink rolled out
 	kc "$1" -n meshlink-system rollout status deploy/meshlink --timeout=180s >/dev/null
 }
 
-link() { # link I J: cluster J redeems a token of cluster I
+link() { # link I J: cluster J redeems a token of cluster I (unless it has a link to I)
+	if kc "$2" -n meshlink-system exec deploy/meshlink -- meshlink link list |
+		awk 'NR > 1 {print $2}' | grep -qx "c$1"; then
+		return 0
+	fi
 	local token
 	token=$(kc "$1" -n meshlink-system exec deploy/meshlink -- meshlink token create --expiry 5m)
 	printf '%s\n' "$token" | kc "$2" -n meshlink-system exec -i deploy/meshlink -- \
@@ -252,6 +269,7 @@ cmd_up() {
 		bash "$repo/hack/image.sh" >/dev/null
 	fi
 	image=$(node_image)
+	ensure_network
 	save_sysctls
 	for ((i = 1; i <= n; i++)); do create_cluster "$i" "$workers" "$image"; done
 	for ((i = 1; i <= n; i++)); do deploy_meshlink "$i" "$archive"; done

@@ -124,6 +124,11 @@ class KindTestbed:
         )
 
     @staticmethod
+    def kept_state() -> Path:
+        cache = Path(os.environ.get("MESHLINK_CACHE", Path.home() / ".cache" / "meshlink"))
+        return cache / "kind" / PREFIX
+
+    @staticmethod
     def teardown(state: Path) -> None:
         """Delete the clusters (also after a failed `up`) and stop a dockerd kind.sh started."""
         env = {**os.environ, "MESHLINK_KIND_PREFIX": PREFIX, "MESHLINK_KIND_STATE": str(state)}

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -67,9 +68,11 @@ def _collect_leaked_sockets() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def kind_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KindTestbed]:
     """Three kind clusters with meshlink deployed from manifests/ and linked (hack/kind.sh),
-    brought up once per test session and removed at its end."""
+    brought up once per test session and removed at its end. MESHLINK_TEST_KIND_KEEP=1
+    keeps them for the next run, which then reuses them (for working on these tests)."""
     require_root()
-    state = tmp_path_factory.mktemp("kind")
+    keep = os.environ.get("MESHLINK_TEST_KIND_KEEP") == "1"
+    state = KindTestbed.kept_state() if keep else tmp_path_factory.mktemp("kind")
     try:
         bed = KindTestbed.up(3, state)
     except KubeError as e:
@@ -79,4 +82,5 @@ def kind_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KindTestb
     try:
         yield bed
     finally:
-        KindTestbed.teardown(state)
+        if not keep:
+            KindTestbed.teardown(state)

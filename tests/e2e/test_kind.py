@@ -210,7 +210,9 @@ def test_both_kinds_of_export_are_seen_as_users_see_them(shop: Shop) -> None:
             "Ready": ("True", "Exported"),
             "Conflict": ("False", "NoConflicts"),
         }, (c.name, conds)
-    managed = shop.c3.get_json("serviceexport", "web", "-n", NS)["metadata"]["managedFields"]
+    managed = shop.c3.get_json("serviceexport", "web", "-n", NS, "--show-managed-fields")[
+        "metadata"
+    ]["managedFields"]
     assert any(m["manager"] == "meshlink" for m in managed)
 
     table = shop.c2.kubectl("get", "serviceimports", "-n", NS).stdout.splitlines()
@@ -331,6 +333,8 @@ class Probe:
     def result(self, timeout: float) -> list[tuple[float, bool, str]]:
         self.proc.wait(timeout=timeout)
         self._reader.join(timeout=10)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
         assert self.rows, "the probe printed nothing"
         return list(self.rows)
 
@@ -405,3 +409,26 @@ def test_failover_when_the_serving_node_leaves_the_network(shop: Shop) -> None:
     assert serving.name not in {who for t, ok, who in rows[-5:] if ok}
     _wait_linked(shop)
     assert shop.get("who") in {"c1", "c3"}
+
+
+def test_failover_when_the_serving_node_goes_silent(shop: Shop) -> None:
+    """docker pause freezes the whole node: its gateway stops answering without closing
+    anything, so only missed heartbeats tell (3 of them, 1 s apart by default)."""
+    serving = _serving(shop)
+    probe = Probe(shop, 30)
+    probe.wait_ok(10)
+    fault_at = time.time()
+    shop.bed.docker("pause", serving.node)
+    try:
+        rows = probe.result(timeout=90)
+    finally:
+        shop.bed.docker("unpause", serving.node)
+    gap = _longest_gap(rows, fault_at)
+    failed = sum(1 for t, ok, _ in rows if t >= fault_at and not ok)
+    print(
+        f"\nfailover, {serving.name}'s node paused (silent): new connections failed for "
+        f"{gap:.2f} s at most ({failed} failed)"
+    )
+    assert rows[-1][1], "connections did not recover"
+    assert serving.name not in {who for t, ok, who in rows[-5:] if ok}
+    _wait_linked(shop)
