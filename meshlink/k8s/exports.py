@@ -19,8 +19,8 @@ from typing import Final
 
 from meshlink.catalog.records import ExportRecord, ServiceKey
 from meshlink.catalog.view import Publish
-from meshlink.k8s import model
 from meshlink.errors import KubeError
+from meshlink.k8s import model
 from meshlink.k8s.api import EVENT, SERVICE_EXPORT, Kube, NotFound
 from meshlink.k8s.caches import Caches
 from meshlink.k8s.clusterset import ClustersetCatalog
