@@ -103,8 +103,13 @@ def nginx_config(workdir: Path, listen: str) -> Path:
     www.chmod(0o755)
     (www / "index.html").write_text("x" * NGINX_PAGE)
     conf = workdir / "nginx.conf"
-    conf.write_text(
-        f"""
+    conf.write_text(nginx_conf_text(str(workdir), listen))
+    return conf
+
+
+def nginx_conf_text(workdir: str, listen: str) -> str:
+    """The config of `nginx_config`, for a ``workdir`` that holds ``www/index.html``."""
+    return f"""
 worker_processes 1;
 daemon off;
 pid {workdir}/nginx.pid;
@@ -115,12 +120,10 @@ http {{
     keepalive_requests 1000000;
     server {{
         listen {listen} backlog=4096;
-        root {www};
+        root {workdir}/www;
     }}
 }}
 """
-    )
-    return conf
 
 
 def http_setup_times(host: str, port: int, count: int) -> tuple[list[float], int]:

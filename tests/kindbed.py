@@ -75,7 +75,8 @@ class KindCluster(Kubectl):
         ]
         if len(live) != 1:
             raise KubeError(f"{len(live)} running meshlink pods in {self.name}")
-        return live[0]
+        pod: dict[str, Any] = live[0]
+        return pod
 
 
 @dataclass
@@ -84,19 +85,24 @@ class KindTestbed:
 
     n: int
     state: Path
+    prefix: str
     clusters: list[KindCluster]
     tools_image: str
+    image_seconds: float
+    """Building meshlink's image (hack/image.sh)."""
     up_seconds: float
+    """hack/kind.sh up: clusters created, meshlink deployed, Ready and linked."""
 
     @classmethod
-    def up(cls, n: int, state: Path) -> KindTestbed:
-        env = {**os.environ, "MESHLINK_KIND_PREFIX": PREFIX, "MESHLINK_KIND_STATE": str(state)}
+    def up(cls, n: int, state: Path, prefix: str = PREFIX) -> KindTestbed:
+        env = {**os.environ, "MESHLINK_KIND_PREFIX": prefix, "MESHLINK_KIND_STATE": str(state)}
         t0 = time.monotonic()
         # The image of the code under test, always rebuilt (28 s warm): a stale image would
         # test yesterday's meshlink.
         _run(["bash", str(REPO / "hack" / "image.sh")], timeout=1800, env=env)
+        t1 = time.monotonic()
         out = _run(["bash", str(KIND_SH), "up", str(n)], timeout=2400, env=env)
-        up_seconds = time.monotonic() - t0
+        up_seconds = time.monotonic() - t1
         kubectl_bin = (
             Path(
                 _run(
@@ -111,7 +117,7 @@ class KindTestbed:
                 name=f"c{i}",
                 kubeconfig=Path(configs[f"c{i}"]),
                 kubectl_bin=kubectl_bin,
-                node=f"{PREFIX}-c{i}-control-plane",
+                node=f"{prefix}-c{i}-control-plane",
             )
             for i in range(1, n + 1)
         ]
@@ -120,18 +126,24 @@ class KindTestbed:
         ).split()
         _run(["bash", str(KIND_SH), "load", archive], timeout=600, env=env)
         return cls(
-            n=n, state=state, clusters=clusters, tools_image=tools_image, up_seconds=up_seconds
+            n=n,
+            state=state,
+            prefix=prefix,
+            clusters=clusters,
+            tools_image=tools_image,
+            image_seconds=t1 - t0,
+            up_seconds=up_seconds,
         )
 
     @staticmethod
-    def kept_state() -> Path:
+    def kept_state(prefix: str = PREFIX) -> Path:
         cache = Path(os.environ.get("MESHLINK_CACHE", Path.home() / ".cache" / "meshlink"))
-        return cache / "kind" / PREFIX
+        return cache / "kind" / prefix
 
     @staticmethod
-    def teardown(state: Path) -> None:
+    def teardown(state: Path, prefix: str = PREFIX) -> None:
         """Delete the clusters (also after a failed `up`) and stop a dockerd kind.sh started."""
-        env = {**os.environ, "MESHLINK_KIND_PREFIX": PREFIX, "MESHLINK_KIND_STATE": str(state)}
+        env = {**os.environ, "MESHLINK_KIND_PREFIX": prefix, "MESHLINK_KIND_STATE": str(state)}
         _run(["bash", str(KIND_SH), "down"], timeout=600, env=env)
 
     def docker(self, *args: str, timeout: float = 60) -> str:

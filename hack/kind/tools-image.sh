@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The image of the test workloads on the kind clusters, from Debian packages (no registry):
-# sh, curl, dig/nslookup, socat, nc, awk, grep, iproute2 and python3 (for a small HTTP
-# server). One image, tagged three ways:
-#   meshlink.local/testbed-tools:<key>   the kind e2e tests' servers and clients
+# sh, curl, dig/nslookup, socat, nc, awk, grep, iproute2, python3 (for a small HTTP server),
+# and for benchmarks/kind_datapath.py iperf3, wrk and nginx. One image, tagged three ways:
+#   meshlink.local/testbed-tools:<key>   the kind e2e tests' and benchmarks' workloads
 #   docker.io/alpine/socat:1.7.4.4       what the upstream MCS conformance suite's pods use
 #   docker.io/nicolaka/netshoot:v0.15    (sh, socat / sh, nslookup, nc, grep, awk, tail)
 # so that pods with imagePullPolicy IfNotPresent find them once loaded with `kind load`.
@@ -17,7 +17,7 @@ OCI_LOG_PREFIX=tools-image
 source "$repo/hack/lib/oci.sh"
 
 [[ $(id -u) == 0 ]] || oci_die "run as root"
-PACKAGES=bash,curl,bind9-dnsutils,socat,netcat-openbsd,mawk,grep,iproute2,procps,python3,ca-certificates
+PACKAGES=bash,curl,bind9-dnsutils,socat,netcat-openbsd,mawk,grep,iproute2,procps,python3,ca-certificates,iperf3,wrk,nginx-light
 key=$(cat "$0" "$repo/hack/lib/oci.sh" | { cat; echo "$PACKAGES"; } | sha256sum | cut -c1-12)
 TOOLS_IMAGE="meshlink.local/testbed-tools:$key"
 archive="$oci_cache/images/testbed-tools-$key.tar"
