@@ -65,12 +65,19 @@ def _server(image: str) -> str:
                     "metadata": {"labels": labels},
                     "spec": {
                         "containers": [
-                            {"name": "nginx", "image": image, "command": ["sh", "-c", nginx],
-                             "volumeMounts": [{"name": "work", "mountPath": "/work"}],
-                             "readinessProbe": {"tcpSocket": {"port": HTTP_PORT}}},
-                            {"name": "iperf3", "image": image,
-                             "command": ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                             "readinessProbe": {"tcpSocket": {"port": IPERF_PORT}}},
+                            {
+                                "name": "nginx",
+                                "image": image,
+                                "command": ["sh", "-c", nginx],
+                                "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+                                "readinessProbe": {"tcpSocket": {"port": HTTP_PORT}},
+                            },
+                            {
+                                "name": "iperf3",
+                                "image": image,
+                                "command": ["iperf3", "-s", "-p", str(IPERF_PORT)],
+                                "readinessProbe": {"tcpSocket": {"port": IPERF_PORT}},
+                            },
                         ],
                         "volumes": [{"name": "work", "emptyDir": {}}],
                     },
@@ -82,21 +89,38 @@ def _server(image: str) -> str:
         ("web", 80, HTTP_PORT, NODE_HTTP),
         ("bulk", IPERF_PORT, IPERF_PORT, NODE_IPERF),
     ):
-        objs.append({
-            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
-            "spec": {"selector": labels, "ports": [{"name": "p", "port": port, "targetPort": target}]},
-        })
-        objs.append({
-            "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
-            "metadata": {"name": name, "namespace": NS},
-        })
-        objs.append({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": f"{name}-nodeport", "namespace": NS},
-            "spec": {"type": "NodePort", "selector": labels,
-                     "ports": [{"name": "p", "port": port, "targetPort": target,
-                                "nodePort": node_port}]},
-        })
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {
+                    "selector": labels,
+                    "ports": [{"name": "p", "port": port, "targetPort": target}],
+                },
+            }
+        )
+        objs.append(
+            {
+                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+                "kind": "ServiceExport",
+                "metadata": {"name": name, "namespace": NS},
+            }
+        )
+        objs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": f"{name}-nodeport", "namespace": NS},
+                "spec": {
+                    "type": "NodePort",
+                    "selector": labels,
+                    "ports": [
+                        {"name": "p", "port": port, "targetPort": target, "nodePort": node_port}
+                    ],
+                },
+            }
+        )
     return "\n---\n".join(json.dumps(o) for o in objs)
 
 
@@ -110,46 +134,97 @@ class Bench:
         node = self.c1.node_ip()
         # mode -> (client cluster, HTTP host, HTTP port, iperf3 host, iperf3 port)
         self.targets: dict[str, tuple[KindCluster, str, int, str, int]] = {
-            "meshlink": (self.c2, f"web.{NS}.svc.clusterset.local", 80,
-                         f"bulk.{NS}.svc.clusterset.local", IPERF_PORT),
-            "incluster": (self.c1, f"web.{NS}.svc.cluster.local", 80,
-                          f"bulk.{NS}.svc.cluster.local", IPERF_PORT),
+            "meshlink": (
+                self.c2,
+                f"web.{NS}.svc.clusterset.local",
+                80,
+                f"bulk.{NS}.svc.clusterset.local",
+                IPERF_PORT,
+            ),
+            "incluster": (
+                self.c1,
+                f"web.{NS}.svc.cluster.local",
+                80,
+                f"bulk.{NS}.svc.cluster.local",
+                IPERF_PORT,
+            ),
             "nodeport": (self.c2, node, NODE_HTTP, node, NODE_IPERF),
         }
 
     def setup(self) -> None:
         for c in (self.c1, self.c2):
             c.kubectl("create", "namespace", NS, check=False)
-            c.kubectl("-n", NS, "run", "client", f"--image={self.bed.tools_image}",
-                      "--restart=Never", "--command", "--", "sleep", "infinity", check=False)
+            c.kubectl(
+                "-n",
+                NS,
+                "run",
+                "client",
+                f"--image={self.bed.tools_image}",
+                "--restart=Never",
+                "--command",
+                "--",
+                "sleep",
+                "infinity",
+                check=False,
+            )
         self.c1.apply(_server(self.bed.tools_image))
         wait_rollout(self.c1, NS, "deploy/server")
         for c in (self.c1, self.c2):
             wait_pod_ready(c, NS, "client")
             c.kubectl("cp", str(HERE / "_common.py"), f"{NS}/client:/tmp/_common.py")
         for name in ("web", "bulk"):
-            self.c2.wait_for(lambda name=name: self.c2.exists("serviceimport", name, "-n", NS),
-                             120, f"{name} imported")
+            self.c2.wait_for(
+                lambda name=name: self.c2.exists("serviceimport", name, "-n", NS),
+                120,
+                f"{name} imported",
+            )
         for mode, (c, host, port, _, _) in self.targets.items():
-            wait_until(lambda c=c, host=host, port=port: self._http_ok(c, host, port), 120,
-                       f"the {mode} path answering", ignore=(Exception,))
+            wait_until(
+                lambda c=c, host=host, port=port: self._http_ok(c, host, port),
+                120,
+                f"the {mode} path answering",
+                ignore=(Exception,),
+            )
 
     def _exec(self, c: KindCluster, *cmd: str, timeout: float = 120) -> str:
         return c.exec(NS, "client", *cmd, timeout=timeout)
 
     def _http_ok(self, c: KindCluster, host: str, port: int) -> bool:
-        return len(self._exec(c, "curl", "-sS", "--fail", "-m", "3", f"http://{host}:{port}/")) == C.NGINX_PAGE
+        return (
+            len(self._exec(c, "curl", "-sS", "--fail", "-m", "3", f"http://{host}:{port}/"))
+            == C.NGINX_PAGE
+        )
 
     def iperf(self, mode: str, flows: int) -> float:
         c, _, _, host, port = self.targets[mode]
-        out = self._exec(c, "iperf3", "-c", host, "-p", str(port), "-t", str(self.seconds),
-                         "-P", str(flows), "-J", timeout=self.seconds + 60)
+        out = self._exec(
+            c,
+            "iperf3",
+            "-c",
+            host,
+            "-p",
+            str(port),
+            "-t",
+            str(self.seconds),
+            "-P",
+            str(flows),
+            "-J",
+            timeout=self.seconds + 60,
+        )
         return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
     def wrk(self, mode: str) -> tuple[float, float, float]:
         c, host, port, _, _ = self.targets[mode]
-        out = self._exec(c, "wrk", "-t2", "-c50", f"-d{self.seconds}s", "--latency",
-                         f"http://{host}:{port}/", timeout=self.seconds + 60)
+        out = self._exec(
+            c,
+            "wrk",
+            "-t2",
+            "-c50",
+            f"-d{self.seconds}s",
+            "--latency",
+            f"http://{host}:{port}/",
+            timeout=self.seconds + 60,
+        )
         return C.wrk_result(out, mode)
 
     def setup_times(self, mode: str, count: int) -> tuple[float, float, int]:
@@ -220,8 +295,10 @@ def main() -> int:
     t0 = time.monotonic()
     bed = KindTestbed.up(2, state, prefix=PREFIX)
     try:
-        bringup = {"image_build_s": round(bed.image_seconds, 1),
-                   "kind_up_2_clusters_s": round(bed.up_seconds, 1)}
+        bringup = {
+            "image_build_s": round(bed.image_seconds, 1),
+            "kind_up_2_clusters_s": round(bed.up_seconds, 1),
+        }
         bench = Bench(bed, args.quick)
         bench.setup()
         bench.run()
@@ -231,20 +308,37 @@ def main() -> int:
             KindTestbed.teardown(state, PREFIX)
     med = {m: {k: C.median(v) for k, v in bench.results[m].items()} for m in MODES}
     rows = []
-    for key, label in (("iperf_1", "iperf3 1 flow (Gbit/s)"), ("iperf_8", "iperf3 8 flows (Gbit/s)"),
-                       ("wrk_rps", "wrk -t2 -c50 (req/s)"), ("wrk_p99_ms", "wrk p99 (ms)"),
-                       ("setup_p50_ms", "flow setup p50 (ms)"), ("setup_p99_ms", "flow setup p99 (ms)")):
+    for key, label in (
+        ("iperf_1", "iperf3 1 flow (Gbit/s)"),
+        ("iperf_8", "iperf3 8 flows (Gbit/s)"),
+        ("wrk_rps", "wrk -t2 -c50 (req/s)"),
+        ("wrk_p99_ms", "wrk p99 (ms)"),
+        ("setup_p50_ms", "flow setup p50 (ms)"),
+        ("setup_p99_ms", "flow setup p99 (ms)"),
+    ):
         m, i, n = (med[x][key] for x in MODES)
         rows.append((label, m, i, n, C.ratio(m, i), C.ratio(m, n)))
     print(C.load_line())
-    C.print_table(("metric", "meshlink", "incluster", "nodeport", "vs incluster", "vs nodeport"), rows)
-    print(f"bring-up: image {bringup['image_build_s']} s, `hack/kind.sh up 2` "
-          f"{bringup['kind_up_2_clusters_s']} s; meshlink pod deleted -> replacement Ready "
-          f"{restart['delete_to_ready_s']} s (container start -> Ready "
-          f"{restart['container_start_to_ready_s']:.0f} s)")
-    C.write_json(args.json, {"modes": med, "bringup": bringup, "meshlink_restart": restart,
-                             "quick": args.quick, "load": C.load_line(),
-                             "total_s": round(time.monotonic() - t0, 1)})
+    C.print_table(
+        ("metric", "meshlink", "incluster", "nodeport", "vs incluster", "vs nodeport"), rows
+    )
+    print(
+        f"bring-up: image {bringup['image_build_s']} s, `hack/kind.sh up 2` "
+        f"{bringup['kind_up_2_clusters_s']} s; meshlink pod deleted -> replacement Ready "
+        f"{restart['delete_to_ready_s']} s (container start -> Ready "
+        f"{restart['container_start_to_ready_s']:.0f} s)"
+    )
+    C.write_json(
+        args.json,
+        {
+            "modes": med,
+            "bringup": bringup,
+            "meshlink_restart": restart,
+            "quick": args.quick,
+            "load": C.load_line(),
+            "total_s": round(time.monotonic() - t0, 1),
+        },
+    )
     return 0
 
 

@@ -24,14 +24,16 @@ PREFIX = "mltest"
 """Cluster names mltest-c1...: apart from a user's `hack/kind.sh up` (prefix meshlink)."""
 
 
-def _run(argv: list[str], *, timeout: float, env: dict[str, str] | None = None) -> str:
+def _run(
+    argv: list[str], *, timeout: float, env: dict[str, str] | None = None, check: bool = True
+) -> str:
     try:
         proc = subprocess.run(
             argv, capture_output=True, text=True, timeout=timeout, check=False, env=env
         )
     except subprocess.TimeoutExpired:
         raise KubeError(f"{shlex.join(argv)} timed out after {timeout:g} s") from None
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-25:])
         raise KubeError(f"{shlex.join(argv)} failed (exit {proc.returncode}):\n{tail}")
     return proc.stdout
@@ -146,8 +148,12 @@ class KindTestbed:
         env = {**os.environ, "MESHLINK_KIND_PREFIX": prefix, "MESHLINK_KIND_STATE": str(state)}
         _run(["bash", str(KIND_SH), "down"], timeout=600, env=env)
 
-    def docker(self, *args: str, timeout: float = 60) -> str:
-        return _run(["docker", *args], timeout=timeout)
+
+def docker(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None, check: bool = True
+) -> str:
+    """Run the docker CLI (against the dockerd hack/kind.sh uses); stdout."""
+    return _run(["docker", *args], timeout=timeout, env={**os.environ, **(env or {})}, check=check)
 
 
 def wait_rollout(c: KindCluster, ns: str, what: str, timeout: float = 180) -> None:
@@ -168,4 +174,4 @@ def wait_pod_ready(c: KindCluster, ns: str, pod: str, timeout: float = 120) -> N
     )
 
 
-__all__ = ["KindCluster", "KindTestbed", "wait_pod_ready", "wait_rollout", "wait_until"]
+__all__ = ["KindCluster", "KindTestbed", "docker", "wait_pod_ready", "wait_rollout", "wait_until"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.kindbed import KindCluster, KindTestbed, wait_pod_ready, wait_rollout
+from tests.kindbed import KindCluster, KindTestbed, docker, wait_pod_ready, wait_rollout
 from tests.kube import KubeError, wait_until
 
 pytestmark = pytest.mark.timeout(1800)
@@ -394,11 +394,11 @@ def test_failover_when_the_serving_node_leaves_the_network(shop: Shop) -> None:
     probe = Probe(shop, 30)
     probe.wait_ok(10)
     fault_at = time.time()
-    shop.bed.docker("network", "disconnect", "kind", serving.node)
+    docker("network", "disconnect", "kind", serving.node)
     try:
         rows = probe.result(timeout=90)
     finally:
-        shop.bed.docker("network", "connect", "--ip", ip, "kind", serving.node)
+        docker("network", "connect", "--ip", ip, "kind", serving.node)
     gap = _longest_gap(rows, fault_at)
     others = {who for t, ok, who in rows if t >= fault_at + gap and ok}
     print(
@@ -418,11 +418,11 @@ def test_failover_when_the_serving_node_goes_silent(shop: Shop) -> None:
     probe = Probe(shop, 30)
     probe.wait_ok(10)
     fault_at = time.time()
-    shop.bed.docker("pause", serving.node)
+    docker("pause", serving.node)
     try:
         rows = probe.result(timeout=90)
     finally:
-        shop.bed.docker("unpause", serving.node)
+        docker("unpause", serving.node)
     gap = _longest_gap(rows, fault_at)
     failed = sum(1 for t, ok, _ in rows if t >= fault_at and not ok)
     print(
