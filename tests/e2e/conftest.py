@@ -73,6 +73,8 @@ def kind_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KindTestb
     require_root()
     keep = os.environ.get("MESHLINK_TEST_KIND_KEEP") == "1"
     state = KindTestbed.kept_state() if keep else tmp_path_factory.mktemp("kind")
+    if not keep:
+        KindTestbed.teardown(state)  # what a killed earlier run may have left
     try:
         bed = KindTestbed.up(3, state)
     except KubeError as e:
