@@ -20,8 +20,9 @@ from typing import Any
 from tests.kube import REPO, Kubectl, KubeError, wait_until
 
 KIND_SH = REPO / "hack" / "kind.sh"
-PREFIX = "mltest"
-"""Cluster names mltest-c1...: apart from a user's `hack/kind.sh up` (prefix meshlink)."""
+PREFIX = os.environ.get("MESHLINK_TEST_KIND_PREFIX", "mltest")
+"""Cluster names mltest-c1...: apart from a user's `hack/kind.sh up` (prefix meshlink). Set
+MESHLINK_TEST_KIND_PREFIX to run two test sessions on one machine at once."""
 
 
 def _run(
