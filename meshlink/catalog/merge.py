@@ -4,6 +4,13 @@ Pure functions. The oldest export (creation time, then origin id) wins every glo
 property; ports are the union (merged by name, then by protocol and port); every
 disagreement is a conflict reason, reported on every export of the service in every
 cluster (the MCS ``Conflict`` condition).
+
+A port conflict is any difference between the constituent Services' port sets, not only a
+clash of one name or one (protocol, port): the MCS API defines ``PortConflict`` as "the
+ports are not identical in all the constituent Services" (v1beta1 ServiceExport
+conditions), and the upstream conformance suite expects it when one cluster exports
+tcp/42 + udp/42 and another tcp/42 + sctp/142. The union is still served, each port only
+by the clusters that expose it.
 """
 
 from __future__ import annotations
@@ -62,12 +69,15 @@ def age_order(r: ExportRecord) -> tuple[float, str]:
     return (r.created, r.origin)
 
 
-def _union_ports(exports: Iterable[ExportRecord]) -> tuple[list[Port], dict[Port, list[str]], bool]:
+def _union_ports(
+    exports: tuple[ExportRecord, ...],
+) -> tuple[list[Port], dict[Port, list[str]], bool]:
     union: list[Port] = []
     by_name: dict[str, Port] = {}
     by_num: dict[tuple[str, int], Port] = {}
     origins: dict[Port, list[str]] = {}
-    conflict = False
+    # Identical means the same set of ports: their order in a Service does not matter.
+    conflict = len({frozenset(rec.ports) for rec in exports}) > 1
     for rec in exports:
         for p in rec.ports:
             existing = by_name.get(p.name) if p.name else None
@@ -79,11 +89,14 @@ def _union_ports(exports: Iterable[ExportRecord]) -> tuple[list[Port], dict[Port
                     by_name[p.name] = p
                 by_num[(p.protocol, p.port)] = p
                 origins[p] = [rec.origin]
-            elif (existing.name, existing.protocol, existing.port) == (p.name, p.protocol, p.port):
-                if rec.origin not in origins[existing]:
-                    origins[existing].append(rec.origin)
-            else:
-                conflict = True
+            elif (existing.name, existing.protocol, existing.port) == (
+                p.name,
+                p.protocol,
+                p.port,
+            ) and rec.origin not in origins[existing]:
+                origins[existing].append(rec.origin)
+            # Otherwise a clash of name or number: the older definition stays (the port sets
+            # differ, so it is a conflict already).
     return union, origins, conflict
 
 

@@ -37,6 +37,9 @@ def test_oldest_wins_then_cluster_id_breaks_ties() -> None:
 
 
 def test_ports_are_the_union_by_name_then_protocol_and_port() -> None:
+    """Different port sets are served as their union, and are a PortConflict: the MCS API
+    calls it one whenever "the ports are not identical in all the constituent Services".
+    (This test used to assert no conflict here: a narrower rule than the spec's.)"""
     m = merge(
         [
             rec("a", 1, Port(80, "TCP", "http")),
@@ -45,9 +48,39 @@ def test_ports_are_the_union_by_name_then_protocol_and_port() -> None:
         ]
     )
     assert [p.port for p in m.ports] == [80, 443, 53]
-    assert m.conflicts == ()
+    assert m.conflicts == ("PortConflict",)
+    assert m.origins_for_port(80) == ("a", "b")
     assert m.origins_for_port(443) == ("b",)
     assert m.origins_for_port(53, "UDP") == ("c",)
+
+
+def test_an_extra_port_in_one_cluster_is_a_port_conflict() -> None:
+    """The upstream conformance case: tcp/42 + udp/42 here, tcp/42 + sctp/142 there."""
+    here = (Port(42, "TCP", "tcp"), Port(42, "UDP", "udp"))
+    there = (Port(42, "TCP", "tcp"), Port(142, "SCTP", "stcp"))
+    m = merge([rec("a", 1, *here), rec("b", 2, *there)])
+    assert m.conflicts == ("PortConflict",)
+    assert sorted((p.name, p.protocol, p.port) for p in m.ports) == [
+        ("stcp", "SCTP", 142),
+        ("tcp", "TCP", 42),
+        ("udp", "UDP", 42),
+    ]
+    assert m.origins_for_port(42) == ("a", "b")
+    assert m.origins_for_port(42, "UDP") == ("a",)
+    assert m.origins_for_port(142, "SCTP") == ("b",)
+
+
+def test_the_same_ports_in_another_order_are_no_conflict() -> None:
+    a = (Port(80, "TCP", "http"), Port(443, "TCP", "https"))
+    m = merge([rec("a", 1, *a), rec("b", 2, *reversed(a))])
+    assert m.conflicts == ()
+    assert m.origins_for_port(443) == ("a", "b")
+
+
+def test_another_app_protocol_is_a_port_conflict() -> None:
+    m = merge([rec("a", 1, Port(80, "TCP", "http")), rec("b", 2, Port(80, "TCP", "http", "h2c"))])
+    assert m.conflicts == ("PortConflict",)
+    assert m.ports == (Port(80, "TCP", "http"),)
 
 
 def test_port_conflict_keeps_the_oldest_definition() -> None:
