@@ -81,6 +81,7 @@ class Controller:
             workers=workers,
             transient=self._transient,
             on_view=on_view,
+            owner_namespace=self.kconfig.namespace,
         )
 
     def _transient(self, e: Exception) -> bool:

@@ -51,8 +51,12 @@ class ImportReconciler:
         workers: int,
         transient: Callable[[Exception], bool],
         on_view: OnView | None = None,
+        owner_namespace: str | None = None,
     ) -> None:
         self.kube = kube
+        self._owner_namespace = owner_namespace
+        """meshlink's own namespace: every object made here is owned by it (garbage
+        collected once it goes, as on uninstall)."""
         self.caches = caches
         self.catalog = catalog
         self.ports = ports
@@ -175,6 +179,11 @@ class ImportReconciler:
                 self.queue.add(ikey)
 
     def _on_namespace(self, key: ObjKey, old: Obj | None, new: Obj | None) -> None:
+        if key[1] == self._owner_namespace and model.meta(old or {}).get("uid") != model.meta(
+            new or {}
+        ).get("uid"):
+            # Every object made here names its owner's uid: a new owner, new bodies.
+            self.requeue_all()
         if model.namespace_usable(old) == model.namespace_usable(new):
             return
         ns = key[1]
@@ -213,6 +222,9 @@ class ImportReconciler:
 
     async def _apply_if_changed(self, cache: Watcher, body: Obj) -> Obj | None:
         """Apply unless this exact body was applied before (returns None then)."""
+        if self._owner_namespace:
+            owner = self.caches.namespaces.get(("", self._owner_namespace))
+            body = model.owned_by_namespace(body, owner)
         m = body["metadata"]
         k = (cache.res.plural, m["namespace"], m["name"])
         h = m["annotations"][model.SPEC_HASH_ANNOTATION]

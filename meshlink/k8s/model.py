@@ -496,6 +496,24 @@ def derived_service_body(merged: MergedService, target_ports: TargetPorts) -> Ob
     )
 
 
+def owned_by_namespace(body: Obj, namespace: Mapping[str, Any] | None) -> Obj:
+    """``body`` with an owner reference to ``namespace`` (meshlink's own Namespace object),
+    re-hashed; unchanged when there is no such namespace.
+
+    Kubernetes' garbage collector then deletes the object once that namespace is gone, so
+    uninstalling meshlink (``helm uninstall``, ``kubectl delete -k``) orphans no import, even
+    one applied while meshlink was being stopped. A cluster-scoped owner may own objects in
+    every namespace; no ``blockOwnerDeletion``, which would need a write on namespaces."""
+    m = meta(namespace or {})
+    if not m.get("uid") or not m.get("name"):
+        return body
+    body["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "Namespace", "name": m["name"], "uid": m["uid"]}
+    ]
+    body["metadata"]["annotations"].pop(SPEC_HASH_ANNOTATION, None)
+    return _with_hash(body)
+
+
 def recorded_gateway_ports(svc: Mapping[str, Any]) -> list[tuple[str, int, int]]:
     """(protocol, service port, gateway port) recorded on a ClusterSetIP derived Service:
     its TCP ports' numeric ``targetPort``. A headless one records none (its target ports

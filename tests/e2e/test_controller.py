@@ -730,6 +730,15 @@ async def test_gateway_pods_back_the_clusterset_ip(env: Env) -> None:
     assert json.dumps(sl["ports"]) == json.dumps(
         [{"name": "http", "protocol": "TCP", "port": target}]
     )
+    # Everything meshlink made for the import is owned by meshlink's namespace, so the
+    # garbage collector removes it once meshlink is uninstalled (no orphaned import).
+    gw = await env.kubes[1].get(NAMESPACE, gw_ns)
+    assert gw is not None
+    owner = [{"apiVersion": "v1", "kind": "Namespace", "name": gw_ns, "uid": gw["metadata"]["uid"]}]
+    si = await env.si(1, ns, "web")
+    assert si is not None
+    for obj in (sl, derived, si):
+        assert obj["metadata"].get("ownerReferences") == owner, obj["metadata"]
 
 
 async def test_v1alpha1_export_is_the_same_object(env: Env) -> None:

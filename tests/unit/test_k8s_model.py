@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import pytest
@@ -508,3 +509,27 @@ def test_a_watchers_own_writes_are_in_its_cache_until_their_events() -> None:
     assert w.get(("demo", "web"))["metadata"]["uid"] == "1"  # type: ignore[index]
     w.deleted(("demo", "web"))
     assert w.get(("demo", "web")) is None
+
+
+def test_imports_are_owned_by_meshlinks_namespace() -> None:
+    body = model.service_import_body(
+        merge([ExportRecord("c1", "ns", "web", ServiceType.CLUSTERSET_IP, (Port(80),), 1.0, 1)]),
+        ("10.0.0.1",),
+        ("IPv4",),
+    )
+    plain_hash = body["metadata"]["annotations"][model.SPEC_HASH_ANNOTATION]
+    ns = {"metadata": {"name": "meshlink-system", "uid": "u-1"}}
+    owned = model.owned_by_namespace(copy.deepcopy(body), ns)
+    assert owned["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Namespace", "name": "meshlink-system", "uid": "u-1"}
+    ]
+    # Another owner is another body: the hash that decides whether to apply again moves.
+    h1 = owned["metadata"]["annotations"][model.SPEC_HASH_ANNOTATION]
+    ns2 = {"metadata": {"name": "meshlink-system", "uid": "u-2"}}
+    h2 = model.owned_by_namespace(copy.deepcopy(body), ns2)["metadata"]["annotations"][
+        model.SPEC_HASH_ANNOTATION
+    ]
+    assert len({plain_hash, h1, h2}) == 3
+    # No namespace (or one not yet created): the body as it was.
+    assert model.owned_by_namespace(copy.deepcopy(body), None) == body
+    assert model.owned_by_namespace(copy.deepcopy(body), {"metadata": {"name": "x"}}) == body
