@@ -60,3 +60,39 @@ def test_kube_bin_print_dir_builds_nothing_when_cached(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).is_dir()
     assert "building" not in proc.stderr
+
+
+CONFORMANCE = ROOT / "hack" / "conformance.sh"
+
+
+def test_conformance_without_a_suite_says_what_to_pass_in_one_line(tmp_path: Path) -> None:
+    """The upstream suite cannot be fetched here (not on the Go module proxy): without
+    --suite-src the script fails at once with one line naming the flag, builds nothing and
+    brings up no cluster."""
+    env = {**os.environ, "MESHLINK_CACHE": str(tmp_path)}
+    proc = subprocess.run(
+        ["bash", str(CONFORMANCE)], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert "--suite-src DIR" in line, line
+    assert "kubernetes-sigs/mcs-api" in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_conformance_refuses_a_directory_that_is_not_the_suites_repository(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "src" / "conformance").mkdir(parents=True)
+    env = {**os.environ, "MESHLINK_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        ["bash", str(CONFORMANCE), "--suite-src", str(tmp_path / "src")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 1
+    assert "not the root of a kubernetes-sigs/mcs-api checkout" in proc.stderr
+    assert not (tmp_path / "cache").exists()
