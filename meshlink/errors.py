@@ -63,6 +63,11 @@ class GrantUnreachable(TokenError):
     """The grant endpoint could not be reached at the address in the token."""
 
 
+class LinkRevoked(TokenError):
+    """The issuer no longer has this site as a peer (revoked, or unlinked): only a new
+    token links the two sites again."""
+
+
 class PeerNotAuthorized(MeshlinkError):
     """A peer's certificate identity is not one we have a link record for."""
 

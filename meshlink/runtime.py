@@ -77,6 +77,7 @@ class SiteRuntime:
             ),
             metrics=self.metrics,
             on_services=self.platform.catalog_changed,
+            on_unlinked=lambda peer: self.links.unlinked_by(peer),
         )
         self.router = Router(config.site, self.catalog, self.platform)
         self.gateway = Gateway(
@@ -101,7 +102,9 @@ class SiteRuntime:
             import_range=self.platform.import_range,
             metrics=self.metrics,
         )
-        self.links = LinkSet(config, self.identity, self.gateway, self.catalog.peers)
+        self.links = LinkSet(
+            config, self.identity, self.gateway, self.catalog.peers, self.control.unlink
+        )
         self.ops: OpsServer | None = None
         self._ready_reason = "starting"
 

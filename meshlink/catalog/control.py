@@ -8,6 +8,11 @@ whose ``"t"`` names its type:
 - ``{"t": "renew", "csr": PEM}``: the redeemer of a link asks its issuer to sign a new link
   client certificate for the same key.
 - ``{"t": "renewed", "cert": PEM}``: the issuer's answer.
+- ``{"t": "unlink"}``: the sender has deleted its side of the link between the two sites
+  (``meshlink link delete`` on the redeemer, ``meshlink peer revoke`` on the issuer) and is
+  about to close it. The receiver forgets the sender (its peer record, or its link record)
+  and drops what it learned through the link at once: an unlink is not an outage, so no
+  grace period applies. A site can only unlink itself: the link authenticates the sender.
 
 ``encode`` is the one place a message becomes bytes, and the one place it is split: an
 update whose encoding exceeds ``CONTROL_LIMIT`` is cut into several updates by size
@@ -59,7 +64,12 @@ class RenewAnswer:
     """PEM of the renewed link client certificate."""
 
 
-ControlMessage = Update | RenewRequest | RenewAnswer
+@dataclass(frozen=True, slots=True)
+class Unlink:
+    """The sender deleted its side of the link (see the module docstring)."""
+
+
+ControlMessage = Update | RenewRequest | RenewAnswer | Unlink
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -84,6 +94,8 @@ def encode(message: ControlMessage, limit: int = CONTROL_LIMIT) -> list[bytes]:
         return [_dumps({"t": "renew", "csr": message.csr})]
     if isinstance(message, RenewAnswer):
         return [_dumps({"t": "renewed", "cert": message.cert})]
+    if isinstance(message, Unlink):
+        return [_dumps({"t": "unlink"})]
     dels = [list(k) for k in message.delete]
     if not message.add and not dels:
         return []
@@ -154,4 +166,6 @@ def decode(payload: bytes) -> ControlMessage:
         if not isinstance(cert, str) or len(cert) > MAX_PEM:
             raise CatalogError("renewed without a certificate")
         return RenewAnswer(cert)
+    if kind == "unlink":
+        return Unlink()
     raise CatalogError(f"unknown control message type {kind!r}")

@@ -1,9 +1,10 @@
 """Links between sites: link tokens, the grant endpoint, link and peer records on disk.
 
 Modules: ``tokens`` (token text, pure), ``records`` (files under the state directory),
-``issuer`` (token creation and the grant decision, no network), ``grant`` (the HTTPS grant
-endpoint), ``redeem`` (the redeeming client), ``renewal`` (link certificate renewal pieces),
-``certcheck`` (the checks of a link certificate a peer signed, for redeem and renewal),
+``issuer`` (token creation, the grant and re-authentication decisions, no network),
+``grant`` (the HTTPS grant endpoint), ``redeem`` (the redeeming client, and
+re-authentication), ``renewal`` (link certificate renewal pieces), ``certcheck`` (the
+certificate checks: a link certificate a peer signed, a peer's proof of its identity),
 ``contexts`` (gateway TLS contexts from records), ``commands`` (CLI text).
 """
 
@@ -20,8 +21,21 @@ from meshlink.links.commands import (
     read_token_arg,
 )
 from meshlink.links.contexts import gateway_server_context, link_client_context
-from meshlink.links.grant import REDEEM_PATH, GrantServer, RunningGrant, start_grant_server
-from meshlink.links.issuer import REFUSALS, GrantRefused, create_token, decide_redeem, sign_renewal
+from meshlink.links.grant import (
+    REAUTH_PATH,
+    REDEEM_PATH,
+    GrantServer,
+    RunningGrant,
+    start_grant_server,
+)
+from meshlink.links.issuer import (
+    REFUSALS,
+    GrantRefused,
+    create_token,
+    decide_reauth,
+    decide_redeem,
+    sign_renewal,
+)
 from meshlink.links.records import (
     LINKS,
     PEERS,
@@ -33,12 +47,13 @@ from meshlink.links.records import (
     TokenRecord,
     delete_link,
     find_link_to,
+    forget_site,
     is_peer_allowed,
     link_cert_path,
     revoke_peer,
     revoke_token,
 )
-from meshlink.links.redeem import redeem
+from meshlink.links.redeem import reauthenticate, redeem
 from meshlink.links.renewal import (
     Renewals,
     link_renewal_due,
@@ -51,6 +66,7 @@ from meshlink.links.tokens import TOKEN_PREFIX, Token, decode_token, encode_toke
 __all__ = [
     "LINKS",
     "PEERS",
+    "REAUTH_PATH",
     "REDEEM_PATH",
     "REFUSALS",
     "TOKENS",
@@ -75,17 +91,20 @@ __all__ = [
     "cmd_token_list",
     "cmd_token_revoke",
     "create_token",
+    "decide_reauth",
     "decide_redeem",
     "decode_token",
     "delete_link",
     "encode_token",
     "find_link_to",
+    "forget_site",
     "gateway_server_context",
     "is_peer_allowed",
     "link_cert_path",
     "link_client_context",
     "link_renewal_due",
     "read_token_arg",
+    "reauthenticate",
     "redeem",
     "renewal_csr",
     "renewal_due",

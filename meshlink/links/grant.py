@@ -1,10 +1,17 @@
 """The grant endpoint: HTTPS (TLS 1.3, server certificate from the site CA, no client
-certificate) with one route, ``POST /v1/redeem``, carrying ``issuer.decide_redeem``.
+certificate) with two routes:
 
-Request: ``{token_id, secret, site, ca_pem, csr_pem}``. Success (200):
-``{site, ca_pem, cert_pem, endpoints}``. Refusal: ``{error: <code>, message: <one line>}``
-with the status of ``issuer.REFUSALS``. Decisions are serialised by one asyncio lock, so a
-token's uses are consumed exactly once each; file writes are atomic renames.
+- ``POST /v1/redeem`` carries ``issuer.decide_redeem``. Request: ``{token_id, secret,
+  site, ca_pem, csr_pem, gateway_pem}`` (``gateway_pem``, the redeemer's gateway
+  certificate, is needed only to link the same site again). Success (200): ``{site,
+  ca_pem, cert_pem, endpoints}``.
+- ``POST /v1/reauth`` carries ``issuer.decide_reauth``: a current peer whose link
+  certificate expired proves its identity with its gateway certificate. Request: ``{site,
+  gateway_pem, csr_pem}``. Success (200): ``{site, cert_pem}``.
+
+Refusal: ``{error: <code>, message: <one line>}`` with the status of ``issuer.REFUSALS``.
+Decisions are serialised by one asyncio lock, so a token's uses are consumed exactly once
+each; file writes are atomic renames.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -25,7 +32,7 @@ from aiohttp.typedefs import Middleware
 from meshlink import httpd
 from meshlink.config import HostPort
 from meshlink.errors import MeshlinkError
-from meshlink.links.issuer import GrantRefused, decide_redeem
+from meshlink.links.issuer import GrantRefused, decide_reauth, decide_redeem
 from meshlink.links.tokens import split_hostport
 from meshlink.pki import (
     LINK_CERT_LIFETIME,
@@ -37,6 +44,7 @@ from meshlink.pki import (
 log = logging.getLogger(__name__)
 
 REDEEM_PATH: Final = "/v1/redeem"
+REAUTH_PATH: Final = "/v1/reauth"
 MAX_BODY: Final = 64 * 1024
 
 
@@ -68,9 +76,33 @@ class GrantServer:
     def make_app(self, middlewares: Iterable[Middleware] = ()) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=list(middlewares))
         app.router.add_post(REDEEM_PATH, self._redeem)
+        app.router.add_post(REAUTH_PATH, self._reauth)
         return app
 
     async def _redeem(self, request: web.Request) -> web.Response:
+        def decide(body: object) -> dict[str, Any]:
+            return decide_redeem(
+                self.identity,
+                self.state_dir,
+                body,
+                endpoints=self.gateway_endpoints,
+                cert_lifetime=self.cert_lifetime,
+                now=self.clock(),
+            )
+
+        return await self._decide(request, decide)
+
+    async def _reauth(self, request: web.Request) -> web.Response:
+        def decide(body: object) -> dict[str, Any]:
+            return decide_reauth(
+                self.identity, self.state_dir, body, cert_lifetime=self.cert_lifetime
+            )
+
+        return await self._decide(request, decide)
+
+    async def _decide(
+        self, request: web.Request, decide: Callable[[object], dict[str, Any]]
+    ) -> web.Response:
         peer = request.remote or "?"
         try:
             body = await request.json(loads=json.loads)
@@ -80,14 +112,7 @@ class GrantServer:
             return _refusal("malformed_request", 400, "the request body is not JSON")
         async with self._lock:
             try:
-                answer = decide_redeem(
-                    self.identity,
-                    self.state_dir,
-                    body,
-                    endpoints=self.gateway_endpoints,
-                    cert_lifetime=self.cert_lifetime,
-                    now=self.clock(),
-                )
+                answer = decide(body)
             except GrantRefused as e:
                 log.info("grant refused to %s: %s", peer, e.code)
                 return _refusal(e.code, e.status, str(e))

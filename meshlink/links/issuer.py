@@ -8,6 +8,18 @@ secret learns nothing about an id); expired; used up; site id clash; bad CA or C
 secret is checked before expiry and uses on purpose: otherwise "expired" or "used up" would
 tell a caller without the secret that the id exists. A use is consumed only when a
 certificate is signed.
+
+A site id that is already a peer here is a clash, unless the redeemer is that same site
+linking again (after it deleted its link while the two could not talk): it sends the CA we
+pinned for it and proves it holds that site's gateway key (``check_site_proof``), and its
+peer record is replaced. Any other site with that id is refused.
+
+``decide_reauth`` re-authenticates a current peer without a token, after its link
+certificate expired (its issuer was away longer than the certificate's life): the peer
+proves its site identity with its gateway certificate, signed by the CA pinned at
+redemption, and a CSR for the same key, and gets a fresh link certificate. No private key
+and no secret crosses the wire, and a revoked or unlinked peer (no peer record) is refused:
+it needs a new token.
 """
 
 from __future__ import annotations
@@ -22,8 +34,10 @@ from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from meshlink.errors import (
+    LinkRevoked,
     MeshlinkError,
     PkiError,
     SiteIdClash,
@@ -33,6 +47,7 @@ from meshlink.errors import (
     TokenUnknown,
     TokenUsedUp,
 )
+from meshlink.links.certcheck import check_site_proof
 from meshlink.links.records import (
     PEERS,
     TOKENS,
@@ -84,6 +99,7 @@ REFUSALS: Final[Mapping[str, Refusal]] = {
         Refusal("token_used_up", 403, TokenUsedUp),
         Refusal("site_id_clash", 409, SiteIdClash),
         Refusal("bad_csr", 422, TokenError),
+        Refusal("not_a_peer", 401, LinkRevoked),
     )
 }
 """Every way the grant endpoint refuses: JSON ``error`` code, HTTP status, redeemer's error."""
@@ -225,13 +241,9 @@ def decide_redeem(
             f"the redeeming site has the issuer's own site id {site!r}: "
             "every site needs its own id",
         )
-    if is_peer_allowed(state_dir, site):
-        raise GrantRefused(
-            "site_id_clash",
-            f"a site with id {site!r} is already linked to {identity.site_id}: if it is the "
-            f"same site there is nothing to do; otherwise revoke it there first "
-            f"(`meshlink peer revoke {site}`) or give the new site another id",
-        )
+    relink = is_peer_allowed(state_dir, site)
+    if relink:
+        _check_same_site(identity, state_dir, site, req["ca_pem"], req["csr_pem"], body)
     if find_link_to(state_dir, site) is not None:
         raise GrantRefused(
             "site_id_clash",
@@ -255,13 +267,98 @@ def decide_redeem(
             cert_not_after=cert.not_valid_after_utc.timestamp(),
         ),
     )
-    log.info("site %s linked with token %s", site, rec.id)
+    if relink:
+        log.info("site %s linked again with token %s (same CA, same gateway key)", site, rec.id)
+    else:
+        log.info("site %s linked with token %s", site, rec.id)
     return {
         "site": identity.site_id,
         "ca_pem": identity.ca_pem.decode(),
         "cert_pem": cert_to_pem(cert).decode(),
         "endpoints": list(endpoints),
     }
+
+
+def _check_same_site(
+    identity: SiteIdentity, state_dir: Path, site: str, ca_pem: str, csr_pem: str, body: object
+) -> None:
+    """A redeemer whose site id is already a peer here may link again only as that same
+    site: the CA pinned for it, and proof that it holds that site's gateway key."""
+    known = PEERS.load(state_dir, site)
+    clash = (
+        f"a site with id {site!r} and another CA is already linked to {identity.site_id}: "
+        f"revoke it there first (`meshlink peer revoke {site}`) or give the new site "
+        "another id"
+    )
+    try:
+        same_ca = known is not None and cert_from_pem(known.ca_pem).public_bytes(
+            serialization.Encoding.DER
+        ) == cert_from_pem(ca_pem).public_bytes(serialization.Encoding.DER)
+    except PkiError:
+        same_ca = False
+    if not same_ca:
+        raise GrantRefused("site_id_clash", clash)
+    assert known is not None
+    gateway_pem = body.get("gateway_pem") if isinstance(body, dict) else None
+    if not isinstance(gateway_pem, str):
+        raise GrantRefused(
+            "site_id_clash",
+            f"site {site!r} is already linked to {identity.site_id}; to link it again, "
+            "redeem with a meshlink that sends its gateway certificate (0.1.0 or later)",
+        )
+    _prove(known, gateway_pem, csr_pem)
+
+
+def _prove(peer: PeerRecord, gateway_pem: str, csr_pem: str) -> x509.CertificateSigningRequest:
+    """The CSR of a peer that proved it is ``peer.site`` (else GrantRefused)."""
+    try:
+        csr = csr_from_pem(csr_pem)
+        check_site_proof(
+            cert_from_pem(peer.ca_pem, f"the CA of site {peer.site}"),
+            cert_from_pem(gateway_pem, "the gateway certificate"),
+            csr,
+            peer.site,
+        )
+    except (PkiError, ValueError, TypeError) as e:
+        raise GrantRefused("bad_csr", f"site {peer.site} did not prove its identity: {e}") from None
+    return csr
+
+
+def decide_reauth(
+    identity: SiteIdentity,
+    state_dir: Path,
+    body: object,
+    *,
+    cert_lifetime: timedelta = LINK_CERT_LIFETIME,
+) -> dict[str, Any]:
+    """Re-authenticate a current peer (see the module docstring): the success answer
+    ``{site, cert_pem}``, or GrantRefused."""
+    fields = {}
+    for name in ("site", "gateway_pem", "csr_pem"):
+        value = body.get(name) if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise GrantRefused("malformed_request", f"the request lacks the text field {name!r}")
+        fields[name] = value
+    site = fields["site"]
+    peer = PEERS.load(state_dir, site) if is_site_id(site) else None
+    if peer is None:
+        raise GrantRefused(
+            "not_a_peer",
+            f"site {site!r} is not linked to {identity.site_id} any more (its link was revoked "
+            f"or deleted there): ask {identity.site_id} for a new token",
+        )
+    csr = _prove(peer, fields["gateway_pem"], fields["csr_pem"])
+    try:
+        cert = sign_csr(identity.ca, csr, expected_site_id=site, lifetime=cert_lifetime)
+    except PkiError as e:
+        raise GrantRefused("bad_csr", str(e)) from None
+    PEERS.write(state_dir, replace(peer, cert_not_after=cert.not_valid_after_utc.timestamp()))
+    log.info(
+        "site %s re-authenticated with its gateway certificate: new link certificate until %s",
+        site,
+        _ts(cert.not_valid_after_utc.timestamp()),
+    )
+    return {"site": identity.site_id, "cert_pem": cert_to_pem(cert).decode()}
 
 
 def sign_renewal(

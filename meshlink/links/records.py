@@ -7,7 +7,7 @@ Layout under the state directory (directories 0700, files 0600, every write atom
     peers/<site>.json  issuer: a site that redeemed one of our tokens
                        {site, ca_pem, linked_at, token_id, cert_not_after}
     links/<name>.json  redeemer: a site we linked to
-                       {name, peer_site, peer_ca_pem, endpoints, cert_path, created}
+                       {name, peer_site, peer_ca_pem, endpoints, cert_path, created, grant}
     links/<name>.crt   redeemer: the client certificate the peer signed for our gateway key
 """
 
@@ -226,6 +226,9 @@ class LinkRecord:
     cert_path: str
     """Our client certificate for this link (signed by the peer's CA, for our gateway key)."""
     created: float
+    grant: str = ""
+    """The peer's grant endpoint (``host:port``, from the token): where the link
+    re-authenticates when its certificate expired. Empty in links made before 0.1.0."""
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LinkRecord:
@@ -239,6 +242,7 @@ class LinkRecord:
             endpoints=tuple(eps),
             cert_path=str(d["cert_path"]),
             created=float(d["created"]),
+            grant=str(d.get("grant", "")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -262,6 +266,21 @@ def link_cert_path(state_dir: Path, name: str) -> Path:
 
 def find_link_to(state_dir: Path, site: str) -> LinkRecord | None:
     return next((r for r in LINKS.list(state_dir) if r.peer_site == site), None)
+
+
+def forget_site(state_dir: Path, site: str) -> list[str]:
+    """The site ``site`` unlinked itself from us: remove its peer record and our link
+    records to it (and their certificates). Returns what was removed, for the log line."""
+    removed = []
+    if PEERS.load(state_dir, site) is not None:
+        PEERS.path(state_dir, site).unlink(missing_ok=True)
+        removed.append(f"peer record {site}")
+    for rec in LINKS.list(state_dir):
+        if rec.peer_site == site:
+            LINKS.path(state_dir, rec.name).unlink(missing_ok=True)
+            link_cert_path(state_dir, rec.name).unlink(missing_ok=True)
+            removed.append(f"link record {rec.name}")
+    return removed
 
 
 def delete_link(state_dir: Path, name: str) -> LinkRecord:

@@ -1,10 +1,17 @@
-"""The redeeming side of a link: turn a token into a link record.
+"""The redeeming side of a link: turn a token into a link record, and re-authenticate a
+link whose certificate expired.
 
 ``redeem`` connects to the grant address in the token with ``pinned_client_context`` (the
 TLS handshake fails unless the server's CA matches the token's pin, before the secret is
-sent), posts a CSR made from our gateway key (never the key), checks everything in the
+sent), posts a CSR made from our gateway key (never the key) and our gateway certificate
+(which lets the issuer recognise this very site linking again), checks everything in the
 answer, and writes ``links/<name>.json`` and ``links/<name>.crt``. Every failure is one
 TokenError subclass with a line naming the cause.
+
+``reauthenticate`` posts, to the grant endpoint recorded in the link and pinned to the
+peer's CA recorded there, our gateway certificate and a CSR for its key (no token: the
+gateway certificate, signed by our CA that the issuer pinned at redemption, is the proof;
+``issuer.decide_reauth``), and stores the fresh link certificate it gets.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
+from cryptography import x509
 
 from meshlink.config import HostPort
 from meshlink.errors import (
@@ -28,7 +36,7 @@ from meshlink.errors import (
     TokenPinMismatch,
 )
 from meshlink.links.certcheck import check_link_cert
-from meshlink.links.grant import REDEEM_PATH
+from meshlink.links.grant import REAUTH_PATH, REDEEM_PATH
 from meshlink.links.issuer import REFUSALS, _ts
 from meshlink.links.records import (
     LINKS,
@@ -38,6 +46,7 @@ from meshlink.links.records import (
     is_peer_allowed,
     link_cert_path,
 )
+from meshlink.links.renewal import store_renewed_cert
 from meshlink.links.tokens import decode_token, split_hostport
 from meshlink.pki import (
     CaPinMismatch,
@@ -85,12 +94,12 @@ def _local_checks(identity: SiteIdentity, state_dir: Path, site: str, name: str)
         )
 
 
-def _refused(site: str, status: int, data: Any) -> TokenError:
+def _refused(site: str, status: int, data: Any, what: str = "the token") -> TokenError:
     if isinstance(data, dict) and isinstance(data.get("error"), str):
         code, message = data["error"], _clean(data.get("message", ""))
         refusal = REFUSALS.get(code)
         cls = refusal.error if refusal else TokenError
-        return cls(f"site {site} refused the token: {message or code}")
+        return cls(f"site {site} refused {what}: {message or code}")
     return TokenError(
         f"the grant endpoint answered HTTP {status} without a meshlink answer: "
         "is the token's grant address really a meshlink grant endpoint?"
@@ -103,8 +112,9 @@ async def _post(
     pin: str,
     body: dict[str, str],
     timeout: float,  # noqa: ASYNC109
+    path: str = REDEEM_PATH,
 ) -> tuple[int, Any]:
-    url = f"https://{address}{REDEEM_PATH}"
+    url = f"https://{address}{path}"
     connector = aiohttp.TCPConnector(ssl=pinned_client_context(pin), force_close=True)
     try:
         async with (
@@ -167,15 +177,59 @@ async def redeem(
         "site": identity.site_id,
         "ca_pem": identity.ca_pem.decode(),
         "csr_pem": csr_to_pem(make_csr(identity.site_id, identity.gateway.key)).decode(),
+        "gateway_pem": cert_to_pem(identity.gateway.cert).decode(),
     }
     status, data = await _post(address, token.site, token.pin, body, timeout)
     if status != 200:
         raise _refused(token.site, status, data)
-    return _accept(identity, state_dir, name, token.site, token.pin, data)
+    return _accept(identity, state_dir, name, token.site, token.pin, data, address)
+
+
+async def reauthenticate(
+    identity: SiteIdentity,
+    state_dir: Path,
+    rec: LinkRecord,
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 (the whole exchange, passed to aiohttp)
+) -> x509.Certificate:
+    """Get a fresh link certificate for ``rec`` from its issuer without a token (see the
+    module docstring) and store it; TokenError (LinkRevoked when the issuer no longer has
+    us as a peer) with one line otherwise."""
+    if not rec.grant:
+        raise TokenError(
+            f"link {rec.name} records no grant address (it was made before meshlink 0.1.0): "
+            f"re-link it with a new token from site {rec.peer_site}"
+        )
+    try:
+        pin = ca_pin(cert_from_pem(rec.peer_ca_pem, f"the CA of site {rec.peer_site}"))
+    except PkiError as e:
+        raise TokenError(f"link {rec.name}: {e}") from None
+    body = {
+        "site": identity.site_id,
+        "gateway_pem": cert_to_pem(identity.gateway.cert).decode(),
+        "csr_pem": csr_to_pem(make_csr(identity.site_id, identity.gateway.key)).decode(),
+    }
+    status, data = await _post(rec.grant, rec.peer_site, pin, body, timeout, REAUTH_PATH)
+    if status != 200:
+        raise _refused(rec.peer_site, status, data, "to re-authenticate this site")
+    if not isinstance(data, dict) or not isinstance(data.get("cert_pem"), str):
+        raise TokenError(f"site {rec.peer_site}'s grant endpoint answered without a certificate")
+    try:
+        return store_renewed_cert(
+            identity, state_dir, rec.name, data["cert_pem"], "the re-issued link certificate"
+        )
+    except PkiError as e:
+        raise TokenError(f"site {rec.peer_site}'s answer is unusable: {e}") from None
 
 
 def _accept(
-    identity: SiteIdentity, state_dir: Path, name: str, site: str, pin: str, data: Any
+    identity: SiteIdentity,
+    state_dir: Path,
+    name: str,
+    site: str,
+    pin: str,
+    data: Any,
+    grant: str = "",
 ) -> LinkRecord:
     """Check the grant answer and write the link; any doubt is a TokenError."""
     if not isinstance(data, dict) or not all(
@@ -217,6 +271,7 @@ def _accept(
         endpoints=tuple(endpoints),
         cert_path=str(cert_path),
         created=time.time(),
+        grant=grant,
     )
     LINKS.write(state_dir, rec)
     log.info("linked to site %s as %r (endpoints %s)", site, name, ", ".join(endpoints))

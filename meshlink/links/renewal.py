@@ -69,15 +69,19 @@ def link_renewal_due(state_dir: Path, name: str, now: datetime | None = None) ->
 
 
 def store_renewed_cert(
-    identity: SiteIdentity, state_dir: Path, name: str, cert_pem: str
+    identity: SiteIdentity,
+    state_dir: Path,
+    name: str,
+    cert_pem: str,
+    what: str = "the renewed link certificate",
 ) -> x509.Certificate:
     """Check a renewed certificate (our site, our key, the peer's CA, valid now) and store it."""
     rec = LINKS.load(state_dir, name)
     if rec is None:
         raise RecordNotFound(f"no link named {name!r} to store a renewed certificate for")
-    cert = cert_from_pem(cert_pem, "the renewed link certificate")
+    cert = cert_from_pem(cert_pem, what)
     ca = cert_from_pem(rec.peer_ca_pem, f"the CA of site {rec.peer_site}")
-    check_link_cert(identity, cert, ca, rec.peer_site, "the renewed link certificate")
+    check_link_cert(identity, cert, ca, rec.peer_site, what)
     write_cert(link_cert_path(state_dir, name), cert)
     return cert
 

@@ -6,7 +6,10 @@ or going down, an update from a peer, and this site's own exports (``publish``) 
 the catalog; what the catalog says to send goes out over the links through the control
 codec (``catalog.control``), and the platform is handed the clusterset's services by one
 coalescing task (``run``), whatever the burst. Renewal requests and answers travel here
-too; ``Renewals`` keeps their state.
+too; ``Renewals`` keeps their state. So does the unlink: ``unlink(peer)`` tells a peer that
+this site deleted its side of the link (before the link closes), and an unlink received is
+handed to ``on_unlinked`` (the link records); either way the catalog then drops what the
+link carried at once.
 """
 
 from __future__ import annotations
@@ -49,12 +52,16 @@ class ControlChannel:
         renewals: links.Renewals,
         metrics: Metrics,
         on_services: Callable[[Services], None],
+        on_unlinked: Callable[[str], None],
     ) -> None:
         self.catalog = catalog
         self.identity = identity
         self.renewals = renewals
         self.metrics = metrics
         self._on_services = on_services
+        self._on_unlinked = on_unlinked
+        self._unlinked: set[str] = set()
+        """Peers whose link ends in an unlink (sent or received), not an outage."""
         self._links: ControlLinks | None = None
         self._seen_generation = -1
         self._link_up_ns: dict[str, int] = {}  # peer -> when its link came up (wall clock)
@@ -68,6 +75,7 @@ class ControlChannel:
 
     def link_up(self, peer_site: str) -> None:
         log.info("link up: %s", peer_site)
+        self._unlinked.discard(peer_site)
         self._link_up_ns[peer_site] = time.time_ns()
         self._send(self.catalog.peer_up(peer_site))
         self._feed.wake()
@@ -92,8 +100,11 @@ class ControlChannel:
             elif isinstance(msg, control.RenewRequest):
                 answer = self.renewals.answer(self.identity.current, peer_site, msg)
                 self.send(peer_site, answer)
-            else:
+            elif isinstance(msg, control.RenewAnswer):
                 self.renewals.store(self.identity.current, peer_site, msg)
+            elif peer_site not in self._unlinked:
+                self._unlinked.add(peer_site)
+                self._on_unlinked(peer_site)
         except MeshlinkError as e:
             log.warning("bad control message from %s: %s", peer_site, e)
 
@@ -110,6 +121,16 @@ class ControlChannel:
         for rec in self.renewals.due(records, self._links.live_peers()):
             if self.send(rec.peer_site, self.renewals.request(self.identity.current)):
                 self.renewals.asked(rec.peer_site)
+
+    def unlink(self, peer_site: str) -> None:
+        """This site deleted its side of the link with ``peer_site`` (its link record, or
+        its peer record): tell the peer, if the link is up, before it is closed. Nothing
+        to say to a peer that unlinked itself first."""
+        if peer_site in self._unlinked:
+            return
+        self._unlinked.add(peer_site)
+        if self.send(peer_site, control.Unlink()):
+            log.info("told %s that the link between us is deleted", peer_site)
 
     def send(self, peer_site: str, message: control.ControlMessage) -> bool:
         """Send one message over the live link to ``peer_site``; False if there is none."""

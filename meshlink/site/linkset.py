@@ -4,7 +4,10 @@ site picks a change up within a second).
 ``poll`` reads the link records and hands the gateway one dial per link (its client context
 built per dial from the files, so a renewed link certificate applies at once), and drops
 the link of a peer that was revoked (one this site does not dial itself and whose peer
-record is gone). ``peer_authorizer`` is the gateway's check of an accepting link.
+record is gone). A link deleted here (its record gone) or a peer revoked here is first
+``unlink``-ed: the peer is told, so unlinking is symmetric. ``unlinked_by`` is the other
+half: a peer unlinked itself, and its records here go. ``peer_authorizer`` is the
+gateway's check of an accepting link.
 """
 
 from __future__ import annotations
@@ -44,26 +47,55 @@ class LinkSet:
         identity: CurrentIdentity,
         gateway: Gateway,
         peers: Callable[[], Collection[str]],
+        unlink: Callable[[str], None],
     ) -> None:
         self._state_dir = config.state_dir
         self._identity = identity
         self._gateway = gateway
         self._peers = peers
+        self._unlink = unlink
         self.records: list[links.LinkRecord] = []
         """The link records as last read."""
 
     def poll(self) -> None:
         """Follow the records (a periodic job); a damaged record is one log line."""
         try:
-            self.records = links.LINKS.list(self._state_dir)
-            self._gateway.set_dials([self._dial(rec) for rec in self.records])
-            dialled = {r.peer_site for r in self.records}
+            records = links.LINKS.list(self._state_dir)
+            dialled = {r.peer_site for r in records}
+            for peer in sorted({r.peer_site for r in self.records} - dialled):
+                self._unlink(peer)  # deleted here: say so before the dial closes the link
+            self.records = records
+            self._gateway.set_dials([self._dial(rec) for rec in records])
             for peer in self._peers():
                 if peer not in dialled and not links.is_peer_allowed(self._state_dir, peer):
-                    log.info("peer %s was revoked: dropping its link", peer)
+                    self._unlink(peer)
                     self._gateway.drop_peer(peer, "revoked")
         except MeshlinkError as e:
             log.warning("link records: %s", e)
+
+    def unlinked_by(self, peer: str) -> None:
+        """``peer`` deleted its side of our link (``meshlink link delete`` there, or
+        ``meshlink peer revoke``): forget it here too, so a new token links the two
+        again without a command on this site."""
+        try:
+            removed = links.forget_site(self._state_dir, peer)
+        except MeshlinkError as e:
+            log.warning("site %s unlinked itself, but its records here stay: %s", peer, e)
+            return
+        if any(r.startswith("link record") for r in removed):
+            log.warning(
+                "site %s revoked this site's link (%s removed): a new token from %s links "
+                "the two sites again",
+                peer,
+                ", ".join(removed),
+                peer,
+            )
+        else:
+            log.info(
+                "site %s deleted its link to this site (%s removed)",
+                peer,
+                ", ".join(removed) or "nothing left to remove",
+            )
 
     def _dial(self, rec: links.LinkRecord) -> DialSpec:
         return DialSpec(

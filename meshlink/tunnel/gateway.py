@@ -305,7 +305,7 @@ class Gateway:
             if other is not None and other.direction == "accept" and not self._we_win(peer):
                 # the peer's own dial is the preferred link: stand by while it lives
                 d.set_state("standby")
-                await other.done
+                await asyncio.shield(other.done)
                 continue
             d.set_state("connecting")
             was_up = await self._dial_once(d)
@@ -363,7 +363,9 @@ class Gateway:
             d.endpoint = endpoint
             self._all.add(link)
             link.attach(transport, site)
-            reason = await link.done
+            # Shielded: cancelling this dialer (the link was deleted) must not cancel
+            # ``done``, which the link's own teardown completes.
+            reason = await asyncio.shield(link.done)
             d.link = None
             if link.ready:
                 d.last_error = reason
@@ -531,11 +533,18 @@ class Gateway:
         link = self._links.get(peer_site)
         return None if link is None or link.closed or not link.ready else link
 
-    def drop_peer(self, peer_site: str, reason: str) -> None:
-        """Close every link with `peer_site` (e.g. it was revoked)."""
-        for link in [lk for lk in self._all if lk.peer_site == peer_site]:
+    def drop_peer(self, peer_site: str, reason: str) -> int:
+        """Close every link `peer_site` dialled to us (e.g. it was revoked); returns how
+        many. The links this site dials go with their dial (``set_dials``)."""
+        dropped = [
+            lk
+            for lk in self._all
+            if lk.peer_site == peer_site and lk.direction == "accept" and not lk.closed
+        ]
+        for link in dropped:
             log.info("dropping link with %s: %s", peer_site, reason)
             link.close(reason, code=ErrorCode.NOT_AUTHORIZED)
+        return len(dropped)
 
     def live_peers(self) -> list[str]:
         return sorted(self._links)

@@ -245,7 +245,10 @@ class Link(asyncio.Protocol):
         self._pings: dict[bytes, float] = {}
         self._kicked = False
         self._pre: list[bytes] | None = []  # bytes read before attach()
+        self._torn_down = False
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        """The close reason, once closed. Await it through ``asyncio.shield``: a task
+        cancelled while awaiting it directly cancels the future itself."""
 
     # -- setup -----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -460,8 +463,12 @@ class Link(asyncio.Protocol):
                 t.close()
 
     def _teardown(self, reason: str) -> None:
-        if self.closed and self.done.done():
+        # Once, whatever happened to ``done``: the owner must always hear of the close
+        # (it was skipped when a cancelled waiter had cancelled ``done``, and the gateway
+        # then kept reporting a closed link as up).
+        if self._torn_down:
             return
+        self._torn_down = True
         self.closed = True
         if not self.close_reason:
             self.close_reason = reason
@@ -470,4 +477,4 @@ class Link(asyncio.Protocol):
         self.streams.clear()
         if not self.done.done():
             self.done.set_result(self.close_reason)
-            self.owner.link_closed(self, self.close_reason)
+        self.owner.link_closed(self, self.close_reason)

@@ -26,6 +26,7 @@ from cryptography import x509
 from meshlink import links, pki
 from meshlink.errors import (
     GrantUnreachable,
+    LinkRevoked,
     SiteIdClash,
     TokenExpired,
     TokenMalformed,
@@ -125,12 +126,14 @@ async def test_redeem_success(
     assert peers[0].token_id == links.decode_token(token).id
     assert links.is_peer_allowed(issuer.identity.state_dir, "site-b")
 
-    # what went over the wire: a CSR and a CA certificate, never a private key
+    # what went over the wire: a CSR and certificates (the CA, the gateway's), never a
+    # private key
     assert len(issuer.bodies) == 1
     sent = issuer.bodies[0]
     assert b"PRIVATE KEY" not in sent
     req = json.loads(sent)
-    assert set(req) == {"token_id", "secret", "site", "ca_pem", "csr_pem"}
+    assert set(req) == {"token_id", "secret", "site", "ca_pem", "csr_pem", "gateway_pem"}
+    assert pki.cert_from_pem(req["gateway_pem"]) == b.gateway.cert
     assert "BEGIN CERTIFICATE REQUEST" in req["csr_pem"]
     # and neither the token nor its secret reached a log line
     assert links.decode_token(token).secret not in caplog.text
@@ -237,11 +240,30 @@ async def test_site_id_clash_at_issuer(issuer: Issuer, tmp_path: Path) -> None:
     b = site(tmp_path, "site-b")
     await links.redeem(b, b.state_dir, token)
     twin = site(tmp_path, "site-b", folder="twin-b")
-    with pytest.raises(SiteIdClash, match="a site with id 'site-b' is already linked to site-a"):
+    with pytest.raises(SiteIdClash, match="a site with id 'site-b' and another CA is already linked to site-a"):
         await links.redeem(twin, twin.state_dir, token)
     rec = links.TOKENS.load(issuer.identity.state_dir, links.decode_token(token).id)
     assert rec is not None
     assert rec.uses_left == 1  # a refusal consumes no use
+
+
+async def test_reauthenticate_over_https_without_a_token(issuer: Issuer, tmp_path: Path) -> None:
+    """A redeemer whose link certificate is gone (expired, here deleted) gets a fresh one
+    from the grant endpoint recorded in its link, with its gateway certificate and a CSR:
+    no token, no secret, no private key on the wire. Once revoked it is told so."""
+    b = site(tmp_path, "site-b")
+    rec = await links.redeem(b, b.state_dir, issuer.token())
+    assert rec.grant == issuer.grant.address
+    links.link_cert_path(b.state_dir, rec.name).unlink()
+    cert = await links.reauthenticate(b, b.state_dir, rec)
+    assert pki.load_cert(links.link_cert_path(b.state_dir, rec.name)) == cert
+    assert pki.is_issued_by(cert, issuer.identity.ca.cert)
+    sent = issuer.bodies[-1]
+    assert b"PRIVATE KEY" not in sent
+    assert set(json.loads(sent)) == {"site", "gateway_pem", "csr_pem"}
+    links.revoke_peer(issuer.identity.state_dir, "site-b")
+    with pytest.raises(LinkRevoked, match="refused to re-authenticate this site: site 'site-b' is not linked"):
+        await links.reauthenticate(b, b.state_dir, rec)
 
 
 async def test_site_id_clash_with_issuer_id(issuer: Issuer, tmp_path: Path) -> None:

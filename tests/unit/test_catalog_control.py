@@ -11,6 +11,7 @@ from meshlink.catalog.control import (
     CONTROL_LIMIT,
     RenewAnswer,
     RenewRequest,
+    Unlink,
     Update,
     decode,
     encode,
@@ -82,10 +83,11 @@ def test_any_split_keeps_every_item_in_order_within_the_limit(
     assert [k for m in got if isinstance(m, Update) for k in m.delete] == dels
 
 
-def test_renewal_messages_round_trip() -> None:
-    for msg in (RenewRequest("-----BEGIN CSR-----"), RenewAnswer("-----BEGIN CERT-----")):
+def test_renewal_and_unlink_messages_round_trip() -> None:
+    for msg in (RenewRequest("-----BEGIN CSR-----"), RenewAnswer("-----BEGIN CERT-----"), Unlink()):
         (frame,) = encode(msg)
         assert decode(frame) == msg
+    assert encode(Unlink()) == [b'{"t":"unlink"}']
     assert encode(RenewRequest("x")) == [b'{"t":"renew","csr":"x"}']
     assert encode(RenewAnswer("y")) == [b'{"t":"renewed","cert":"y"}']
 

@@ -69,6 +69,7 @@ class Platform:
 
     def __init__(self) -> None:
         self.fed: list[Mapping[ServiceKey, Sequence[ExportRecord]]] = []
+        self.unlinked: list[str] = []
 
     def catalog_changed(self, services: Mapping[ServiceKey, Sequence[ExportRecord]]) -> None:
         self.fed.append(services)
@@ -81,6 +82,7 @@ def channel(tmp_path: Path, site: str, wire: Wire, platform: Platform) -> Contro
         renewals=links.Renewals(tmp_path / site, lifetime=timedelta(hours=1)),
         metrics=Metrics(),
         on_services=platform.catalog_changed,
+        on_unlinked=platform.unlinked.append,
     )
     ch.attach(wire.end(site))
     wire.channels[site] = ch

@@ -266,6 +266,86 @@ def test_decide_site_clash(issuer: pki.SiteIdentity, tmp_path: Path) -> None:
     assert (e.value.code, e.value.status) == ("site_id_clash", 409)
 
 
+def with_gateway(ident: pki.SiteIdentity, body: dict[str, str]) -> dict[str, str]:
+    """What a redeemer of this version sends: its gateway certificate too."""
+    return {**body, "gateway_pem": pki.cert_to_pem(ident.gateway.cert).decode()}
+
+
+def test_the_same_site_may_link_again_and_nobody_else(
+    issuer: pki.SiteIdentity, tmp_path: Path
+) -> None:
+    """After an unlink the issuer could not hear of, the same site (the CA pinned for it,
+    and its gateway key, proved) redeems a fresh token; another site with the same id, or
+    the same CA without the proof, or someone holding b's public certificates but not its
+    key, is still a clash."""
+    tok = links.decode_token(links.create_token(issuer, "127.0.0.1:7444", uses=5))
+    b = site(tmp_path, "site-b")
+    decide(issuer, with_gateway(b, request_for(b, tok)))
+    first = links.PEERS.load(issuer.state_dir, "site-b")
+    assert first is not None
+    answer = decide(issuer, with_gateway(b, request_for(b, tok)), now=time.time() + 1)
+    cert = pki.cert_from_pem(str(answer["cert_pem"]))
+    assert pki.public_keys_equal(cert.public_key(), b.gateway.key.public_key())  # type: ignore[arg-type]
+    again = links.PEERS.load(issuer.state_dir, "site-b")
+    assert again is not None
+    assert again.linked_at > first.linked_at
+    other_b = pki.SiteIdentity.load_or_create(tmp_path / "other-b", "site-b")
+    with pytest.raises(GrantRefused, match="another CA is already linked") as e:
+        decide(issuer, with_gateway(other_b, request_for(other_b, tok)))
+    assert e.value.code == "site_id_clash"
+    with pytest.raises(GrantRefused, match="sends its gateway certificate"):
+        decide(issuer, request_for(b, tok))
+    # b's CA and gateway certificate are public; a CSR for another key proves nothing.
+    thief = with_gateway(b, request_for(other_b, tok))
+    thief["ca_pem"] = b.ca_pem.decode()
+    with pytest.raises(GrantRefused, match="CSR is for another key") as e:
+        decide(issuer, thief)
+    assert e.value.code == "bad_csr"
+    rec = links.TOKENS.load(issuer.state_dir, tok.id)
+    assert rec is not None
+    assert rec.uses_left == 3
+
+
+def reauth_body(ident: pki.SiteIdentity, csr_key: pki.SiteIdentity | None = None) -> dict[str, str]:
+    return {
+        "site": ident.site_id,
+        "gateway_pem": pki.cert_to_pem(ident.gateway.cert).decode(),
+        "csr_pem": pki.csr_to_pem(
+            pki.make_csr(ident.site_id, (csr_key or ident).gateway.key)
+        ).decode(),
+    }
+
+
+def test_reauth_needs_a_current_peer_proving_its_identity(
+    issuer: pki.SiteIdentity, tmp_path: Path
+) -> None:
+    tok = links.decode_token(links.create_token(issuer, "127.0.0.1:7444"))
+    b = site(tmp_path, "site-b")
+    decide(issuer, request_for(b, tok))
+    answer = links.decide_reauth(issuer, issuer.state_dir, reauth_body(b))
+    cert = pki.cert_from_pem(str(answer["cert_pem"]))
+    assert answer["site"] == "site-a"
+    assert pki.site_id_of(cert) == "site-b"
+    assert pki.is_issued_by(cert, issuer.ca.cert)
+    peer = links.PEERS.load(issuer.state_dir, "site-b")
+    assert peer is not None
+    assert peer.cert_not_after == cert.not_valid_after_utc.timestamp()
+    # Another site calling itself b: its gateway certificate is not from b's pinned CA.
+    other_b = pki.SiteIdentity.load_or_create(tmp_path / "other-b", "site-b")
+    with pytest.raises(GrantRefused, match="not signed by the CA site site-b linked with"):
+        links.decide_reauth(issuer, issuer.state_dir, reauth_body(other_b))
+    # b's gateway certificate with a CSR for another key.
+    with pytest.raises(GrantRefused, match="CSR is for another key"):
+        links.decide_reauth(issuer, issuer.state_dir, reauth_body(b, csr_key=other_b))
+    with pytest.raises(GrantRefused, match="lacks the text field 'gateway_pem'"):
+        links.decide_reauth(issuer, issuer.state_dir, {"site": "site-b", "csr_pem": "x"})
+    # A revoked peer is refused, and told that only a new token helps.
+    links.revoke_peer(issuer.state_dir, "site-b")
+    with pytest.raises(GrantRefused, match="ask site-a for a new token") as e:
+        links.decide_reauth(issuer, issuer.state_dir, reauth_body(b))
+    assert (e.value.code, e.value.status) == ("not_a_peer", 401)
+
+
 def test_decide_bad_csr_consumes_nothing(issuer: pki.SiteIdentity, tmp_path: Path) -> None:
     tok = links.decode_token(links.create_token(issuer, "127.0.0.1:7444"))
     b = site(tmp_path, "site-b")

@@ -1,0 +1,99 @@
+"""Link lifecycle as a user meets it in the first week, with real `meshlink run` processes on
+loopback driven by the CLI: deleting a link, linking the same sites again, revocation seen
+from both sides."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.backends import Backend, connect, export, sink_roundtrip
+from tests.sites import SiteProc, cli, sites, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def imported(site: SiteProc, service: str = "test/svc") -> bool:
+    """Whether ``site`` shows the import at all (reachable or not)."""
+    return any(i["service"] == service for i in site.status()["imports"])
+
+
+def log_count(site: SiteProc, text: str) -> int:
+    return (site.dir / "meshlink.log").read_text(errors="replace").count(text)
+
+
+def test_link_delete_drops_the_link_and_what_it_carried(tmp_path: Path, backend: Backend) -> None:
+    """`meshlink link delete` on the redeeming site: the link goes from both sites' status,
+    the imports learned through it go at once (an unlink is not an outage: no grace
+    period), `check` fails with "no links", and nothing is logged over and over."""
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        b.link_to(a)
+        wait_until("import at b", lambda: b.import_addr("test/svc"))
+        cli("link", "delete", "a", "--config", str(b.config))
+        t0 = time.monotonic()
+        wait_until("b's link to a gone from its status", lambda: b.link_state("a") is None)
+        wait_until("a's link from b gone from its status", lambda: a.link_state("b") is None)
+        wait_until("the import learned through the link gone at b", lambda: not imported(b))
+        print(f"link delete -> gone from both sites: {time.monotonic() - t0:.2f} s")
+        out = cli("check", "--config", str(b.config), check=False)
+        assert out.returncode == 1
+        assert "FAIL  no links" in out.stdout, out.stdout
+        # Two more link-record polls (0.5 s each) must add nothing about that link.
+        lines = log_count(b, "dropping")
+        mark = log_count(b, "site b up")  # unchanged: a marker the wait can use
+        wait_until("two more polls", lambda: time.monotonic() - t0 > 2.0, timeout=5)
+        assert log_count(b, "dropping") == lines <= 1, b.log_tail(20)
+        assert log_count(b, "revoked") == 0, b.log_tail(20)
+        assert log_count(b, "site b up") == mark
+
+
+def test_relink_after_delete_with_a_fresh_token(tmp_path: Path, backend: Backend) -> None:
+    """Unlinking is symmetric: after `link delete` on b, a forgets b as a peer (b told it
+    over the link), so a fresh token of a links the same two sites again, and traffic
+    flows."""
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        b.link_to(a)
+        wait_until("import at b", lambda: b.import_addr("test/svc"))
+        cli("link", "delete", "a", "--config", str(b.config))
+        wait_until(
+            "a forgets its peer b",
+            lambda: "b" not in cli("peer", "list", "--config", str(a.config)).stdout.split(),
+            timeout=10,
+        )
+        b.link_to(a)
+        with connect(b) as s:
+            sink_roundtrip(s, 1 << 20)
+
+
+def test_relink_after_a_delete_the_issuer_never_heard_of(tmp_path: Path, backend: Backend) -> None:
+    """b deletes its link while a is down, so a still has b as a peer: a fresh token of a
+    still links them again, since a accepts the same site (the CA it pinned for b, and b's
+    gateway key, proved with b's gateway certificate) in place of the old peer record."""
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        b.link_to(a)
+        a.stop()
+        cli("link", "delete", "a", "--config", str(b.config))
+        a.start()
+        assert "b" in cli("peer", "list", "--config", str(a.config)).stdout.split()
+        b.link_to(a)
+        with connect(b) as s:
+            sink_roundtrip(s, 1 << 20)
+        assert "site b linked again with token" in a.log_tail(50)
+
+
+def test_revoke_is_told_to_the_revoked_site(tmp_path: Path, backend: Backend) -> None:
+    """`meshlink peer revoke b` on a: b hears of it over the link, drops its link record
+    and the imports it carried, says so once, and links again with a new token alone."""
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        b.link_to(a)
+        wait_until("import at b", lambda: b.import_addr("test/svc"))
+        cli("peer", "revoke", "b", "--config", str(a.config))
+        wait_until("b's link record gone", lambda: b.link_state("a") is None, timeout=10)
+        wait_until("b's import from a gone", lambda: not imported(b), timeout=10)
+        assert "a links the two sites again" in b.log_tail(30)
+        assert not (b.state_dir / "links" / "a.json").exists()
+        b.link_to(a)
+        with connect(b) as s:
+            sink_roundtrip(s, 1 << 20)
