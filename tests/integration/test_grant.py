@@ -240,7 +240,9 @@ async def test_site_id_clash_at_issuer(issuer: Issuer, tmp_path: Path) -> None:
     b = site(tmp_path, "site-b")
     await links.redeem(b, b.state_dir, token)
     twin = site(tmp_path, "site-b", folder="twin-b")
-    with pytest.raises(SiteIdClash, match="a site with id 'site-b' and another CA is already linked to site-a"):
+    with pytest.raises(
+        SiteIdClash, match="a site with id 'site-b' and another CA is already linked to site-a"
+    ):
         await links.redeem(twin, twin.state_dir, token)
     rec = links.TOKENS.load(issuer.identity.state_dir, links.decode_token(token).id)
     assert rec is not None
@@ -262,7 +264,9 @@ async def test_reauthenticate_over_https_without_a_token(issuer: Issuer, tmp_pat
     assert b"PRIVATE KEY" not in sent
     assert set(json.loads(sent)) == {"site", "gateway_pem", "csr_pem"}
     links.revoke_peer(issuer.identity.state_dir, "site-b")
-    with pytest.raises(LinkRevoked, match="refused to re-authenticate this site: site 'site-b' is not linked"):
+    with pytest.raises(
+        LinkRevoked, match="refused to re-authenticate this site: site 'site-b' is not linked"
+    ):
         await links.reauthenticate(b, b.state_dir, rec)
 
 
