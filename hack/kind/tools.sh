@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # The versions the kind testbed pins, and `go_tool`, which builds a Go command from the module
-# proxy once and caches it by version. Sourced by hack/kind.sh and hack/kind/node-image.sh.
+# proxy once and caches it by version. Sourced by hack/kind.sh, hack/kind/node-image.sh and
+# hack/helm.sh.
 #
 # The Kubernetes version is hack/kube-bin.sh's (K8S_VERSION); these go with it:
 KIND_VERSION=v0.33.0                # sigs.k8s.io/kind (its node base files come from this module)
@@ -8,6 +9,7 @@ COREDNS_VERSION=v1.12.1             # what kubeadm 1.34 deploys (constants.CoreD
 CRICTL_VERSION=v1.34.0              # sigs.k8s.io/cri-tools
 LOCAL_PATH_VERSION=v0.0.30          # github.com/rancher/local-path-provisioner (kind's default storage)
 KIND_NODE_STOCK=kindest/node:v1.34.0 # the stock node image, used where a registry is reachable
+HELM_VERSION=v4.3.2                 # helm.sh/helm/v4 (hack/helm.sh; 14 min cold on 2 busy cores)
 
 kind_cache=${MESHLINK_CACHE:-$HOME/.cache/meshlink}
 
