@@ -221,9 +221,16 @@ deploy_meshlink() { # deploy_meshlink I ARCHIVE
 }
 
 wait_ready() { # wait_ready I: nodes Ready, CoreDNS and meshlink rolled out
-	kc "$1" wait --for=condition=Ready nodes --all --timeout=180s >/dev/null
-	kc "$1" -n kube-system rollout status deploy/coredns --timeout=180s >/dev/null
-	kc "$1" -n meshlink-system rollout status deploy/meshlink --timeout=180s >/dev/null
+	local what
+	for what in "wait --for=condition=Ready nodes --all" "-n kube-system rollout status deploy/coredns" \
+		"-n meshlink-system rollout status deploy/meshlink"; do
+		# shellcheck disable=SC2086 # word splitting of $what is wanted
+		kc "$1" $what --timeout=300s >/dev/null 2>&1 && continue
+		log "c$1: timed out: kubectl $what"
+		kc "$1" get nodes,pods -A -o wide >&2 || true
+		kc "$1" -n meshlink-system logs deploy/meshlink --tail=20 >&2 || true
+		die "cluster c$1 did not become ready (above: its nodes and pods)"
+	done
 }
 
 link() { # link I J: cluster J redeems a token of cluster I (unless it has a link to I)
