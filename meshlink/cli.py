@@ -75,23 +75,11 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _links_text(command: str, *params: str) -> Callable[[argparse.Namespace], int]:
-    """A command that prints what ``meshlink.links.<command>(config, *args.<params>)`` says."""
-
-    def run(args: argparse.Namespace) -> int:
-        from meshlink import links
-
-        print(getattr(links, command)(_load(args), *(getattr(args, p) for p in params)))
-        return 0
-
-    return run
-
-
 def cmd_link_create(args: argparse.Namespace) -> int:
     from meshlink import links
 
     cfg = _load(args)
-    print(_run_async(links.acmd_link_create(cfg, args.token, name=args.name)))
+    print(_run_async(links.cmd_link_create(cfg, args.token, name=args.name)))
     return 0
 
 
@@ -101,6 +89,41 @@ def cmd_link_delete(args: argparse.Namespace) -> int:
     print(
         links.cmd_link_delete(_load(args), args.name) + "; a running site drops it within a second"
     )
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from meshlink.links import commands
+
+    print(commands.cmd_token_list(_load(args)))
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from meshlink.links import commands
+
+    print(commands.cmd_token_revoke(_load(args), args.token_id))
+    return 0
+
+
+def cmd_link_list(args: argparse.Namespace) -> int:
+    from meshlink.links import commands
+
+    print(commands.cmd_link_list(_load(args)))
+    return 0
+
+
+def cmd_peer_list(args: argparse.Namespace) -> int:
+    from meshlink.links import commands
+
+    print(commands.cmd_peer_list(_load(args)))
+    return 0
+
+
+def cmd_peer_revoke(args: argparse.Namespace) -> int:
+    from meshlink.links import commands
+
+    print(commands.cmd_peer_revoke(_load(args), args.site))
     return 0
 
 
@@ -177,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
             )
         return sp
 
+    def group(name: str, help: str) -> Any:
+        return sub.add_parser(name, help=help).add_subparsers(
+            dest="sub", required=True, metavar="SUBCOMMAND"
+        )
+
     def logging_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -191,9 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     logging_opts(sp)
 
-    token = sub.add_parser("token", help="link tokens").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND"
-    )
+    token = group("token", "link tokens")
     sp = add(
         "create", cmd_token_create, "create a link token for another site to redeem", parent=token
     )
@@ -207,37 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="write the token to this file (0600) instead of stdout")
     add(
         "list",
-        _links_text("cmd_token_list"),
+        cmd_token_list,
         "list tokens issued by this site (never their secrets)",
         parent=token,
     )
     sp = add(
         "revoke",
-        _links_text("cmd_token_revoke", "token_id"),
+        cmd_token_revoke,
         "revoke an unredeemed token",
         parent=token,
     )
     sp.add_argument("token_id")
 
-    link = sub.add_parser("link", help="links to other sites").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND"
-    )
+    link = group("link", "links to other sites")
     sp = add("create", cmd_link_create, "redeem a token: link this site to its issuer", parent=link)
     sp.add_argument("token", help="token file, '-' for stdin, or the token text")
     sp.add_argument("--name", help="link name (default: the issuer's site id)")
-    add("list", _links_text("cmd_link_list"), "list the links this site dials", parent=link)
+    add("list", cmd_link_list, "list the links this site dials", parent=link)
     sp = add("delete", cmd_link_delete, "delete a link this site dials", parent=link)
     sp.add_argument("name")
 
-    peer = sub.add_parser("peer", help="sites that redeemed our tokens").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND"
-    )
-    add(
-        "list", _links_text("cmd_peer_list"), "list peers allowed to link to this site", parent=peer
-    )
+    peer = group("peer", "sites that redeemed our tokens")
+    add("list", cmd_peer_list, "list peers allowed to link to this site", parent=peer)
     sp = add(
         "revoke",
-        _links_text("cmd_peer_revoke", "site"),
+        cmd_peer_revoke,
         "revoke a peer: its link is dropped and refused",
         parent=peer,
     )

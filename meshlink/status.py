@@ -22,7 +22,7 @@ from typing import Any, NotRequired, TypedDict, cast
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
-from meshlink import __version__
+from meshlink import __version__, text
 from meshlink.catalog.sync import Catalog
 from meshlink.catalog.view import Conflict, ImportedService, ListenerSpec, PlatformStatus
 from meshlink.config import SiteConfig, parse_hostport
@@ -225,17 +225,8 @@ def fetch(base_url: str, *, timeout: float = 5.0) -> SiteStatus:
 # -- showing and checking ------------------------------------------------------------------
 
 
-def table(rows: Sequence[Sequence[str]], indent: str = "") -> list[str]:
-    """Rows (the first one the header) as aligned text lines; trailing spaces trimmed."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in rows
-    ]
-
-
 def _section(rows: list[list[str]]) -> list[str]:
-    return ["  (none)"] if len(rows) <= 1 else table(rows, "  ")
+    return ["  (none)"] if len(rows) <= 1 else text.table(rows, "  ")
 
 
 def _rtt(v: object) -> str:

@@ -9,7 +9,6 @@ certificate checks: a link certificate a peer signed, a peer's proof of its iden
 """
 
 from meshlink.links.commands import (
-    acmd_link_create,
     cmd_link_create,
     cmd_link_delete,
     cmd_link_list,
@@ -81,7 +80,6 @@ __all__ = [
     "RunningGrant",
     "Token",
     "TokenRecord",
-    "acmd_link_create",
     "cmd_link_create",
     "cmd_link_delete",
     "cmd_link_list",

@@ -5,12 +5,11 @@ Nothing here prints; errors are MeshlinkError subclasses whose message is the li
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from meshlink.config import HostPort, SiteConfig
@@ -28,17 +27,11 @@ from meshlink.links.records import (
 from meshlink.links.redeem import redeem
 from meshlink.links.tokens import TOKEN_PREFIX
 from meshlink.pki import SiteIdentity, atomic_write, load_cert
-
-
-def _ts(unix: float) -> str:
-    return datetime.fromtimestamp(unix, UTC).strftime("%Y-%m-%d %H:%M:%SZ") if unix else "-"
+from meshlink.text import table, timestamp
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
-    )
+    return "\n".join(table(rows))
 
 
 def _identity(cfg: SiteConfig) -> SiteIdentity:
@@ -105,7 +98,7 @@ def cmd_token_list(cfg: SiteConfig) -> str:
     rows = [("TOKEN", "USES LEFT", "EXPIRES", "STATE")]
     for t in TOKENS.list(cfg.state_dir):
         state = "expired" if now >= t.expires else ("used up" if t.uses_left <= 0 else "valid")
-        rows.append((t.id, f"{t.uses_left}/{t.uses}", _ts(t.expires), state))
+        rows.append((t.id, f"{t.uses_left}/{t.uses}", timestamp(t.expires), state))
     return _table(rows)
 
 
@@ -114,26 +107,22 @@ def cmd_token_revoke(cfg: SiteConfig, token_id: str) -> str:
     return f"token {token_id} revoked"
 
 
-async def acmd_link_create(cfg: SiteConfig, token_arg: str, *, name: str | None = None) -> str:
+async def cmd_link_create(cfg: SiteConfig, token_arg: str, *, name: str | None = None) -> str:
+    """Redeem a token: link this site to its issuer."""
     rec = await redeem(_identity(cfg), cfg.state_dir, read_token_arg(token_arg), name=name)
     return f"linked to site {rec.peer_site} as {rec.name!r} via {', '.join(rec.endpoints)}"
-
-
-def cmd_link_create(cfg: SiteConfig, token_arg: str, *, name: str | None = None) -> str:
-    """Redeem a token (runs its own event loop; from async code use ``acmd_link_create``)."""
-    return asyncio.run(acmd_link_create(cfg, token_arg, name=name))
 
 
 def cmd_link_list(cfg: SiteConfig) -> str:
     rows = [("NAME", "PEER", "ENDPOINTS", "CERT EXPIRES", "CREATED")]
     for r in LINKS.list(cfg.state_dir):
         try:
-            expires = _ts(
+            expires = timestamp(
                 load_cert(link_cert_path(cfg.state_dir, r.name)).not_valid_after_utc.timestamp()
             )
         except PkiError:
             expires = "missing"
-        rows.append((r.name, r.peer_site, ",".join(r.endpoints), expires, _ts(r.created)))
+        rows.append((r.name, r.peer_site, ",".join(r.endpoints), expires, timestamp(r.created)))
     return _table(rows)
 
 
@@ -145,7 +134,7 @@ def cmd_link_delete(cfg: SiteConfig, name: str) -> str:
 def cmd_peer_list(cfg: SiteConfig) -> str:
     rows = [("PEER", "LINKED AT", "TOKEN", "CERT EXPIRES")]
     rows += [
-        (p.site, _ts(p.linked_at), p.token_id, _ts(p.cert_not_after))
+        (p.site, timestamp(p.linked_at), p.token_id, timestamp(p.cert_not_after))
         for p in PEERS.list(cfg.state_dir)
     ]
     return _table(rows)

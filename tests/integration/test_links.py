@@ -319,7 +319,7 @@ async def test_commands(tmp_path: Path) -> None:
         assert f"meshlink link create {out_file}" in said
         assert out_file.stat().st_mode & 0o077 == 0
         assert "valid" in links.cmd_token_list(a)
-        said = await links.acmd_link_create(b, str(out_file), name="to-a")
+        said = await links.cmd_link_create(b, str(out_file), name="to-a")
         assert said == "linked to site site-a as 'to-a' via 127.0.0.1:7443"
     finally:
         await grant.close()
