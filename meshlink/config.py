@@ -7,29 +7,22 @@ on loopback.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 import yaml
 
 from meshlink.errors import ConfigError
+from meshlink.names import PROTOCOLS, is_ascii_number, is_dns_label, split_hostport
 
 DEFAULT_ZONE: Final = "clusterset.local"
 DEFAULT_TTL: Final = 5
 DEFAULT_GATEWAY_SELECTOR: Final = (("app.kubernetes.io/name", "meshlink"),)
-_DNS_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
-"""Used with fullmatch: `$` would also match before a trailing newline."""
-
-
-def is_dns_label(value: object) -> TypeGuard[str]:
-    """One lowercase RFC 1123 label: a-z, 0-9 and '-', at most 63, no '-' at either end.
-    Site ids, namespaces, service, port and host names all obey it."""
-    return isinstance(value, str) and _DNS_LABEL.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,19 +219,10 @@ class _Reader:
 
 def parse_hostport(value: object, key: str = "address", source: str | None = None) -> HostPort:
     """Parse ``HOST:PORT`` or ``[V6]:PORT``."""
-    if not isinstance(value, str):
-        raise ConfigError(f"{value!r} is not HOST:PORT", key=key, source=source)
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not _is_number(port) or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{value!r} is not HOST:PORT", key=key, source=source)
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return HostPort(host, int(port))
-
-
-def _is_number(text: str) -> bool:
-    """ASCII digits only (``str.isdigit`` also takes "²", which ``int`` refuses)."""
-    return text.isascii() and text.isdigit()
+    try:
+        return HostPort(*split_hostport(value if isinstance(value, str) else ""))
+    except ValueError:
+        raise ConfigError(f"{value!r} is not HOST:PORT", key=key, source=source) from None
 
 
 def _ip(value: object, key: str, source: str) -> str:
@@ -263,7 +247,7 @@ def _export(r: _Reader) -> ExportConfig:
         pr.unknown({"port", "targetPort", "name", "protocol", "appProtocol"})
         port = pr.integer("port", None, 1, 65535)
         proto = pr.text("protocol", "TCP").upper()
-        if proto not in ("TCP", "UDP", "SCTP"):
+        if proto not in PROTOCOLS:
             raise pr.err("protocol", f"{proto!r} is not TCP, UDP or SCTP")
         pname = str(pr.data.get("name", ""))
         if pname and not is_dns_label(pname):
@@ -326,15 +310,23 @@ def _kubernetes(r: _Reader) -> KubernetesConfig:
     return KubernetesConfig(
         kubeconfig=Path(r.text("kubeconfig")) if kubeconfig is not None else None,
         context=r.text("context") if context is not None else None,
-        namespace=r.text("namespace", "meshlink-system"),
+        namespace=r.text("namespace", _default(KubernetesConfig, "namespace")),
         gateway_selector=selector,
-        export_kube_system=r.flag("exportKubeSystem", False),
-        request_timeout=r.number("requestTimeout", 10.0, 0.5, 300.0),
-        resync_seconds=r.number("resyncSeconds", 300.0, 5.0, 86400.0),
-        import_address=_ip(
-            r.data.get("importAddress", "0.0.0.0"), r.key("importAddress"), r.source
+        export_kube_system=r.flag(
+            "exportKubeSystem", _default(KubernetesConfig, "export_kube_system")
         ),
-        import_ports=_port_range(r, "importPorts", (20000, 29999)),
+        request_timeout=r.number(
+            "requestTimeout", _default(KubernetesConfig, "request_timeout"), 0.5, 300.0
+        ),
+        resync_seconds=r.number(
+            "resyncSeconds", _default(KubernetesConfig, "resync_seconds"), 5.0, 86400.0
+        ),
+        import_address=_ip(
+            r.data.get("importAddress", _default(KubernetesConfig, "import_address")),
+            r.key("importAddress"),
+            r.source,
+        ),
+        import_ports=_port_range(r, "importPorts", _default(KubernetesConfig, "import_ports")),
     )
 
 
@@ -345,12 +337,22 @@ def _port_range(r: _Reader, k: str, default: tuple[int, int]) -> tuple[int, int]
     first, sep, last = str(v).partition("-")
     if (
         not sep
-        or not _is_number(first.strip())
-        or not _is_number(last.strip())
+        or not is_ascii_number(first.strip())
+        or not is_ascii_number(last.strip())
         or not 1024 <= int(first) <= int(last) <= 65535
     ):
         raise r.err(k, f"{v!r} is not a port range FIRST-LAST within 1024-65535")
     return int(first), int(last)
+
+
+def _default(cls: type[Any], name: str) -> Any:
+    """The default of field ``name`` of config dataclass ``cls``: defaults are written once,
+    on the dataclass fields, and the parser takes them from there."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING
+    return f.default_factory()
 
 
 def parse(data: object, source: str = "<config>") -> SiteConfig:
@@ -378,7 +380,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
     state_dir = Path(r.text("stateDir", os.path.join("/var/lib/meshlink", site)))
     gw = r.sub("gateway")
     gw.unknown({"listen", "advertise", "maxStreamsPerLink", "newFlowsPerSecond"})
-    listen = gw.hostport("listen", HostPort("127.0.0.1", 7443))
+    listen = gw.hostport("listen", _default(SiteConfig, "gateway_listen"))
     adv_raw = gw.data.get("advertise", [])
     if isinstance(adv_raw, str):
         adv_raw = [adv_raw]
@@ -398,7 +400,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         raise dns.err("zone", f"{zone!r} is not a DNS name")
     imports = r.sub("imports")
     imports.unknown({"pool"})
-    pool_raw = imports.data.get("pool", "127.77.0.0/16")
+    pool_raw = imports.data.get("pool", str(_default(SiteConfig, "import_pool")))
     try:
         pool = ipaddress.ip_network(str(pool_raw))
     except ValueError:
@@ -430,24 +432,35 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         state_dir=state_dir,
         gateway_listen=listen,
         gateway_advertise=advertise,
-        max_streams_per_link=gw.integer("maxStreamsPerLink", 512, 1, 1 << 20),
-        new_flows_per_second=gw.number("newFlowsPerSecond", 2000.0, 1.0, 1e6),
-        grant_listen=grant.hostport("listen", HostPort("127.0.0.1", 7444)),
+        max_streams_per_link=gw.integer(
+            "maxStreamsPerLink", _default(SiteConfig, "max_streams_per_link"), 1, 1 << 20
+        ),
+        new_flows_per_second=gw.number(
+            "newFlowsPerSecond", _default(SiteConfig, "new_flows_per_second"), 1.0, 1e6
+        ),
+        grant_listen=grant.hostport("listen", _default(SiteConfig, "grant_listen")),
         grant_advertise=parse_hostport(grant_adv, grant.key("advertise"), source)
         if grant_adv is not None
         else None,
-        ops_listen=ops.hostport("listen", HostPort("127.0.0.1", 7480)),
+        ops_listen=ops.hostport("listen", _default(SiteConfig, "ops_listen")),
         dns=DnsConfig(
-            listen=dns.hostport("listen", HostPort("127.0.0.1", 5353)),
+            listen=dns.hostport("listen", _default(DnsConfig, "listen")),
             zone=zone,
-            ttl=dns.integer("ttl", DEFAULT_TTL, 0, 86400),
-            enabled=dns.flag("enabled", True),
+            ttl=dns.integer("ttl", _default(DnsConfig, "ttl"), 0, 86400),
+            enabled=dns.flag("enabled", _default(DnsConfig, "enabled")),
         ),
         import_pool=pool,
         exports=exports,
         namespaces=namespaces,
-        heartbeat_interval=r.number("heartbeatInterval", 1.0, 0.05, 60.0),
-        link_cert_lifetime=r.number("linkCertLifetime", 86400.0, 30.0, 365 * 86400.0),
+        heartbeat_interval=r.number(
+            "heartbeatInterval", _default(SiteConfig, "heartbeat_interval"), 0.05, 60.0
+        ),
+        link_cert_lifetime=r.number(
+            "linkCertLifetime",
+            _default(SiteConfig, "link_cert_lifetime"),
+            30.0,
+            365 * 86400.0,
+        ),
         kubernetes=kube,
         source=source,
     )

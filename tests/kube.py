@@ -146,6 +146,18 @@ _bin_lock = threading.Lock()
 _bin_cache: KubeBinaries | None = None
 
 
+def service_export_v1alpha1(namespace: str, name: str, spec: dict[str, Any] | None = None) -> str:
+    """A ServiceExport manifest in the older MCS version (the CRDs serve both)."""
+    obj: dict[str, Any] = {
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "kind": "ServiceExport",
+        "metadata": {"name": name, "namespace": namespace},
+    }
+    if spec is not None:
+        obj["spec"] = spec
+    return json.dumps(obj)
+
+
 def kube_binaries() -> KubeBinaries:
     """Build (or take from the cache) etcd, kube-apiserver and kubectl via hack/kube-bin.sh.
 

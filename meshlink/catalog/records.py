@@ -13,10 +13,9 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Final
 
-from meshlink.config import is_dns_label
 from meshlink.errors import CatalogError
+from meshlink.names import PROTOCOLS, is_dns_label
 
-PROTOCOLS: Final = frozenset({"TCP", "UDP", "SCTP"})
 MAX_PORTS: Final = 256
 MAX_ENDPOINTS: Final = 1000
 MAX_LABELS: Final = 64

@@ -36,9 +36,9 @@ from typing import Final, TypeAlias
 
 from dnslib import AAAA, NS, QTYPE, RD, RR, SOA, SRV, TXT, A, DNSLabel
 
-from meshlink.catalog.records import PROTOCOLS, Endpoint, ServiceType
+from meshlink.catalog.records import Endpoint, ServiceType
 from meshlink.catalog.view import ImportedService
-from meshlink.config import is_dns_label
+from meshlink.names import PROTOCOLS, is_dns_label
 
 log = logging.getLogger(__name__)
 

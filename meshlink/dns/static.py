@@ -25,10 +25,10 @@ from typing import Any, Final
 
 import yaml
 
-from meshlink.catalog.records import PROTOCOLS, Endpoint, Port, ServiceType
+from meshlink.catalog.records import Endpoint, Port, ServiceType
 from meshlink.catalog.view import ClusterEndpoints, ImportedService
-from meshlink.config import is_dns_label
 from meshlink.errors import ConfigError
+from meshlink.names import PROTOCOLS, is_dns_label
 
 _SERVICE_KEYS: Final = frozenset({"name", "namespace", "type", "ips", "ports", "clusters"})
 _PORT_KEYS: Final = frozenset({"port", "protocol", "name", "appProtocol"})

@@ -22,7 +22,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from meshlink.catalog.records import ExportRecord, ServiceKey
 from meshlink.catalog.view import ImportedService, ListenerSpec, OnView, PlatformStatus, Publish
-from meshlink.config import KubernetesConfig, SiteConfig, is_dns_label
+from meshlink.config import KubernetesConfig, SiteConfig
 from meshlink.errors import ConfigError
 from meshlink.k8s.api import CLUSTER_PROPERTY, Kube, NotFound, Unavailable
 from meshlink.k8s.caches import Caches
@@ -32,6 +32,7 @@ from meshlink.k8s.imports import ImportReconciler
 from meshlink.k8s.ports import PortAllocator
 from meshlink.k8s.watch import ApiHealth
 from meshlink.k8s.workqueue import WorkQueue
+from meshlink.names import is_dns_label
 
 log = logging.getLogger(__name__)
 

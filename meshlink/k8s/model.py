@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +28,7 @@ from meshlink.catalog.records import (
     ServiceType,
 )
 from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec
+from meshlink.names import address_family
 
 Obj = dict[str, Any]
 """A Kubernetes object as JSON."""
@@ -599,10 +599,6 @@ def service_import_status(
         "metadata": {"name": merged.key.name, "namespace": merged.key.namespace},
         "status": {"clusters": clusters, "conditions": conds},
     }
-
-
-def address_family(address: str) -> str:
-    return "IPv6" if ipaddress.ip_address(address).version == 6 else "IPv4"
 
 
 def slice_name(derived: str, cluster: str, family: str) -> str:

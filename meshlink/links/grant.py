@@ -33,7 +33,7 @@ from meshlink import httpd
 from meshlink.config import HostPort
 from meshlink.errors import MeshlinkError
 from meshlink.links.issuer import GrantRefused, decide_reauth, decide_redeem
-from meshlink.links.tokens import split_hostport
+from meshlink.names import split_hostport
 from meshlink.pki import (
     LINK_CERT_LIFETIME,
     ReloadingServerContext,
@@ -65,7 +65,7 @@ class GrantServer:
         clock: Callable[[], float] = time.time,
     ):
         for ep in gateway_endpoints:
-            split_hostport(ep)  # ValueError here is a programming error of the caller
+            split_hostport(ep, strict=True)  # ValueError here is a programming error of the caller
         self.identity = identity
         self.state_dir = Path(state_dir)
         self.gateway_endpoints = tuple(gateway_endpoints)

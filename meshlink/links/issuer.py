@@ -64,8 +64,8 @@ from meshlink.links.tokens import (
     is_token_id,
     new_secret,
     new_token_id,
-    split_hostport,
 )
+from meshlink.names import split_hostport
 from meshlink.pki import (
     LINK_CERT_LIFETIME,
     SiteIdentity,
@@ -132,7 +132,7 @@ def create_token(
     if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= MAX_TOKEN_USES:
         raise TokenError(f"token uses {uses!r} must be between 1 and {MAX_TOKEN_USES}")
     try:
-        split_hostport(grant_address)
+        split_hostport(grant_address, strict=True)
     except ValueError as e:
         raise TokenError(f"grant address: {e}; set grant.advertise in the site config") from None
     now = time.time() if now is None else now

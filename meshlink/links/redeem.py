@@ -47,7 +47,8 @@ from meshlink.links.records import (
     link_cert_path,
 )
 from meshlink.links.renewal import store_renewed_cert
-from meshlink.links.tokens import decode_token, split_hostport
+from meshlink.links.tokens import decode_token
+from meshlink.names import split_hostport
 from meshlink.pki import (
     CaPinMismatch,
     SiteIdentity,
@@ -170,7 +171,7 @@ async def redeem(
         raise TokenExpired(
             f"the token expired at {_ts(token.exp)}: ask site {token.site} for a new one"
         )
-    address = str(HostPort(*split_hostport(token.grant)))
+    address = str(HostPort(*split_hostport(token.grant, strict=True)))
     body = {
         "token_id": token.id,
         "secret": token.secret,
@@ -256,7 +257,7 @@ def _accept(
         raise TokenError(f"site {site} sent no gateway endpoints to dial")
     for ep in endpoints:
         try:
-            split_hostport(ep if isinstance(ep, str) else "")
+            split_hostport(ep if isinstance(ep, str) else "", strict=True)
         except ValueError:
             raise TokenError(
                 f"site {site} sent a gateway endpoint that is not host:port: {_clean(ep, 80)!r}"

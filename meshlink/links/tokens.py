@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from meshlink.errors import TokenMalformed
+from meshlink.names import split_hostport
 from meshlink.pki import is_pin, is_site_id
 
 TOKEN_PREFIX: Final = "meshlink-token-v1."  # noqa: S105 (a format prefix, not a secret)
@@ -30,7 +31,6 @@ MIN_SECRET_BYTES: Final = 16  # 128 bits
 MAX_TOKEN_CHARS: Final = 4096
 _ID_RE: Final = re.compile(r"[0-9a-f]{16}")
 _B64URL_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
-_HOST_RE: Final = re.compile(r"[A-Za-z0-9.-]{1,253}")
 
 
 def b64url_encode(data: bytes) -> str:
@@ -56,22 +56,6 @@ def is_token_id(text: object) -> bool:
     return isinstance(text, str) and _ID_RE.fullmatch(text) is not None
 
 
-def split_hostport(text: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` into (host, port); raises ValueError."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or len(port) > 5:
-        raise ValueError(f"{text!r} is not host:port")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        if ":" not in host:
-            raise ValueError(f"{text!r}: only IPv6 addresses go in brackets")
-    elif ":" in host:
-        raise ValueError(f"{text!r}: write an IPv6 address as [addr]:port")
-    if not host or (":" not in host and not _HOST_RE.fullmatch(host)):
-        raise ValueError(f"{text!r} has no valid host")
-    return host, int(port)
-
-
 @dataclass(frozen=True, slots=True)
 class Token:
     id: str
@@ -90,7 +74,7 @@ class Token:
 
     @property
     def grant_hostport(self) -> tuple[str, int]:
-        return split_hostport(self.grant)
+        return split_hostport(self.grant, strict=True)
 
 
 def encode_token(token: Token) -> str:
@@ -169,7 +153,7 @@ def decode_token(text: str) -> Token:
         raise _bad(f"the secret has {len(secret_bytes) * 8} bits, at least 128 are required")
     grant = _field(body, "grant", str)
     try:
-        split_hostport(grant)
+        split_hostport(grant, strict=True)
     except ValueError as e:
         raise _bad(f"the grant address: {e}") from None
     pin = _field(body, "pin", str)

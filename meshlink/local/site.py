@@ -42,6 +42,7 @@ from meshlink.catalog.view import (
 )
 from meshlink.config import ExportConfig, SiteConfig
 from meshlink.errors import ConfigError
+from meshlink.names import address_family
 from meshlink.pki.files import atomic_write, ensure_dir
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ class LocalSite:
 def _families(addresses: Iterable[str]) -> tuple[str, ...]:
     fams: list[str] = []
     for a in addresses:
-        fam = "IPv6" if ipaddress.ip_address(a).version == 6 else "IPv4"
+        fam = address_family(a)
         if fam not in fams:
             fams.append(fam)
     return tuple(fams) or ("IPv4",)

@@ -23,8 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshlink.config import is_dns_label
 from meshlink.errors import PeerNotAuthorized, PkiError
+from meshlink.names import is_dns_label
 
 SPIFFE_PREFIX: Final = "spiffe://meshlink/site/"
 PIN_PREFIX: Final = "sha256:"

@@ -15,6 +15,20 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamEvent(Event):
+    """Something the peer did on one stream."""
+
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadEvent(Event):
+    """A connection-level frame whose payload is all there is to it."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class HelloReceived(Event):
     """The peer's HELLO: the link is usable once this arrives."""
 
@@ -26,75 +40,61 @@ class HelloReceived(Event):
 
 
 @dataclass(frozen=True, slots=True)
-class StreamOpened(Event):
+class StreamOpened(StreamEvent):
     """The peer opened a stream to `target`; answer with accept_stream or reset_stream."""
 
-    stream_id: int
     target: FlowTarget
     hops: int
 
 
 @dataclass(frozen=True, slots=True)
-class StreamAccepted(Event):
+class StreamAccepted(StreamEvent):
     """The peer reached the target of a stream we opened."""
-
-    stream_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class DataReceived(Event):
+class DataReceived(StreamEvent):
     """Payload bytes of a stream. A DATA frame may arrive as several of these (they are
     delivered as the bytes come in). `data` is a read-only view that stays valid; hand its
     length to `acknowledge_received` once the bytes have been consumed."""
 
-    stream_id: int
     data: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
-class StreamEnded(Event):
+class StreamEnded(StreamEvent):
     """The peer half-closed the stream (FIN): it will send no more data."""
-
-    stream_id: int
 
 
 @dataclass(frozen=True, slots=True)
-class StreamReset(Event):
+class StreamReset(StreamEvent):
     """The peer aborted the stream."""
 
-    stream_id: int
     code: ErrorCode
     text: str = ""
     """The peer's reason, if it gave one (for logs and error messages only)."""
 
 
 @dataclass(frozen=True, slots=True)
-class WindowUpdated(Event):
+class WindowUpdated(StreamEvent):
     """The peer granted more send credit on a stream."""
 
-    stream_id: int
     increment: int
 
 
 @dataclass(frozen=True, slots=True)
-class PingReceived(Event):
+class PingReceived(PayloadEvent):
     """The peer pinged; the PONG is already queued."""
 
-    payload: bytes
-
 
 @dataclass(frozen=True, slots=True)
-class PongReceived(Event):
+class PongReceived(PayloadEvent):
     """Answer to one of our pings, echoing its 8-byte payload."""
 
-    payload: bytes
-
 
 @dataclass(frozen=True, slots=True)
-class ControlReceived(Event):
+class ControlReceived(PayloadEvent):
     """An opaque control message (catalog sync rides on these)."""
-
-    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+from meshlink.names import PROTOCOLS
+
 MAX_HOPS: Final = 8
 """A flow may cross at most this many relaying gateways (stops relay loops)."""
 
-PROTOCOLS: Final = frozenset({"TCP", "UDP", "SCTP"})
 _MAX_FIELD: Final = 253
 
 

@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from meshlink.config import listen_error
 from meshlink.errors import ErrorCode, LocalProtocolError, MeshlinkError, PeerNotAuthorized
+from meshlink.names import split_hostport
 from meshlink.pki import AlertingSSLObject, authorize_peer
 from meshlink.proto import DEFAULT_MAX_STREAMS, MAX_HOPS, FlowTarget
 from meshlink.tunnel.link import STREAM_WINDOW, Link, StreamEnd
@@ -52,14 +53,6 @@ BACKOFF_CAP: Final = 5.0
 NEW_FLOWS_PER_SECOND: Final = 2000.0
 """Default rate of new flows a peer may open over one link (the burst is one second's
 worth); the excess is refused with RST(REFUSED_STREAM)."""
-
-
-def split_endpoint(endpoint: str) -> tuple[str, int]:
-    """ "host:port" or "[v6]:port" -> (host, port)."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"endpoint {endpoint!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 class _Dialer:
@@ -328,7 +321,7 @@ class Gateway:
         errors = []
         for endpoint in spec.endpoints:
             try:
-                host, port = split_endpoint(endpoint)
+                host, port = split_hostport(endpoint)
                 ctx = spec.ssl_context()
             except (ValueError, MeshlinkError, OSError, ssl.SSLError) as e:
                 errors.append(f"{endpoint}: {e}")

@@ -15,6 +15,7 @@ from tests.kube import (
     KubectlError,
     endpoint_slice,
     install_crds,
+    service_export_v1alpha1,
     set_cluster_id,
     wait_crd_create_delay,
     wait_until,
@@ -101,15 +102,7 @@ def test_crds_and_cluster_id(kube_cluster: KubeCluster) -> None:
     prop = c.get_json("clusterproperty", "cluster.clusterset.k8s.io")
     assert prop["spec"]["value"] == "east-1"
     c.kubectl("create", "namespace", "demo")
-    c.apply(
-        json.dumps(
-            {
-                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
-                "kind": "ServiceExport",
-                "metadata": {"name": "web", "namespace": "demo"},
-            }
-        )
-    )
+    c.apply(service_export_v1alpha1("demo", "web"))
     got = c.get_json("svcex", "web", "-n", "demo")
     assert got["apiVersion"] == "multicluster.x-k8s.io/v1beta1"
 

@@ -17,6 +17,7 @@ from tests.kube import (
     KubeBinaries,
     KubeCluster,
     KubectlError,
+    service_export_v1alpha1,
     wait_crds_established,
     wait_until,
 )
@@ -210,16 +211,7 @@ def test_applies_server_side_and_objects_exist(
 def test_v1alpha1_export_reads_back_as_v1beta1(applied: KubeCluster) -> None:
     c = applied
     c.kubectl("create", "namespace", "demo")
-    c.apply(
-        json.dumps(
-            {
-                "apiVersion": "multicluster.x-k8s.io/v1alpha1",
-                "kind": "ServiceExport",
-                "metadata": {"name": "web", "namespace": "demo"},
-                "spec": {"exportedLabels": {"tier": "front"}},
-            }
-        )
-    )
+    c.apply(service_export_v1alpha1("demo", "web", {"exportedLabels": {"tier": "front"}}))
     beta = c.get_json("serviceexports.v1beta1.multicluster.x-k8s.io", "web", "-n", "demo")
     assert beta["apiVersion"] == "multicluster.x-k8s.io/v1beta1"
     assert beta["spec"]["exportedLabels"] == {"tier": "front"}

@@ -1,8 +1,11 @@
 """Config parsing: defaults, and errors that name the offending key."""
 
+import re
+from pathlib import Path
+
 import pytest
 
-from meshlink import config
+from meshlink import config, names
 from meshlink.errors import ConfigError
 
 
@@ -114,7 +117,7 @@ def test_unreadable_and_invalid_yaml(tmp_path) -> None:  # type: ignore[no-untyp
     ],
 )
 def test_one_dns_label_predicate(value: object, ok: bool) -> None:
-    assert config.is_dns_label(value) is ok
+    assert names.is_dns_label(value) is ok
 
 
 def test_peer_record_with_newline_in_a_name_is_refused() -> None:
@@ -165,3 +168,40 @@ def test_a_directory_errors_name_the_files(tmp_path) -> None:  # type: ignore[no
     (tmp_path / "site.yaml").write_text("gateway: {listen: nowhere}\n")
     with pytest.raises(ConfigError, match=r"config\.yaml \+ site\.yaml\): gateway\.listen: "):
         config.load(tmp_path)
+
+
+def test_a_minimal_file_gets_the_dataclasses_defaults() -> None:
+    """Defaults are written once, on the dataclass fields: parsing nothing gives them."""
+    cfg = config.parse({"site": "a", "stateDir": "/tmp/x", "kubernetes": {}})
+    assert cfg == config.SiteConfig(
+        site="a",
+        state_dir=Path("/tmp/x"),
+        kubernetes=config.KubernetesConfig(),
+        source="<config>",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "lenient", "strict"),
+    [
+        ("a:1", ("a", 1), ("a", 1)),
+        ("[fd00::1]:7443", ("fd00::1", 7443), ("fd00::1", 7443)),
+        ("h:0", ("h", 0), None),  # port 0: bind anywhere (config), never a peer's
+        ("[h]:1", ("h", 1), None),  # brackets are for IPv6
+        ("fd00::1:80", ("fd00::1", 80), None),  # IPv6 without brackets
+        ("h_x:1", ("h_x", 1), None),  # not a host name
+        ("h:²", None, None),
+        ("h:65536", None, None),
+        (":80", None, None),
+        ("h", None, None),
+    ],
+)
+def test_host_port_text_one_parser_two_strictnesses(
+    text: str, lenient: tuple[str, int] | None, strict: tuple[str, int] | None
+) -> None:
+    for is_strict, want in ((False, lenient), (True, strict)):
+        if want is None:
+            with pytest.raises(ValueError, match=re.escape(repr(text))):
+                names.split_hostport(text, strict=is_strict)
+        else:
+            assert names.split_hostport(text, strict=is_strict) == want
