@@ -20,7 +20,7 @@ import time
 from datetime import timedelta
 from typing import Final
 
-from meshlink import links, status
+from meshlink import links, pki, status
 from meshlink.catalog.sync import Catalog
 from meshlink.catalog.view import Platform
 from meshlink.config import SiteConfig
@@ -80,11 +80,18 @@ class SiteRuntime:
             on_unlinked=lambda peer: self.links.unlinked_by(peer),
         )
         self.router = Router(config.site, self.catalog, self.platform)
+        ident = self.identity.current
+        # Peers present client certificates our CA signed at redemption: trust only it. The
+        # context follows the files (the hourly reload may re-issue the gateway certificate)
+        # and is rebuilt only when they change, as the grant endpoint's is.
+        tls = pki.ReloadingServerContext(
+            lambda: links.gateway_server_context(self.identity.current),
+            [ident.gateway_cert_path, ident.gateway_key_path, ident.ca_cert_path],
+        )
         self.gateway = Gateway(
             config.site,
             listen=(config.gateway_listen.host, config.gateway_listen.port),
-            # Peers present client certificates our CA signed at redemption: trust only it.
-            server_context=lambda: links.gateway_server_context(self.identity.current),
+            server_context=tls.refresh,
             authorize=peer_authorizer(config.state_dir),
             handler=self.control,
             route=self.router.route,

@@ -5,7 +5,7 @@ Flows are multiplexed streams over one long-lived TLS connection per peer (the d
 its measurements are in the package docstring, `meshlink.tunnel`).
 
 Lifecycle of a link: TCP accept -> TLS handshake (the listener switches each handshake to
-a freshly built server context in the SNI callback, so rotated certificates and newly
+the current server context in the SNI callback, so rotated certificates and newly
 trusted CAs apply to new links) -> the peer's site id from its certificate
 (`pki.authorize_peer`) -> `authorize(site)` (else HELLO + GOAWAY NOT_AUTHORIZED, one log
 line) -> HELLO exchange -> `handler.link_up`. A dialer checks that the server's certificate
@@ -206,9 +206,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ accepting
     def _listener_context(self) -> ssl.SSLContext:
-        """The listener's context. Each handshake switches to a freshly built context (in
-        the SNI callback, which OpenSSL runs for every ClientHello), so rotated
-        certificates and newly trusted CAs apply to new links without a restart."""
+        """The listener's context. Each handshake switches to the context
+        ``server_context()`` gives then (in the SNI callback, which OpenSSL runs for every
+        ClientHello), so rotated certificates and newly trusted CAs apply to new links
+        without a restart (a site passes ``pki.ReloadingServerContext.refresh``, which
+        rebuilds only when the certificate files change)."""
         assert self._server_context is not None
         base = self._server_context()
         base.sni_callback = self._pick_context

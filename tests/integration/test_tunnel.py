@@ -31,6 +31,7 @@ from meshlink.tunnel import (
     PeerRoute,
     Route,
 )
+from tests.sites import free_port
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -573,10 +574,7 @@ async def test_import_fails_over_to_next_target(sites: Callable[[str], Awaitable
 
 async def test_connect_refused_by_service(sites: Callable[[str], Awaitable[Site]]) -> None:
     a, b = await pair_ab(sites)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]
-    b.handler.services[("ns", "dead", 5)] = ("127.0.0.1", dead_port)
+    b.handler.services[("ns", "dead", 5)] = ("127.0.0.1", free_port())
     with pytest.raises(FlowError) as err:
         await a.gateway.open_flow(FlowTarget("b", "ns", "dead", 5), timeout=5)
     assert err.value.code == ErrorCode.CONNECT_ERROR
