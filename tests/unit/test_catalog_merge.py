@@ -121,3 +121,10 @@ def test_empty_or_mixed_input_is_a_bug() -> None:
         merge([])
     with pytest.raises(ValueError, match="different services"):
         merge([rec("a", 1), rec("b", 1, name="other")])
+
+
+def test_a_port_nobody_exports_has_no_origins() -> None:
+    m = merge([rec("a", 1.0, Port(80, "TCP", "http"))])
+    assert m.origins_for_port(80) == ("a",)
+    assert m.origins_for_port(9999) == ()
+    assert m.origins_for_port(80, "UDP") == ()

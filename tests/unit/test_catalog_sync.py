@@ -266,3 +266,55 @@ def test_random_topologies_converge_to_exactly_the_reachable_exports(
         assert {x: bus.cat[site].route_to(x) for x in "abcde"} == {
             x: routes.get(x) for x in "abcde"
         }
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ({"path": ["b"], "site": "x"}, "site entry is not an object"),
+        ({"path": ["b"], "site": {"site": "b", "version": -1}}, "site version -1"),
+        ({"path": ["b"], "site": {"site": "b", "version": True}}, "site version True"),
+        ({"path": ["b"], "site": {"site": "b", "version": 1, "gw": "x"}}, "site gw must be"),
+        ({"path": ["b"], "site": {"site": "B", "version": 1}}, "site id 'B' is not a DNS"),
+        ({"path": ["b"]}, "entry has neither rec nor site"),
+        ("x", "entry is not an object"),
+    ],
+)
+def test_refused_site_entries_name_their_cause(entry: object, why: str) -> None:
+    a = Catalog("a")
+    a.peer_up("b")
+    _, refused = a.receive("b", Update((entry,)))
+    assert len(refused) == 1
+    assert why in refused[0], refused[0]
+
+
+def test_an_entry_whose_path_crosses_this_site_is_dropped_without_a_word() -> None:
+    a = Catalog("a")
+    a.peer_up("b")
+    looped = {"path": ["b", "a", "c"], "rec": record_to_wire(rec("c"))}
+    sends, refused = a.receive("b", Update((looped,)))
+    assert (sends, refused) == ([], [])
+    assert a.services() == {}
+
+
+def test_local_records_must_be_ours_and_peers_are_listed() -> None:
+    a = Catalog("a")
+    with pytest.raises(ValueError, match="has origin b, not a"):
+        a.set_local([rec("b")])
+    a.peer_up("c")
+    a.peer_up("b")
+    assert a.peers() == ("b", "c")
+    assert a.route_to("a") is not None
+    assert a.route_to("zz") is None
+    assert a.next_hop("a") is None  # this site: no hop
+
+
+def test_an_unchanged_entry_is_not_advertised_again() -> None:
+    bus = Bus("a", "b", "c")
+    bus.link("a", "b")
+    bus.link("b", "c")
+    r = rec("a")
+    bus.post("a", bus.cat["a"].set_local([r]))
+    bus.run()
+    # Same content again: the version stays, and nothing goes out.
+    assert bus.cat["a"].set_local([r]) == []

@@ -533,3 +533,71 @@ def test_imports_are_owned_by_meshlinks_namespace() -> None:
     # No namespace (or one not yet created): the body as it was.
     assert model.owned_by_namespace(copy.deepcopy(body), None) == body
     assert model.owned_by_namespace(copy.deepcopy(body), {"metadata": {"name": "x"}}) == body
+
+
+def test_time_and_metadata_helpers_tolerate_what_the_api_server_may_omit() -> None:
+    assert model.parse_time(None) == 0.0
+    assert model.parse_time("not a time") == 0.0
+    assert model.parse_time("1970-01-01T00:01:00Z") == 60.0
+    assert model.format_time(60) == "1970-01-01T00:01:00Z"
+    assert model.annots({"metadata": {"annotations": "x"}}) == {}
+    assert model.labels({"metadata": None}) == {}
+    auto = model.service_export_body("demo", "web")
+    assert model.is_auto_export(auto)
+    assert not model.is_auto_export({"metadata": {}})
+    assert model.wants_export({"metadata": {"annotations": {model.EXPORT_ANNOTATION: "true"}}})
+    assert not model.wants_export(None)
+
+
+def test_a_headless_import_with_affinity_and_unnamed_ports() -> None:
+    a = rec(
+        "a",
+        1.0,
+        type=ServiceType.HEADLESS,
+        ports=(Port(80, "TCP", "", "http"), Port(80, "UDP"), Port(81, "TCP")),
+        endpoints=(Endpoint(("10.0.0.1", "fd00::1"), "pod-0"), Endpoint(("10.0.0.2",))),
+        session_affinity="ClientIP",
+        session_affinity_timeout=30,
+        internal_traffic_policy="Local",
+        traffic_distribution="PreferClose",
+        ip_families=("IPv4", "IPv6"),
+    )
+    m = merge([a])
+    assert model.service_port_names(m.ports) == ["tcp-80", "udp-80", "tcp-81"]
+    svc = model.derived_service_body(m, {})
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 30}}
+    assert svc["spec"]["ports"][0]["appProtocol"] == "http"
+    si = model.service_import_body(m, (), ("IPv4", "IPv6"))
+    assert si["spec"]["sessionAffinityConfig"] == {"clientIP": {"timeoutSeconds": 30}}
+    assert si["spec"]["internalTrafficPolicy"] == "Local"
+    assert si["spec"]["trafficDistribution"] == "PreferClose"
+    slices = model.endpoint_slice_bodies(m, (), {})
+    by_family = {s["addressType"]: s for s in slices}
+    assert sorted(by_family) == ["IPv4", "IPv6"]
+    v4 = by_family["IPv4"]["endpoints"]
+    assert [e["addresses"] for e in v4] == [["10.0.0.1"], ["10.0.0.2"]]
+    assert v4[0]["hostname"] == "pod-0"
+    assert model.import_ready(m, ()).status == "True"  # headless: ready without an IP
+
+
+def test_an_export_without_ports_and_endpoints_still_gets_a_service_and_a_slice() -> None:
+    m = merge([rec("a", 1.0, ports=(), ready_endpoints=0, ip_families=())])
+    svc = model.derived_service_body(m, {})
+    assert svc["spec"]["ports"] == [{"name": "none", "protocol": "TCP", "port": 9, "targetPort": 9}]
+    (s,) = model.endpoint_slice_bodies(m, (), {})
+    assert (s["addressType"], s["endpoints"]) == ("IPv4", [])
+    assert model.import_ready(m, ()).reason == model.REASON_PENDING
+
+
+def test_import_status_keeps_current_conditions_when_only_clusters_change() -> None:
+    m = merge([rec("a", 1.0)])
+    ready = model.import_ready(m, ("10.9.0.1",))
+    first = model.service_import_status(m, ready, None, 1, "T1")
+    assert first is not None
+    current = {"status": {**first["status"], "clusters": [{"cluster": "gone"}]}}
+    again = model.service_import_status(m, ready, current, 1, "T2")
+    assert again is not None
+    assert again["status"]["conditions"] == first["status"]["conditions"]  # T1 kept
+    assert again["status"]["clusters"] == [{"cluster": "a"}]
+    assert model.service_import_status(m, ready, first, 1, "T3") is None

@@ -370,3 +370,38 @@ def test_api_misuse_is_local_protocol_error() -> None:
         a.accept_stream(sid)  # only the receiver of OPEN accepts
     with pytest.raises(LocalProtocolError):
         Connection(initiator=True, max_frame=10)
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        (FlowTarget("", "ns", "n", 80), "site is empty"),
+        (FlowTarget("s", "x" * 254, "n", 80), "namespace is longer than 253 bytes"),
+        (FlowTarget("s", "ns", "n", 0), "port 0 is not in 1..65535"),
+        (FlowTarget("s", "ns", "n", 80, "HTTP"), "protocol 'HTTP' is not one of"),
+    ],
+)
+def test_a_target_says_what_keeps_it_off_the_wire(target: FlowTarget, why: str) -> None:
+    assert why in (target.problem() or "")
+    assert FlowTarget("s", "ns", "n", 80).problem() is None
+    assert str(FlowTarget("s", "ns", "n", 80)) == "n.ns@s:80/TCP"
+
+
+@pytest.mark.parametrize(
+    ("decode", "why"),
+    [
+        (lambda: F.check_hello_limits(1, 65536), "HELLO max_frame 1 is outside"),
+        (lambda: F.check_hello_limits(F.DEFAULT_MAX_FRAME, 0), "initial_window 0 is out of"),
+        (lambda: F.decode_open(F.encode_open(TARGET, 0) + b"x"), "wrong length"),
+        (lambda: F.decode_code(b"\x00\x00", "RST"), "RST frame is too short"),
+        (lambda: F.decode_u32(b"\x00\x00\x00", "WINDOW"), "WINDOW frame must carry 4 bytes"),
+        (lambda: F.decode_rst(b"\x00\x00\x00\x08" + b"x" * 300), "RST reason is too long"),
+    ],
+)
+def test_malformed_frame_payloads_are_remote_errors(decode: object, why: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=why):
+        decode()  # type: ignore[operator]
+
+
+def test_a_code_from_a_later_version_reads_as_internal_error() -> None:
+    assert F.decode_code(b"\x00\x00\xff\xff", "RST") is ErrorCode.INTERNAL_ERROR

@@ -243,3 +243,10 @@ def test_closing_forgets_parked_data_and_its_turn() -> None:
     h.unstall()
     assert not h.side[h.boxes[0].sid].got
     assert h.side[h.boxes[1].sid].got == b"b" * 5000
+
+
+def test_an_end_of_stream_the_connection_refuses_is_not_reported() -> None:
+    h = Harness(1, 1 << 20, 1000, 1 << 20)
+    box = h.boxes[0]
+    h.a.reset_stream(box.sid)  # the stream is gone from the connection
+    assert h.sched.send_eof(box) == 0
