@@ -27,7 +27,7 @@ fi
 # The floor for meshlink is [tool.coverage.report] fail_under in pyproject.toml.
 total=$(.venv/bin/coverage report --format=total) ||
 	{ echo "check: unit-test coverage of meshlink fell below its floor (pyproject.toml)" >&2; exit 1; }
-SANS_IO_FLOOR=98
+SANS_IO_FLOOR=99
 sans_io='meshlink/proto/*,meshlink/catalog/*,meshlink/dns/answer.py,meshlink/dns/snapshot.py,meshlink/k8s/model.py'
 core=$(.venv/bin/coverage report --format=total --fail-under="$SANS_IO_FLOOR" --include="$sans_io") || {
 	.venv/bin/coverage report --show-missing --skip-covered --include="$sans_io" >&2 || true

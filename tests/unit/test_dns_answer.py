@@ -7,7 +7,9 @@ the same questions of the real server with dig, kdig and dnspython.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import struct
+from typing import Any
 
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSLabel, DNSQuestion, DNSRecord
@@ -648,3 +650,64 @@ def test_two_views_of_one_name_are_merged() -> None:
     name = b"web.default.svc." + Z.encode()
     assert recs[name][QTYPE.A] == ("10.0.0.1", "10.0.0.9")
     assert recs[name][QTYPE.AAAA] == ("fd00::1",)
+
+
+def test_bad_ports_and_cluster_ids_are_skipped_too(caplog: pytest.LogCaptureFixture) -> None:
+    bad = [
+        clusterset_ip("badport", ("10.0.0.7",), (Port(80, "HTTP"),)),
+        clusterset_ip("badcluster", ("10.0.0.8",), (Port(80),), ("Not_A_Label",)),
+    ]
+    with caplog.at_level("WARNING", logger="meshlink.dns.snapshot"):
+        s = build_snapshot([*bad, *services()])
+    lines = [r.getMessage() for r in caplog.records if "not serving" in r.getMessage()]
+    assert any("port 80 has a bad protocol or name" in line for line in lines)
+    assert any("cluster id 'Not_A_Label' is not a DNS label" in line for line in lines)
+    assert rcode(ask(s, f"badport.default.svc.{Z}")) == "NXDOMAIN"
+
+
+def test_the_apex_name_server_has_its_addresses() -> None:
+    s = build_snapshot(services(), ns_addresses=("10.96.0.53",))
+    assert rdatas(ask(s, f"ns.dns.{Z}"), "A") == ["10.96.0.53"]
+    assert s.names > len(services())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda q: q.add_ar(EDNS0(udp_len=1232)) or q.add_ar(EDNS0(udp_len=1232)),  # two OPTs
+        lambda q: setattr(q.q, "qtype", QTYPE.OPT),  # a question for OPT
+    ],
+)
+def test_formerr_for_two_opt_records_or_an_opt_question(snap: Snapshot, build: Any) -> None:
+    q = DNSRecord.question(f"web.default.svc.{Z}", "A")
+    build(q)
+    raw = answer(bytearray(q.pack()), snap)  # any bytes-like query
+    assert raw is not None
+    assert RCODE[DNSRecord.parse(raw).header.rcode] == "FORMERR"
+
+
+def test_a_bug_while_answering_is_a_servfail_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    snap = build_snapshot(services())  # its own: the shared one's cache may hold the reply
+    mod = importlib.import_module("meshlink.dns.answer")  # the package exports answer()
+
+    def broken(*_a: object, **_k: object) -> tuple[bytes | None, bool]:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(mod, "compute", broken)
+    raw = answer(query(f"web.default.svc.{Z}", qid=7), snap)
+    assert raw is not None
+    reply = DNSRecord.parse(raw)
+    assert (reply.header.id, RCODE[reply.header.rcode]) == (7, "SERVFAIL")
+
+
+def test_a_full_positive_cache_starts_afresh() -> None:
+    from meshlink.dns.snapshot import POSITIVE_CACHE_ENTRIES, ReplyCache
+
+    c = ReplyCache()
+    for i in range(POSITIVE_CACHE_ENTRIES):
+        c.put(i.to_bytes(4, "big"), b"r", positive=True)
+    c.put(b"one more", b"r", positive=True)
+    assert len(c.pos) == 1
+    assert c.get(b"one more") == b"r"

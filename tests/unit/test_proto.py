@@ -405,3 +405,54 @@ def test_malformed_frame_payloads_are_remote_errors(decode: object, why: str) ->
 
 def test_a_code_from_a_later_version_reads_as_internal_error() -> None:
     assert F.decode_code(b"\x00\x00\xff\xff", "RST") is ErrorCode.INTERNAL_ERROR
+
+
+T = F.FrameType
+
+
+@pytest.mark.parametrize(
+    ("frame", "why"),
+    [
+        (F.frame(T.FIN, 1, b"x"), "FIN frame with a payload"),
+        (F.frame(T.ACCEPT, 2, b"x"), "ACCEPT frame with a payload"),
+        (F.frame(T.ACCEPT, 1, b""), "unexpected ACCEPT for stream 1"),  # b did not open 1
+        (F.frame(T.ACCEPT, 4, b""), "stream 4, which was never opened"),
+        (F.frame(T.WINDOW, 9, F.encode_u32(5)), "stream 9, which was never opened"),
+        (F.frame(T.DATA, 9, b""), "stream 9, which was never opened"),
+        (F.frame(T.PONG, 0, b"short"), "PONG payload must be 8 bytes"),
+        (F.frame(T.WINDOW, 1, F.encode_u32(0)), "WINDOW increment must be positive"),
+    ],
+)
+def test_frames_that_break_the_protocol_fail_the_connection(frame: bytes, why: str) -> None:
+    a, b = pair()
+    sid = a.open_stream(TARGET)
+    pump(a, b)  # b now has stream 1, opened by a
+    assert sid == 1
+    with pytest.raises(RemoteProtocolError, match=why):
+        b.receive_data(bytearray(frame))  # any bytes-like input
+    with pytest.raises(RemoteProtocolError, match=why):
+        b.receive_data(b"")  # the error stays
+    with pytest.raises(LocalProtocolError, match="the connection failed"):
+        b.send_control(b"x")
+
+
+def test_frames_for_a_stream_already_closed_are_dropped() -> None:
+    a, b = pair()
+    sid = a.open_stream(TARGET)
+    pump(a, b)
+    b.reset_stream(sid)
+    pump(b, a)
+    assert b.receive_data(F.frame(T.WINDOW, sid, F.encode_u32(5))) == []
+    assert b.receive_data(F.frame(T.ACCEPT, sid, b"")) == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "why"),
+    [
+        ({"initial_window": 0}, "initial_window 0 is out of range"),
+        ({"max_streams": 0}, "max_streams 0 is out of range"),
+    ],
+)
+def test_a_connection_with_impossible_limits_is_refused(kw: dict[str, int], why: str) -> None:
+    with pytest.raises(LocalProtocolError, match=why):
+        Connection(initiator=True, **kw)
