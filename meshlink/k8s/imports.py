@@ -38,7 +38,8 @@ AppliedKey = tuple[str, str, str]
 
 
 class ImportReconciler:
-    """See the module docstring."""
+    """See the module docstring. Just over 300 lines: ``reconcile`` applies three kinds of
+    objects in order (the Service's IPs feed the ServiceImport), which reads best whole."""
 
     def __init__(
         self,

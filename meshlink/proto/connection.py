@@ -42,7 +42,12 @@ class _Stream:
 
 
 class Connection:
-    """One end of a tunnel connection (see the module docstring)."""
+    """One end of a tunnel connection (see the module docstring).
+
+    Over 300 lines because it is the whole wire protocol of one end, h11-style: the frame
+    parser, the per-frame rules and every send method share the stream table and the
+    connection's error state; frames, states and windows are already their own modules.
+    """
 
     def __init__(
         self,
