@@ -31,7 +31,9 @@
 #   MESHLINK_IMAGE_ARCHIVE    meshlink's docker-archive (default dist/image/meshlink-<version>.tar)
 #   MESHLINK_KIND_SUBNET      the Docker network's subnet when this script creates it
 #                             (default 172.18.0.0/16)
-# Note: each node's kubelet sets vm.overcommit_memory, kernel.panic and kernel.panic_on_oops
+# Note: `up` raises fs.inotify.max_user_instances and max_user_watches (kind needs more than
+# the defaults for a few nodes) and leaves them raised. Each node's kubelet sets
+# vm.overcommit_memory, kernel.panic and kernel.panic_on_oops
 # for the whole machine (they are not namespaced); `down` puts back the values `up` found.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -138,6 +140,18 @@ save_sysctls() {
 	[[ -f "$state/sysctl.saved" ]] && return 0
 	local s
 	for s in "${SYSCTLS[@]}"; do echo "$s=$(sysctl -n "$s")"; done >"$state/sysctl.saved"
+}
+
+raise_inotify_limits() {
+	# Every node's kubelet, containerd, kube-proxy and pods take inotify instances from one
+	# per-user pool; at the default 128, a few nodes exhaust it and kube-proxy dies of "too
+	# many open files" (kind's known-issues page). Raised, never lowered, and left raised:
+	# other clusters may still need them.
+	local key want
+	for key in fs.inotify.max_user_instances=1024 fs.inotify.max_user_watches=524288; do
+		want=${key#*=}
+		(($(sysctl -n "${key%=*}") >= want)) || sysctl -q -w "$key" >/dev/null
+	done
 }
 
 restore_sysctls() {
@@ -278,6 +292,7 @@ cmd_up() {
 	image=$(node_image)
 	ensure_network
 	save_sysctls
+	raise_inotify_limits
 	for ((i = 1; i <= n; i++)); do create_cluster "$i" "$workers" "$image"; done
 	for ((i = 1; i <= n; i++)); do deploy_meshlink "$i" "$archive"; done
 	for ((i = 1; i <= n; i++)); do
