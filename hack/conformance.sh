@@ -124,11 +124,13 @@ build_suite() { # print the path of the suite binary
 # -- the clusters ---------------------------------------------------------------------------
 
 kind_up() { # bring up (or reuse) two kind clusters; print their kubeconfigs, comma-separated
-	local archive
+	local tools
 	[[ $(id -u) == 0 ]] || die "run as root to bring up kind clusters (or pass --kubeconfig A,B)"
 	bash "$repo/hack/kind.sh" up 2 >&2
-	archive=$(bash "$repo/hack/kind/tools-image.sh" | head -n 1)
-	bash "$repo/hack/kind.sh" load "$archive" >&2
+	# Its first line is the archive (no pipe into head: SIGPIPE under pipefail).
+	mapfile -t tools < <(bash "$repo/hack/kind/tools-image.sh")
+	[[ -s "${tools[0]:-}" ]] || die "hack/kind/tools-image.sh built no image archive (see above)"
+	bash "$repo/hack/kind.sh" load "${tools[0]}" >&2
 	echo "$(bash "$repo/hack/kind.sh" kubeconfig 1),$(bash "$repo/hack/kind.sh" kubeconfig 2)"
 }
 
