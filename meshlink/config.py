@@ -130,6 +130,10 @@ class SiteConfig:
     link_cert_lifetime: float = 86400.0
     """Seconds a link client certificate issued by this site is valid; redeemers renew it
     over the link when a third of it is left."""
+    import_grace_period: float = 300.0
+    """Seconds the imports of a site that became unreachable (a link loss, a restart, a
+    partition) are kept, with no ready endpoint: names and clusterset IPs stay, flows fail
+    over. 0: they go at once."""
     kubernetes: KubernetesConfig | None = None
     """Set: Kubernetes mode (exports from ServiceExports); None: local mode (exports above)."""
     source: str = "<config>"
@@ -371,6 +375,7 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
             "namespaces",
             "heartbeatInterval",
             "linkCertLifetime",
+            "importGracePeriod",
             "kubernetes",
         }
     )
@@ -460,6 +465,9 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
             _default(SiteConfig, "link_cert_lifetime"),
             30.0,
             365 * 86400.0,
+        ),
+        import_grace_period=r.number(
+            "importGracePeriod", _default(SiteConfig, "import_grace_period"), 0.0, 7 * 86400.0
         ),
         kubernetes=kube,
         source=source,

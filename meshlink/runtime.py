@@ -29,6 +29,7 @@ from meshlink.errors import MeshlinkError
 from meshlink.local.site import LocalSite
 from meshlink.ops.server import OpsServer
 from meshlink.site import (
+    CatalogMemory,
     ControlChannel,
     CurrentIdentity,
     ImportPlane,
@@ -37,6 +38,7 @@ from meshlink.site import (
     Router,
     peer_authorizer,
 )
+from meshlink.site.memory import SAVE_EVERY
 from meshlink.tasks import cancel_on_signals, every
 from meshlink.tunnel import Gateway
 
@@ -48,6 +50,8 @@ LINK_POLL: Final = 0.5
 RENEW_CHECK: Final = 10.0
 IDENTITY_RELOAD: Final = 3600.0
 LISTENER_RETRY: Final = 5.0
+GRACE_CHECK: Final = 1.0
+"""Seconds between looks for records whose grace period is over."""
 
 
 def make_platform(config: SiteConfig, components: frozenset[str]) -> Platform:
@@ -68,7 +72,12 @@ class SiteRuntime:
         self.metrics = Metrics()
         self.identity = CurrentIdentity(config.state_dir, config.site)
         self.platform = make_platform(config, components)
-        self.catalog = Catalog(config.site, gateway_endpoints=[str(a) for a in config.advertise])
+        self.catalog = Catalog(
+            config.site,
+            gateway_endpoints=[str(a) for a in config.advertise],
+            grace=config.import_grace_period,
+        )
+        self.memory = CatalogMemory(config.state_dir, self.catalog)
         self.control = ControlChannel(
             self.catalog,
             identity=self.identity,
@@ -120,6 +129,11 @@ class SiteRuntime:
     def ready(self) -> tuple[bool, str]:
         if self._ready_reason != "ok":
             return (False, self._ready_reason)
+        if not self.control.synced:
+            # Until then the platform has no catalog: DNS would answer NXDOMAIN for names
+            # a peer exports (and resolvers would cache that).
+            waiting = ", ".join(self.control.waiting_for) or "its peers"
+            return (False, f"waiting for the catalog of {waiting}")
         why = self.platform.not_ready()
         return (False, why) if why is not None else (True, "ok")
 
@@ -144,6 +158,7 @@ class SiteRuntime:
     async def run(self) -> None:
         cfg = self.config
         grant: links.RunningGrant | None = None
+        self.memory.load()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.gateway.run(), name="gateway")
@@ -158,7 +173,7 @@ class SiteRuntime:
                     )
                     await self.ops.start(cfg.ops_listen.host, cfg.ops_listen.port)
                 self._spawn_jobs(tg)
-                tg.create_task(self.control.run(), name="catalog-feed")
+                tg.create_task(self.control.run(self.links.on_record), name="catalog-feed")
                 tg.create_task(self.imports.run(), name="imports")
                 tg.create_task(
                     self.platform.run(self.control.publish, self.imports.apply), name="platform"
@@ -174,6 +189,7 @@ class SiteRuntime:
                     cfg.ops_listen if self.ops else "off",
                 )
         finally:
+            self.memory.save()
             await self.imports.close()
             if self.ops is not None:
                 await self.ops.close()
@@ -192,6 +208,8 @@ class SiteRuntime:
             ("link-metrics", LINK_POLL, observe_links, 0.0),
             # After the first poll has read the records (each job is its own task).
             ("renewal", RENEW_CHECK, renew, LINK_POLL),
+            ("grace-period", GRACE_CHECK, self.control.expire, GRACE_CHECK),
+            ("catalog-memory", SAVE_EVERY, self.memory.save, SAVE_EVERY),
             # Re-issues the gateway certificate when two thirds of its life are used.
             ("identity", IDENTITY_RELOAD, self.identity.reload, IDENTITY_RELOAD),
             ("listener-retry", LISTENER_RETRY, self.imports.retry, LISTENER_RETRY),

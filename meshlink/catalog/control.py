@@ -15,8 +15,9 @@ whose ``"t"`` names its type:
   grace period applies. A site can only unlink itself: the link authenticates the sender.
 
 ``encode`` is the one place a message becomes bytes, and the one place it is split: an
-update whose encoding exceeds ``CONTROL_LIMIT`` is cut into several updates by size
-(entries are independent, so any split is valid). ``decode`` is the one place bytes
+update whose encoding exceeds ``CONTROL_LIMIT`` is cut into several updates by size, every
+one but the last marked ``"more": true``, so the receiver applies them together (a
+snapshot is never seen in part: the grace period relies on it). ``decode`` is the one place bytes
 become a message; it raises ``CatalogError`` for anything that is not one. The entries of
 an update stay raw here: the catalog checks each and refuses one without dropping the rest.
 """
@@ -50,6 +51,8 @@ class Update:
     one by one by the catalog."""
     delete: tuple[WireKey, ...] = ()
     """``(origin, namespace, name)`` keys; namespace and name are empty for a site."""
+    more: bool = False
+    """A fragment of a larger update: more fragments follow (``encode`` splits)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +106,7 @@ def encode(message: ControlMessage, limit: int = CONTROL_LIMIT) -> list[bytes]:
     if len(whole) <= limit:
         return [whole]
     # Too large: pack the encoded items greedily into updates that fit.
-    overhead = len(_dumps(_update_json([0], [0]))) - 2  # {"t":..,"add":[],"del":[]}
+    overhead = len(_dumps(_update_json([0], [0]))) - 2 + len(',"more":true')
     parts: list[bytes] = []
     adds: list[bytes] = []
     keys: list[bytes] = []
@@ -112,7 +115,7 @@ def encode(message: ControlMessage, limit: int = CONTROL_LIMIT) -> list[bytes]:
     def flush() -> None:
         nonlocal size
         if adds or keys:
-            body = [b'{"t":"update"']
+            body = [b'{"t":"update","more":true']
             if adds:
                 body.append(b',"add":[' + b",".join(adds) + b"]")
             if keys:
@@ -133,6 +136,8 @@ def encode(message: ControlMessage, limit: int = CONTROL_LIMIT) -> list[bytes]:
             into.append(raw)
             size += len(raw) + 1
     flush()
+    if parts:  # the last fragment: the update is complete
+        parts[-1] = parts[-1].replace(b'"more":true,', b"", 1)
     return parts
 
 
@@ -155,7 +160,7 @@ def decode(payload: bytes) -> ControlMessage:
             for k in dels
             if isinstance(k, list) and len(k) == 3 and all(isinstance(x, str) for x in k)
         )
-        return Update(tuple(adds), keys)
+        return Update(tuple(adds), keys, msg.get("more") is True)
     if kind == "renew":
         csr = msg.get("csr")
         if not isinstance(csr, str) or len(csr) > MAX_PEM:

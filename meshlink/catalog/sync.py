@@ -13,10 +13,28 @@ it crossed, from the sending peer back to its origin. The rules:
   peer id.
 - Best entries are re-advertised to every peer except the one they came from and any peer
   already on their path (split horizon with poison), as ordered deltas.
-- On link up, the peer gets a full snapshot (chunked deltas; its RIB-in here is empty).
-  On link down, everything learned from that peer is dropped at once; if no other peer
-  has a path, the entry is withdrawn everywhere. That is the KEP's endpoint lease tied to
-  tunnel liveness: a site's records live exactly as long as some path to it.
+- On link up, the peer gets a full snapshot: one update, however large (the codec splits
+  it into fragments, and ``receive`` applies them together, so a snapshot is never seen
+  in part). On link down, everything learned from that peer is dropped from its RIB-in at
+  once, and entries no other peer has a path for are withdrawn from every peer.
+
+The grace period (``grace`` seconds; 0 turns it off): endpoints follow liveness, names
+follow the export. When an export record loses its last path *and its origin site is no
+longer reachable* (its ``SiteInfo`` went too: a link loss, a restart, a partition), it is
+kept here as *stale* for ``grace`` seconds: ``services()`` still lists it, with no ready
+endpoint, so DNS keeps the name and the clusterset IP while new flows fail over to other
+exporters (``route_to`` knows no unreachable site). A stale record goes when a live one
+replaces it, when ``expire`` finds its grace over, or when its origin is reachable again
+without it (the update that made the origin reachable carried all its current records:
+the origin withdrew that export meanwhile). A record withdrawn while its origin stays
+reachable is an export withdrawn at its origin, and goes at once. Stale records are never
+advertised: each site keeps its own. ``peer_down(peer, unlinked=True)`` and ``forget``
+keep nothing: an unlink is not an outage. This is the KEP's endpoint lease done right.
+
+Across a restart: ``remembered`` lists the other sites' export records this site knows
+(with when each was last live), for the caller to keep in the state directory; a
+restarted site ``restore``-s them as stale, each for what is left of its grace period, so
+an importer restarted while an exporter is away keeps that exporter's imports too.
 
 Messages are ``control.Update``s, one per peer and change, whose entries are JSON-ready:
 entry = ``{"path": [...], "rec": record}`` or ``{"path": [...], "site": {...}}``,
@@ -28,7 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -44,6 +62,9 @@ from meshlink.catalog.records import (
 from meshlink.errors import CatalogError
 
 MAX_PATH: Final = 16
+MAX_FRAGMENTS: Final = 64
+"""Fragments of one update a peer may send before the last one (64 x 512 KiB): beyond,
+the partial update is dropped and refused."""
 
 EntryKey = tuple[str, str, str]
 """(origin, namespace, name); ("site", "", "") style keys hold SiteInfo."""
@@ -122,16 +143,49 @@ def _site_from_wire(d: object) -> SiteInfo:
     return SiteInfo(site=check_site_id(d.get("site")), version=version, gateway_endpoints=tuple(gw))
 
 
-class Catalog:
-    """The replicated catalog of one site. Sans-IO: methods return the messages to send."""
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """An export record of an unreachable site, kept for the grace period."""
 
-    def __init__(self, site: str, *, gateway_endpoints: Iterable[str] = ()):
+    record: ExportRecord
+    """As served meanwhile: the record with no ready endpoint."""
+    until: float
+    """When the grace period ends (the catalog's clock)."""
+
+
+def unready(rec: ExportRecord) -> ExportRecord:
+    """``rec`` with none of its endpoints ready (what a stale record serves)."""
+    return dataclasses.replace(
+        rec,
+        ready_endpoints=0,
+        endpoints=tuple(dataclasses.replace(ep, ready=False) for ep in rec.endpoints),
+    )
+
+
+class Catalog:
+    """The replicated catalog of one site. Sans-IO: methods return the messages to send.
+    ``grace`` is the grace period in seconds and ``clock`` the monotonic clock it is
+    measured with (see the module docstring)."""
+
+    def __init__(
+        self,
+        site: str,
+        *,
+        gateway_endpoints: Iterable[str] = (),
+        grace: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.site = check_site_id(site)
+        self.grace = grace
+        self._now = clock
         self._clock = time.time_ns()
         self._local: dict[EntryKey, Entry] = {}
         self._rib: dict[str, dict[EntryKey, Entry]] = {}
         self._best: dict[EntryKey, tuple[str | None, Entry]] = {}
         self._sent: dict[str, dict[EntryKey, tuple[int, tuple[str, ...]]]] = {}
+        self._stale: dict[EntryKey, Stale] = {}
+        self._partial: dict[str, list[Update]] = {}
+        self._keep_lost = True  # False while a peer_down of an unlink recomputes
         self.generation = 0
         """Bumped whenever any best entry changes: consumers compare it to skip work."""
         info = SiteInfo(self.site, self._next_version(), tuple(gateway_endpoints))
@@ -179,21 +233,114 @@ class Catalog:
         self._sent[peer] = {}
         return self._sync_peer(peer, self._best.keys())
 
-    def peer_down(self, peer: str) -> list[Send]:
-        """The link to ``peer`` is gone: forget what it told us, withdraw what only it had."""
+    def peer_down(self, peer: str, *, unlinked: bool = False) -> list[Send]:
+        """The link to ``peer`` is gone: forget what it told us, withdraw what only it had
+        (records of sites now unreachable go stale for the grace period, unless the link
+        ended in an unlink)."""
         learned = self._rib.pop(peer, {})
         self._sent.pop(peer, None)
-        return self._recompute(learned.keys())
+        self._partial.pop(peer, None)
+        self._keep_lost = not unlinked
+        try:
+            return self._recompute(learned.keys())
+        finally:
+            self._keep_lost = True
+
+    def forget(self, site: str) -> bool:
+        """Drop the stale records of ``site`` (it was unlinked while unreachable); True if
+        there were any."""
+        keys = [k for k in self._stale if k[0] == site]
+        for k in keys:
+            del self._stale[k]
+        if keys:
+            self.generation += 1
+        return bool(keys)
+
+    def expire(self) -> bool:
+        """Drop the stale records whose grace period is over; True if there were any."""
+        now = self._now()
+        keys = [k for k, st in self._stale.items() if st.until <= now]
+        for k in keys:
+            del self._stale[k]
+        if keys:
+            self.generation += 1
+        return bool(keys)
+
+    def stale(self) -> dict[str, tuple[int, float]]:
+        """The unreachable sites whose records are kept: site -> (how many, the earliest
+        end of their grace period, on the catalog's clock)."""
+        out: dict[str, tuple[int, float]] = {}
+        for (origin, _, _), st in self._stale.items():
+            n, until = out.get(origin, (0, st.until))
+            out[origin] = (n + 1, min(until, st.until))
+        return out
+
+    def remembered(self, now: float) -> list[dict[str, Any]]:
+        """Other sites' export records, live and stale, as ``{"rec": wire record, "seen":
+        when it was last live}`` (``now`` and ``seen`` are wall-clock seconds)."""
+        out = [
+            {"rec": record_to_wire(e.value), "seen": now}
+            for via, e in self._best.values()
+            if via is not None and isinstance(e.value, ExportRecord)
+        ]
+        mono = self._now()
+        out += [
+            {"rec": record_to_wire(st.record), "seen": now - (mono - (st.until - self.grace))}
+            for st in self._stale.values()
+        ]
+        return out
+
+    def restore(self, saved: Iterable[object], now: float) -> tuple[int, list[str]]:
+        """Take back ``remembered`` records (of an earlier run) as stale, each for what is
+        left of its grace period (``now``: wall-clock seconds). Returns how many, and one
+        line per entry refused (a damaged file loses those entries only)."""
+        if self.grace <= 0:
+            return 0, []
+        mono = self._now()
+        taken = 0
+        refused = []
+        for item in saved:
+            try:
+                if not isinstance(item, dict) or not isinstance(item.get("seen"), (int, float)):
+                    raise CatalogError("not a remembered record")
+                rec = record_from_wire(item.get("rec"))
+            except CatalogError as e:
+                refused.append(str(e))
+                continue
+            key = (rec.origin, rec.namespace, rec.name)
+            left = float(item["seen"]) + self.grace - now
+            if rec.origin == self.site or key in self._best or not 0 < left <= self.grace:
+                continue
+            self._stale[key] = Stale(unready(rec), mono + left)
+            taken += 1
+        if taken:
+            self.generation += 1
+        return taken, refused
 
     def peers(self) -> tuple[str, ...]:
         return tuple(sorted(self._rib))
 
     def receive(self, peer: str, message: Update) -> tuple[list[Send], list[str]]:
         """Apply an update from ``peer``. Returns messages to send and one line per refused
-        entry (the rest of the message is still applied). Raises CatalogError only when
-        the peer has no live link."""
+        entry (the rest of the message is still applied). The fragments of an update
+        (``more``) are held until its last one and applied together. Raises CatalogError
+        only when the peer has no live link, or sends too many fragments."""
         if peer not in self._rib:
             raise CatalogError(f"update from {peer}, which has no live link")
+        if message.more or peer in self._partial:
+            parts = self._partial.setdefault(peer, [])
+            parts.append(message)
+            if message.more:
+                if len(parts) > MAX_FRAGMENTS:
+                    del self._partial[peer]
+                    raise CatalogError(
+                        f"update from {peer} in more than {MAX_FRAGMENTS} fragments: dropped"
+                    )
+                return [], []
+            del self._partial[peer]
+            message = Update(
+                tuple(a for p in parts for a in p.add), tuple(d for p in parts for d in p.delete)
+            )
         rib = self._rib[peer]
         touched: set[EntryKey] = set()
         refused: list[str] = []
@@ -261,6 +408,7 @@ class Catalog:
 
     def _recompute(self, keys: Iterable[EntryKey]) -> list[Send]:
         changed: set[EntryKey] = set()
+        lost: list[Entry] = []
         for key in set(keys):
             new = self._select(key)
             old = self._best.get(key)
@@ -268,16 +416,39 @@ class Catalog:
                 continue
             if new is None:
                 del self._best[key]
+                assert old is not None
+                if old[0] is not None and isinstance(old[1].value, ExportRecord):
+                    lost.append(old[1])
             else:
                 self._best[key] = new
             changed.add(key)
         if not changed:
             return []
+        self._follow_stale(changed, lost)
         self.generation += 1
         out: list[Send] = []
         for peer in sorted(self._rib):
             out.extend(self._sync_peer(peer, changed))
         return out
+
+    def _reachable(self, site: str) -> bool:
+        return (site, "", "") in self._best
+
+    def _follow_stale(self, changed: set[EntryKey], lost: list[Entry]) -> None:
+        """The stale set after a change of best entries (see the module docstring)."""
+        for key in changed & self._stale.keys():
+            if key in self._best:
+                del self._stale[key]  # live again
+        back = {k[0] for k in changed if k[1:] == ("", "") and k in self._best}
+        if back:  # sites reachable again: what they did not re-advertise, they withdrew
+            for key in [k for k in self._stale if k[0] in back]:
+                del self._stale[key]
+        if self.grace > 0 and self._keep_lost:
+            until = self._now() + self.grace
+            for entry in lost:
+                if not self._reachable(entry.origin):
+                    assert isinstance(entry.value, ExportRecord)
+                    self._stale[entry.key] = Stale(unready(entry.value), until)
 
     def _advertisable(self, peer: str, key: EntryKey) -> Entry | None:
         best = self._best.get(key)
@@ -310,11 +481,14 @@ class Catalog:
     # -- queries -------------------------------------------------------------------------
 
     def services(self) -> dict[ServiceKey, tuple[ExportRecord, ...]]:
-        """Every live export in the clusterset (own included), grouped by service."""
+        """Every live export in the clusterset (own included), and every stale one with no
+        ready endpoint, grouped by service."""
         out: dict[ServiceKey, list[ExportRecord]] = {}
         for _via, entry in self._best.values():
             if isinstance(entry.value, ExportRecord):
                 out.setdefault(entry.value.key, []).append(entry.value)
+        for st in self._stale.values():
+            out.setdefault(st.record.key, []).append(st.record)
         return {k: tuple(sorted(v, key=lambda r: r.origin)) for k, v in out.items()}
 
     def sites(self) -> dict[str, SiteRoute]:

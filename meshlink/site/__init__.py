@@ -4,17 +4,20 @@ builds them and runs them as named tasks.
 Modules: ``control`` (the control channel: link events, control messages, renewal, the
 catalog feed), ``router`` (where a flow goes), ``imports`` (the import plane: listeners and
 DNS from the platform's import views), ``linkset`` (the link records on disk), ``identity``
-(the site's keys and certificates, reloaded), ``metrics`` (Prometheus).
+(the site's keys and certificates, reloaded), ``metrics`` (Prometheus), ``memory`` (the
+catalog kept across restarts).
 """
 
 from meshlink.site.control import ControlChannel
 from meshlink.site.identity import CurrentIdentity
 from meshlink.site.imports import ImportPlane
 from meshlink.site.linkset import LinkSet, peer_authorizer
+from meshlink.site.memory import CatalogMemory
 from meshlink.site.metrics import Metrics
 from meshlink.site.router import Router
 
 __all__ = [
+    "CatalogMemory",
     "ControlChannel",
     "CurrentIdentity",
     "ImportPlane",

@@ -10,14 +10,22 @@ too; ``Renewals`` keeps their state. So does the unlink: ``unlink(peer)`` tells 
 this site deleted its side of the link (before the link closes), and an unlink received is
 handed to ``on_unlinked`` (the link records); either way the catalog then drops what the
 link carried at once.
+
+The platform gets its first view of the catalog only once the catalog has synced: every
+peer on record (``expected``) has sent its snapshot since its link came up, or
+``INITIAL_SYNC_TIMEOUT`` passed. Before that the catalog knows only this site's exports,
+and a restarted controller would take every import for an orphan. ``synced`` says when
+that is over (the site is not ready before). ``expire`` (a periodic job) ends the grace
+period of unreachable sites' records (``Catalog``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Final, Protocol
 
 from meshlink import links
 from meshlink.catalog import control
@@ -31,6 +39,11 @@ from meshlink.tasks import Coalescer
 log = logging.getLogger(__name__)
 
 Services = Mapping[ServiceKey, Sequence[ExportRecord]]
+
+INITIAL_SYNC_TIMEOUT: Final = 15.0
+"""Seconds a starting site waits for the snapshots of its peers before it hands the
+platform the catalog without them: a restarted peer redials within its backoff (5 s at
+most) once it sees us again."""
 
 
 class ControlLinks(Protocol):
@@ -65,8 +78,14 @@ class ControlChannel:
         self._links: ControlLinks | None = None
         self._seen_generation = -1
         self._link_up_ns: dict[str, int] = {}  # peer -> when its link came up (wall clock)
-        # Awake: the platform gets the first view of the catalog (even an empty one) at once.
-        self._feed = Coalescer(self._feed_services, awake=True)
+        self._snapshots: set[str] = set()  # peers whose snapshot arrived since link-up
+        self._snapshot_arrived = asyncio.Event()
+        self.synced = False
+        """The initial sync is over: the platform has the catalog."""
+        self.waiting_for: tuple[str, ...] = ()
+        """The peers the initial sync still waits for."""
+        self._stale_sites: set[str] = set()
+        self._feed = Coalescer(self._feed_services)
 
     def attach(self, gateway: ControlLinks) -> None:
         self._links = gateway
@@ -77,13 +96,16 @@ class ControlChannel:
         log.info("link up: %s", peer_site)
         self._unlinked.discard(peer_site)
         self._link_up_ns[peer_site] = time.time_ns()
+        self._snapshots.discard(peer_site)
         self._send(self.catalog.peer_up(peer_site))
         self._feed.wake()
 
     def link_down(self, peer_site: str, reason: str) -> None:
         log.info("link down: %s (%s)", peer_site, reason)
         self._link_up_ns.pop(peer_site, None)
-        self._send(self.catalog.peer_down(peer_site))
+        self._snapshots.discard(peer_site)
+        unlinked = peer_site in self._unlinked
+        self._send(self.catalog.peer_down(peer_site, unlinked=unlinked))
         self._feed.wake()
 
     def control_received(self, peer_site: str, payload: bytes) -> None:
@@ -97,6 +119,9 @@ class ControlChannel:
                     log.warning("catalog entry refused %s", line)
                 self._send(sends)
                 self._feed.wake()
+                if not msg.more and peer_site not in self._snapshots:
+                    self._snapshots.add(peer_site)  # the first whole update: its snapshot
+                    self._snapshot_arrived.set()
             elif isinstance(msg, control.RenewRequest):
                 answer = self.renewals.answer(self.identity.current, peer_site, msg)
                 self.send(peer_site, answer)
@@ -131,6 +156,23 @@ class ControlChannel:
         self._unlinked.add(peer_site)
         if self.send(peer_site, control.Unlink()):
             log.info("told %s that the link between us is deleted", peer_site)
+        elif self.catalog.forget(peer_site):  # unreachable: its records were kept
+            self._feed.wake()
+
+    def expire(self) -> None:
+        """End the grace period of the records it is over for (a periodic job)."""
+        before = self.catalog.stale()
+        if self.catalog.expire():
+            after = self.catalog.stale()
+            for site, (n, _) in sorted(before.items()):
+                left = after.get(site, (0, 0.0))[0]
+                if left < n:
+                    log.info(
+                        "grace period over for unreachable site %s: %d of its exports withdrawn",
+                        site,
+                        n - left,
+                    )
+            self._feed.wake()
 
     def send(self, peer_site: str, message: control.ControlMessage) -> bool:
         """Send one message over the live link to ``peer_site``; False if there is none."""
@@ -138,9 +180,45 @@ class ControlChannel:
         # No live link fails the first frame and every other: stopping there loses nothing.
         return all(self._links.send_control(peer_site, f) for f in control.encode(message))
 
-    async def run(self) -> None:
-        """Hand the platform the clusterset's services after every change (coalesced)."""
+    async def run(
+        self, expected: Callable[[], Collection[str]], sync_for: float = INITIAL_SYNC_TIMEOUT
+    ) -> None:
+        """The initial sync with the peers ``expected``, for ``sync_for`` seconds at most
+        (see the module docstring), then hand the platform the clusterset's services after
+        every change (coalesced)."""
+        await self._initial_sync(expected, sync_for)
+        self._feed.wake()
         await self._feed.run()
+
+    async def _initial_sync(self, expected: Callable[[], Collection[str]], limit: float) -> None:
+        t0 = time.monotonic()
+        deadline = t0 + limit
+        while True:
+            self.waiting_for = tuple(sorted(set(expected()) - self._snapshots))
+            left = deadline - time.monotonic()
+            if not self.waiting_for or left <= 0:
+                break
+            self._snapshot_arrived.clear()
+            try:
+                async with asyncio.timeout(min(left, 1.0)):  # the records may change too
+                    await self._snapshot_arrived.wait()
+            except TimeoutError:
+                pass
+        if self.waiting_for:
+            log.warning(
+                "catalog: no snapshot from %s within %g s; going on without it (its exports "
+                "appear when its link comes up)",
+                ", ".join(self.waiting_for),
+                limit,
+            )
+        else:
+            log.info(
+                "catalog synced with %d peer(s) in %.2f s",
+                len(self._snapshots),
+                time.monotonic() - t0,
+            )
+        self.waiting_for = ()
+        self.synced = True
 
     # -- internals -----------------------------------------------------------------------
 
@@ -154,6 +232,16 @@ class ControlChannel:
         self._seen_generation = self.catalog.generation
         self._on_services(self.catalog.services())
         self.metrics.sites.set(len(self.catalog.sites()))
+        stale = self.catalog.stale()
+        for site in sorted(stale.keys() - self._stale_sites):
+            log.info(
+                "site %s is unreachable: its %d export(s) stay for the grace period (%g s), "
+                "with no ready endpoint",
+                site,
+                stale[site][0],
+                self.catalog.grace,
+            )
+        self._stale_sites = set(stale)
 
     def _observe_propagation(self, peer_site: str, msg: control.Update) -> None:
         # A record older than the link that brought it (the snapshot sent at link-up) has

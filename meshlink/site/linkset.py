@@ -73,6 +73,16 @@ class LinkSet:
         except MeshlinkError as e:
             log.warning("link records: %s", e)
 
+    def on_record(self) -> set[str]:
+        """The peers this site has records of (links it dials, peers that dial it): those
+        a starting site waits for in its initial catalog sync. A damaged record counts
+        for nothing here (``poll`` says what is wrong with it)."""
+        try:
+            dialled = {r.peer_site for r in links.LINKS.list(self._state_dir)}
+            return dialled | {p.site for p in links.PEERS.list(self._state_dir)}
+        except MeshlinkError:
+            return set()
+
     def unlinked_by(self, peer: str) -> None:
         """``peer`` deleted its side of our link (``meshlink link delete`` there, or
         ``meshlink peer revoke``): forget it here too, so a new token links the two

@@ -1,7 +1,8 @@
 """Kubernetes mode end to end: real kube-apiservers, `meshlink run` processes started from the
 CLI in Kubernetes mode, linked with a real token; the export in one cluster materialises in
 the other (ServiceImport, derived Service, MCS EndpointSlice, DNS) through the gateways'
-catalog sync, and goes away when the exporting site's lease (its link) runs out.
+catalog sync, and goes away when the exporting site's lease (its link) runs out and the
+grace period after it (3 s here) is over.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dns.rdatatype
 import pytest
 
 from meshlink.k8s.model import DERIVED_ANNOTATION
-from tests.kube import KubeCluster, install_crds
+from tests.kube import KubeCluster, KubectlError, install_crds
 from tests.sites import SiteProc, cli, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -66,9 +67,13 @@ def k8s_site(root: Path, cluster: KubeCluster) -> SiteProc:
 
 
 def get(cluster: KubeCluster, *args: str) -> dict[str, Any] | None:
-    if not cluster.exists(*args):
-        return None
-    return cluster.get_json(*args)
+    """The object, or None if there is none (also when it goes between two requests)."""
+    try:
+        return cluster.get_json(*args)
+    except KubectlError as e:
+        if "NotFound" in e.stderr:
+            return None
+        raise
 
 
 def dns_a(site: SiteProc, name: str) -> list[str]:
@@ -85,6 +90,8 @@ def test_export_in_c1_is_imported_in_c2_through_real_sites(
         install_crds(c)
         c.apply(SERVICE)
     s1, s2 = k8s_site(tmp_path, c1), k8s_site(tmp_path, c2)
+    s2.extra["importGracePeriod"] = 3
+    s2.write_config()
     try:
         s1.start()
         s2.start()
@@ -165,7 +172,8 @@ def test_export_in_c1_is_imported_in_c2_through_real_sites(
             timeout=60,
         )
 
-        # The exporting site dies: its lease (the link) runs out and c2 drops the import.
+        # The exporting site dies: its lease (the link) runs out, and once the grace period
+        # is over c2 drops the import.
         s1.kill()
         t0 = time.monotonic()
         wait_until(
@@ -173,7 +181,9 @@ def test_export_in_c1_is_imported_in_c2_through_real_sites(
             lambda: get(c2, "serviceimports.multicluster.x-k8s.io", "-n", "shop", "web") is None,
             timeout=30,
         )
-        print(f"exporting site killed -> import withdrawn in c2: {time.monotonic() - t0:.2f} s")
+        gone = time.monotonic() - t0
+        print(f"exporting site killed -> import withdrawn in c2: {gone:.2f} s (grace 3 s)")
+        assert gone >= 3
         assert not c2.get_json(
             "endpointslices", "-n", "shop", "-l", "multicluster.kubernetes.io/service-name=web"
         )["items"]

@@ -318,3 +318,214 @@ def test_an_unchanged_entry_is_not_advertised_again() -> None:
     bus.run()
     # Same content again: the version stays, and nothing goes out.
     assert bus.cat["a"].set_local([r]) == []
+
+
+# -- the grace period ----------------------------------------------------------------------
+
+
+class GraceBus(Bus):
+    """A Bus whose catalogs keep unreachable sites' records for 300 s of a fake clock."""
+
+    def __init__(self, *sites: str) -> None:
+        super().__init__(*sites)
+        self.now = 0.0
+        self.cat = {s: self.catalog(s) for s in sites}
+
+    def catalog(self, site: str) -> Catalog:
+        return Catalog(site, grace=300.0, clock=lambda: self.now)
+
+    def restart(self, site: str, exports: list[ExportRecord], *peers: str) -> None:
+        """``site`` comes back (a new process: a new catalog) with ``exports``."""
+        self.cat[site] = self.catalog(site)
+        self.post(site, self.cat[site].set_local(exports))
+        for p in peers:
+            self.link(site, p)
+
+    def ready(self, at: str) -> dict[ServiceKey, tuple[tuple[str, int], ...]]:
+        """Each service's origins with their ready endpoint counts."""
+        return {
+            k: tuple((r.origin, r.ready_endpoints) for r in v)
+            for k, v in self.cat[at].services().items()
+        }
+
+
+def test_an_unreachable_site_keeps_its_names_not_its_endpoints_for_the_grace_period() -> None:
+    bus = GraceBus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.link("a", "b")
+    bus.link("b", "c")
+    assert bus.ready("c") == {KEY: (("a", 1),)}
+    bus.kill("a")
+    for site in ("b", "c"):  # b saw the link go, c saw b withdraw: both keep it, unready
+        assert bus.ready(site) == {KEY: (("a", 0),)}
+        assert "a" not in bus.cat[site].sites()
+        assert bus.cat[site].route_to("a") is None
+        assert bus.cat[site].stale() == {"a": (1, 300.0)}
+    bus.now = 299.0
+    assert not bus.cat["c"].expire()
+    bus.now = 300.0
+    gen = bus.cat["c"].generation
+    assert bus.cat["c"].expire()
+    assert bus.cat["c"].generation > gen
+    assert bus.seen("c") == {}
+    assert bus.cat["c"].stale() == {}
+
+
+def test_a_restarted_origin_takes_over_its_records_without_a_withdrawal() -> None:
+    bus = GraceBus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a"), rec("a", name="db")]))
+    bus.link("a", "b")
+    bus.link("b", "c")
+    bus.kill("a")
+    assert bus.ready("c") == {KEY: (("a", 0),), ServiceKey("demo", "db"): (("a", 0),)}
+    # a comes back without db (withdrawn while it was away): web is live again at once,
+    # db goes at once (a is reachable and did not re-advertise it), nothing waits for
+    # the grace period.
+    bus.restart("a", [rec("a")], "b")
+    for site in ("b", "c"):
+        assert bus.ready(site) == {KEY: (("a", 1),)}
+        assert bus.cat[site].stale() == {}
+
+
+def test_an_export_withdrawn_at_its_reachable_origin_goes_at_once() -> None:
+    bus = GraceBus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a"), rec("a", name="db")]))
+    bus.link("a", "b")
+    bus.link("b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.run()
+    assert bus.seen("c") == {KEY: ("a",)}
+    assert bus.cat["c"].stale() == {}
+
+
+def test_an_unlink_keeps_nothing() -> None:
+    bus = GraceBus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.post("c", bus.cat["c"].set_local([rec("c", name="db")]))
+    bus.link("a", "b")
+    bus.link("c", "b")
+    bus.links.discard(frozenset("ab"))
+    bus.post("b", bus.cat["b"].peer_down("a", unlinked=True))
+    bus.post("a", bus.cat["a"].peer_down("b", unlinked=True))
+    bus.run()
+    assert bus.seen("b") == {ServiceKey("demo", "db"): ("c",)}
+    assert bus.seen("a") == {KEY: ("a",)}
+    # c heard only a withdrawal (an unreachable origin): it keeps a's record, until told
+    # to forget it.
+    assert bus.ready("c")[KEY] == (("a", 0),)
+    assert bus.cat["c"].forget("a")
+    assert KEY not in bus.seen("c")
+    assert not bus.cat["c"].forget("a")
+
+
+def test_a_fragmented_snapshot_is_applied_whole() -> None:
+    """Fragments are held until the last: a site reachable again never looks as if it
+    withdrew the records of a later fragment."""
+    a, b = Catalog("a"), Catalog("b", grace=300.0)
+    a.set_local([rec("a", name=f"s{i:03}") for i in range(300)])
+    a.peer_up("b")
+    b.peer_up("a")
+    (send,) = a.peer_up("b")
+    parts = [decode(p) for p in encode(send.message, limit=16 * 1024)]
+    assert len(parts) > 2
+    assert [m.more for m in parts if isinstance(m, Update)] == [True] * (len(parts) - 1) + [False]
+    b.peer_down("a")
+    b.peer_up("a")
+    for m in parts[:-1]:
+        assert isinstance(m, Update)
+        assert b.receive("a", m) == ([], [])
+        assert b.services() == {}
+    assert isinstance(parts[-1], Update)
+    b.receive("a", parts[-1])
+    assert len(b.services()) == 300
+
+
+def test_too_many_fragments_are_refused() -> None:
+    from meshlink.errors import CatalogError
+
+    b = Catalog("b")
+    b.peer_up("a")
+    for _ in range(64):
+        b.receive("a", Update(more=True))
+    with pytest.raises(CatalogError, match="more than 64 fragments"):
+        b.receive("a", Update(more=True))
+    b.receive("a", Update())  # a whole update again afterwards
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    edges=st.lists(
+        st.tuples(st.sampled_from("abcde"), st.sampled_from("abcde")).filter(
+            lambda e: e[0] != e[1]
+        ),
+        min_size=1,
+        max_size=10,
+        unique=True,
+    ),
+    exporters=st.sets(st.sampled_from("abcde"), min_size=1),
+    cut=st.integers(min_value=0, max_value=9),
+)
+def test_random_cuts_keep_every_name_and_only_reachable_endpoints(
+    edges: list[tuple[str, str]], exporters: set[str], cut: int
+) -> None:
+    """After any cut, a site still lists every export it saw before, ready exactly when
+    its origin is still reachable; healing the cut restores everything with no record
+    ever missing in between; the grace period then removes nothing."""
+    bus = GraceBus(*"abcde")
+    for s in exporters:
+        bus.post(s, bus.cat[s].set_local([rec(s)]))
+    uniq = list(dict.fromkeys(frozenset(e) for e in edges))
+    for e in uniq:
+        x, y = sorted(e)
+        bus.link(x, y)
+    before = {s: dict(bus.ready(s)) for s in "abcde"}
+    x, y = sorted(uniq[cut % len(uniq)])
+    bus.unlink(x, y)
+    for site in "abcde":
+        seen = bus.cat[site].sites().keys()
+        had = before[site].get(KEY, ())
+        assert bus.ready(site).get(KEY, ()) == tuple((o, 1 if o in seen else 0) for o, _ in had), (
+            site
+        )
+    bus.link(x, y)
+    bus.now = 1000.0
+    for site in "abcde":
+        bus.cat[site].expire()
+        assert bus.ready(site) == before[site]
+
+
+def test_a_restarted_site_keeps_what_it_knew_for_the_rest_of_the_grace_period() -> None:
+    bus = GraceBus("a", "b", "c")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.post("c", bus.cat["c"].set_local([rec("c", name="db")]))
+    bus.link("a", "b")
+    bus.link("c", "b")
+    bus.links.discard(frozenset("ab"))  # a away for 100 s of the fake clock
+    bus.post("b", bus.cat["b"].peer_down("a"))
+    bus.run()
+    bus.now = 100.0
+    saved = bus.cat["b"].remembered(now=5000.0)
+    assert sorted((d["rec"]["origin"], d["seen"]) for d in saved) == [("a", 4900.0), ("c", 5000.0)]
+    b2 = bus.catalog("b")
+    saved.append({"rec": {"origin": "x"}, "seen": 1.0})
+    saved.append("junk")
+    taken, refused = b2.restore(saved, now=5010.0)
+    assert taken == 2
+    assert len(refused) == 2
+    st = b2.stale()
+    assert st == {"a": (1, 100.0 + 190.0), "c": (1, 100.0 + 290.0)}
+    assert {r.origin: r.ready_endpoints for v in b2.services().values() for r in v} == {
+        "a": 0,
+        "c": 0,
+    }
+    # c is back: its snapshot replaces its stale record; a's waits for a or its grace.
+    bus.cat["b"] = b2
+    bus.post("b", b2.peer_up("c"))
+    bus.post("c", bus.cat["c"].peer_up("b"))
+    bus.links.add(frozenset("bc"))
+    bus.run()
+    assert bus.ready("b")[ServiceKey("demo", "db")] == (("c", 1),)
+    assert b2.stale() == {"a": (1, 290.0)}
+    # Nothing is kept when the grace period is 0, nor what is past its grace period.
+    assert Catalog("b").restore(saved, now=5010.0) == (0, [])
+    assert bus.catalog("b").restore(saved, now=9999.0)[0] == 0

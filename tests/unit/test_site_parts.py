@@ -75,9 +75,11 @@ class Platform:
         self.fed.append(services)
 
 
-def channel(tmp_path: Path, site: str, wire: Wire, platform: Platform) -> ControlChannel:
+def channel(
+    tmp_path: Path, site: str, wire: Wire, platform: Platform, grace: float = 0.0
+) -> ControlChannel:
     ch = ControlChannel(
-        Catalog(site),
+        Catalog(site, grace=grace),
         identity=CurrentIdentity(tmp_path / site, site),
         renewals=links.Renewals(tmp_path / site, lifetime=timedelta(hours=1)),
         metrics=Metrics(),
@@ -102,7 +104,7 @@ async def until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> 
 async def test_two_channels_replicate_exports_and_feed_their_platforms(tmp_path: Path) -> None:
     wire, pa, pb = Wire(), Platform(), Platform()
     a, b = channel(tmp_path, "a", wire, pa), channel(tmp_path, "b", wire, pb)
-    tasks = [asyncio.create_task(ch.run()) for ch in (a, b)]
+    tasks = [asyncio.create_task(ch.run(set)) for ch in (a, b)]
     try:
         await until(lambda: pa.fed and pb.fed, "the first feeds")
         assert pa.fed == [{}]
@@ -124,10 +126,78 @@ async def test_two_channels_replicate_exports_and_feed_their_platforms(tmp_path:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def test_the_platform_waits_for_the_peers_snapshots(tmp_path: Path) -> None:
+    """A starting site hands its platform the catalog once every peer on record has sent
+    its snapshot (a restarted controller would otherwise take every import for an
+    orphan), or once the initial sync times out."""
+    wire, pa, pb = Wire(), Platform(), Platform()
+    a, b = channel(tmp_path, "a", wire, pa), channel(tmp_path, "b", wire, pb)
+    b.publish([rec("b")])
+    tasks = [asyncio.create_task(a.run(lambda: {"b"})), asyncio.create_task(b.run(set))]
+    try:
+        await until(lambda: pb.fed, "b's first feed (no peer on record)")
+        await asyncio.sleep(0.05)
+        assert not pa.fed
+        assert not a.synced
+        assert a.waiting_for == ("b",)
+        wire.up |= {"a", "b"}
+        a.link_up("b")
+        b.link_up("a")
+        wire.flush()
+        await until(lambda: pa.fed, "a's first feed")
+        assert a.synced
+        assert [r.origin for r in pa.fed[0][KEY]] == ["b"]  # never an empty first view
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    lonely, pl = channel(tmp_path, "c", wire, Platform()), Platform()
+    lonely._on_services = pl.catalog_changed
+    task = asyncio.create_task(lonely.run(lambda: {"z"}, sync_for=0.1))
+    try:
+        await until(lambda: pl.fed, "the first feed once the initial sync timed out")
+        assert lonely.synced
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def test_an_unlink_is_told_and_keeps_nothing_in_a_grace_period(tmp_path: Path) -> None:
+    wire, pa, pb = Wire(), Platform(), Platform()
+    a = channel(tmp_path, "a", wire, pa, grace=300)
+    b = channel(tmp_path, "b", wire, pb, grace=300)
+    a.publish([rec("a")])
+    wire.up |= {"a", "b"}
+    a.link_up("b")
+    b.link_up("a")
+    wire.flush()
+    assert [r.origin for r in b.catalog.services()[KEY]] == ["a"]
+    a.unlink("b")
+    wire.flush()
+    assert pb.unlinked == ["a"]
+    wire.up.clear()
+    a.link_down("b", "link deleted")
+    b.link_down("a", "peer closed the link")
+    assert b.catalog.services() == {}
+    a.unlink("b")  # once only
+    assert pb.unlinked == ["a"]
+    # An outage instead keeps a's records for the grace period, unready.
+    c = channel(tmp_path, "c", wire, Platform(), grace=300)
+    wire.up |= {"a", "c"}
+    a.link_up("c")
+    c.link_up("a")
+    wire.flush()
+    wire.up.clear()
+    c.link_down("a", "no heartbeat")
+    assert [(r.origin, r.ready_endpoints) for r in c.catalog.services()[KEY]] == [("a", 0)]
+    c.unlink("a")  # deleted while a was unreachable: forgotten at once
+    assert c.catalog.services() == {}
+
+
 async def test_a_burst_of_changes_feeds_the_platform_once(tmp_path: Path) -> None:
     wire, pa = Wire(), Platform()
     a = channel(tmp_path, "a", wire, pa)
-    task = asyncio.create_task(a.run())
+    task = asyncio.create_task(a.run(set))
     try:
         await until(lambda: pa.fed, "the first feed")
         for i in range(10):
