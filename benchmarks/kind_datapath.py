@@ -293,7 +293,12 @@ def main() -> int:
     args = ap.parse_args()
     state = KindTestbed.kept_state(PREFIX)
     t0 = time.monotonic()
-    bed = KindTestbed.up(2, state, prefix=PREFIX)
+    try:
+        bed = KindTestbed.up(2, state, prefix=PREFIX)
+    except BaseException:
+        if not args.keep:
+            KindTestbed.teardown(state, PREFIX)
+        raise
     try:
         bringup = {
             "image_build_s": round(bed.image_seconds, 1),
