@@ -8,6 +8,7 @@ as a user would. Everything is bounded in time; helpers wait on conditions, neve
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -29,11 +30,30 @@ from tests import kube
 T = TypeVar("T")
 
 
+_SITE_PORTS = (10000, 19999)
+"""Where free_port looks: below Linux's ephemeral range (32768+), which bind(0) hands out and
+outgoing connections take as well, and apart from tests.kube's API server ports and
+meshlink's default import ports (20000+)."""
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
+    """A TCP and UDP port free on ``host`` now and never handed out before in this process.
+    (bind(0) twice can give the same port: a site was once given one port for its gateway
+    and its DNS server.)"""
+    for _ in range(500):
+        port = random.randint(*_SITE_PORTS)
+        if port in _handed_out:
+            continue
+        try:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError(f"no free port in {_SITE_PORTS} on {host}")
 
 
 def wait_until(

@@ -16,6 +16,7 @@ import os
 import signal
 import warnings
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,15 +24,36 @@ from kubernetes_asyncio import config as kconfig
 
 from meshlink.k8s.api import NAMESPACE, Kube
 from meshlink.k8s.watch import ApiHealth, Watcher
-from tests.kube import KubeCluster
+from tests.kube import KubeCluster, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _signal_apiserver(cluster: KubeCluster, sig: signal.Signals) -> None:
+    """Send `sig`; for SIGSTOP and SIGCONT, return once every thread of the API server has
+    stopped or resumed (a loaded machine delivers a group stop late: the server once
+    answered a request sent after the signal)."""
     proc = cluster._procs.apiserver
     assert proc is not None
     os.kill(proc.pid, sig)
+    if sig not in (signal.SIGSTOP, signal.SIGCONT):
+        return
+
+    def states() -> set[str]:
+        found = set()
+        for stat in Path(f"/proc/{proc.pid}/task").glob("*/stat"):
+            try:
+                found.add(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that just exited
+        return found
+
+    stopped = sig == signal.SIGSTOP
+    wait_until(
+        lambda: (states() <= {"T", "t"}) if stopped else not (states() & {"T"}),
+        10,
+        f"kube-apiserver {'stopped' if stopped else 'resumed'}",
+    )
 
 
 async def cancel_watch_then_stall(cluster: KubeCluster) -> None:
