@@ -22,6 +22,16 @@ Measured:
   ServiceImport's IP; p50/p99/max of the time from creating the export to that answer;
 - the peak RSS (VmHWM) of each controller process, next to its RSS once synced and idle.
 
+``--restart`` (issue 10, item 7) measures instead what a restart of a controller holding
+every import costs: the same N services exported at once (2,000; 300 with --quick), then
+the importing controller of c2 killed (SIGKILL) and started again. Measured: the time from
+its restart until it is consistent (synced, every import materialised, nothing queued),
+the requests it made (writes by verb and kind, and reads), and the ServiceImports,
+derived Services and EndpointSlices of c2 it recreated (another UID) or rewrote (another
+resourceVersion); the goal for both is 0. The restarted controller gets the catalog as a
+restarted site's does: only once its peers' records are in (the hub replays its log,
+then says so), never an empty first view.
+
 Each controller process also runs meshlink's DNS server the way ``meshlink run`` does in
 Kubernetes mode (``site.ImportPlane``: ``apply`` and its one task): ``on_view``
 wakes a task that rebuilds through a ``SnapshotBuilder`` (unchanged services' records
@@ -148,9 +158,15 @@ async def controller_main(site: str, kubeconfig: str, hub: str, workers: int, *,
         return out
 
     async def receive() -> None:
-        ctl.update_catalog({})
+        # As a site's control channel does: the controller gets the catalog only once the
+        # peers' records are in (the hub's replay of its log, then "replayed").
+        replayed = False
         while line := await reader.readline():
             msg = json.loads(line)
+            if msg.get("replayed"):
+                replayed = True
+                ctl.update_catalog(grouped())
+                continue
             if "origin" not in msg:
                 continue
             recs = by_origin.setdefault(msg["origin"], {})
@@ -159,7 +175,8 @@ async def controller_main(site: str, kubeconfig: str, hub: str, workers: int, *,
                 recs[(r.namespace, r.name)] = r
             for ns, name in msg["rm"]:
                 recs.pop((ns, name), None)
-            ctl.update_catalog(grouped())
+            if replayed:
+                ctl.update_catalog(grouped())
 
     async def report() -> None:
         await ctl.wait_synced()
@@ -207,6 +224,7 @@ class Hub:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for line in self.log:
             writer.write(line)
+        writer.write(b'{"replayed": true}\n')
         self.writers.append(writer)
         try:
             while line := await reader.readline():
@@ -287,26 +305,28 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}},
                     manager="bench",
                 )
-            for c in cp.clusters:
-                procs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            __file__,
-                            "--controller",
-                            c.name,
-                            "--kubeconfig",
-                            str(c.kubeconfig),
-                            "--hub",
-                            sock,
-                            "--workers",
-                            str(args.workers),
-                        ]
-                        + (["--no-dns"] if args.no_dns else [])
-                        + (["--profile", args.profile] if args.profile and c.name == "c2" else []),
-                        stderr=open(work / f"controller-{c.name}.log", "wb"),  # noqa: SIM115
-                    )
+
+            def spawn(c: Any) -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--controller",
+                        c.name,
+                        "--kubeconfig",
+                        str(c.kubeconfig),
+                        "--hub",
+                        sock,
+                        "--workers",
+                        str(args.workers),
+                    ]
+                    + (["--no-dns"] if args.no_dns else [])
+                    + (["--profile", args.profile] if args.profile and c.name == "c2" else []),
+                    stderr=open(work / f"controller-{c.name}.log", "ab"),
                 )
+
+            for c in cp.clusters:
+                procs.append(spawn(c))
             deadline = time.monotonic() + 60
             while len(hub.synced) < 3:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
@@ -412,7 +432,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             # then a 2 ms sleep, until it answers), so neither wait delays the other's stamp.
             # The DNS stamp is the answer's arrival: late by at most the gap since the last
             # reply without the address (reported as the poll gap, the stamp's resolution).
-            names = [f"lat-{j}" for j in range(n_latency)]
+            names = [] if args.restart else [f"lat-{j}" for j in range(n_latency)]
             await bounded([kubes[0].create(SERVICE, svc_body(n)) for n in names])
             lat_ms: list[float] = []
             dns_ms: list[float] = []
@@ -446,18 +466,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     gap_ms.append((t_dns - t_miss) * 1000)
             if dns_sock is not None:
                 await dns_sock.close()
+            if args.restart:
+                lat_ms = dns_ms = gap_ms = [0.0]  # not measured in this mode
             result["export_to_import_p50_ms"] = round(percentile(lat_ms, 50), 1)
             result["export_to_import_p99_ms"] = round(percentile(lat_ms, 99), 1)
             result["export_to_import_max_ms"] = round(max(lat_ms), 1)
             result["export_to_dns_p50_ms"] = round(percentile(dns_ms, 50), 1) if dns_ms else None
             result["export_to_dns_p99_ms"] = round(percentile(dns_ms, 99), 1) if dns_ms else None
             result["export_to_dns_max_ms"] = round(max(dns_ms), 1) if dns_ms else None
-            result["dns_polls_per_export"] = round(polls / len(names), 1) if dns_ms else None
+            result["dns_polls_per_export"] = (
+                round(polls / len(names), 1) if names and dns_ms else None
+            )
             result["export_to_dns_poll_gap_p50_ms"] = (
                 round(percentile(gap_ms, 50), 1) if gap_ms else None
             )
             print(
-                f"latency: export -> import p50 {result['export_to_import_p50_ms']} ms, "
+                "latency: not measured (--restart)"
+                if args.restart
+                else f"latency: export -> import p50 {result['export_to_import_p50_ms']} ms, "
                 f"p99 {result['export_to_import_p99_ms']} ms, "
                 f"max {result['export_to_import_max_ms']} ms; export -> DNS "
                 f"p50 {result['export_to_dns_p50_ms']} ms, "
@@ -468,7 +494,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             # ---- scale: n_scale services over three clusters, exported at once
             scale = [(j % 3, f"svc-{j}") for j in range(n_scale)]
             await bounded([kubes[i].create(SERVICE, svc_body(n)) for i, n in scale], 32)
-            total = n_latency + n_scale
+            total = len(names) + n_scale
             groups = {
                 "controllers": pids,
                 "apiservers": [c._procs.apiserver.pid for c in cp.clusters if c._procs.apiserver],
@@ -523,6 +549,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             hwm = [rss_mb(p)[1] for p in pids]
             result["controller_rss_mb"] = round(max(hwm), 1)
             result["controller_rss_idle_mb"] = round(max(base_rss), 1)
+            if args.restart:
+                result |= await restart_phase(
+                    hub, procs, spawn, cp.clusters[1], kubes[1], total, pids[1]
+                )
             result["load"] = load_line()
             for task in wtasks:
                 task.cancel()
@@ -543,6 +573,86 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def restart_phase(
+    hub: Hub,
+    procs: list[subprocess.Popen[bytes]],
+    spawn: Any,
+    cluster: Any,
+    kube: Any,
+    total: int,
+    pid: int,
+) -> dict[str, Any]:
+    """Kill c2's controller (SIGKILL) once it is idle, start it again, and measure (see the
+    module docstring)."""
+    from meshlink.k8s.api import ENDPOINT_SLICE, SERVICE, SERVICE_IMPORT
+
+    async def objects() -> dict[tuple[str, str], tuple[str, str]]:
+        out = {}
+        for res, sel in (
+            (SERVICE_IMPORT, None),
+            (SERVICE, "app.kubernetes.io/managed-by=meshlink"),
+            (ENDPOINT_SLICE, "endpointslice.kubernetes.io/managed-by=meshlink.io"),
+        ):
+            items, _ = await kube.list(res, NS, sel)
+            for o in items:
+                m = o["metadata"]
+                out[(res.plural, m["name"])] = (m["uid"], m["resourceVersion"])
+        return out
+
+    def consistent() -> bool:
+        st = hub.status.get(cluster.name) or {}
+        return bool(st.get("idle")) and st.get("imports") == total
+
+    deadline = time.monotonic() + 120
+    while not consistent():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{cluster.name} never idle before the restart")
+        await asyncio.sleep(0.1)
+    before = await objects()
+    index = next(i for i, p in enumerate(procs) if p.pid == pid)
+    procs[index].kill()
+    procs[index].wait(10)
+    hub.synced.pop(cluster.name, None)
+    hub.status.pop(cluster.name, None)
+    print(
+        f"restart: {cluster.name}'s controller killed holding {len(before)} objects; {load_line()}",
+        file=sys.stderr,
+    )
+    t0 = time.monotonic()
+    procs[index] = spawn(cluster)
+    deadline = t0 + 300
+    while not (cluster.name in hub.synced and consistent()):
+        if time.monotonic() > deadline or procs[index].poll() is not None:
+            raise RuntimeError(f"{cluster.name}'s restarted controller did not converge")
+        await asyncio.sleep(0.05)
+    took = time.monotonic() - t0
+    await asyncio.sleep(1.0)  # late writes, if any, show in the requests and objects
+    after = await objects()
+    requests = dict((hub.status.get(cluster.name) or {}).get("requests") or {})
+    writes = {k: v for k, v in requests.items() if not k.startswith(("get ", "list ", "watch "))}
+    recreated = sum(1 for k, (uid, _) in before.items() if after.get(k, ("", ""))[0] != uid)
+    rewritten = sum(
+        1
+        for k, (uid, rv) in before.items()
+        if after.get(k, ("", ""))[0] == uid and after[k][1] != rv
+    )
+    print(
+        f"restart: consistent {took:.1f} s after the restart; writes {writes or 0}; "
+        f"recreated {recreated}, rewritten {rewritten} of {len(before)} objects",
+        file=sys.stderr,
+    )
+    return {
+        "restart_objects": len(before),
+        "restart_consistent_s": round(took, 2),
+        "restart_writes": sum(writes.values()),
+        "restart_writes_by_kind": writes,
+        "restart_requests": requests,
+        "restart_recreated": recreated,
+        "restart_rewritten": rewritten,
+        "restart_rss_mb": round(rss_mb(procs[index].pid)[1], 1),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="30 latency samples, 300 services")
@@ -550,6 +660,11 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=24, help="reconcile workers per controller")
     ap.add_argument("--scale-timeout", type=float, default=300.0)
     ap.add_argument("--no-dns", action="store_true", help="controllers without their DNS servers")
+    ap.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart convergence: kill -9 and restart c2's controller holding every import",
+    )
     ap.add_argument("--controller", help=argparse.SUPPRESS)
     ap.add_argument("--kubeconfig", help=argparse.SUPPRESS)
     ap.add_argument("--hub", help=argparse.SUPPRESS)
@@ -583,6 +698,25 @@ def main() -> int:
             prof.dump_stats(args.profile)
         return 0
     r = asyncio.run(bench(args))
+    if args.restart:
+        print_table(
+            ["metric", "meshlink", "target"],
+            [
+                [
+                    f"imports held by c2 ({r['restart_objects']} objects)",
+                    r["scale_imports_per_cluster"],
+                    "-",
+                ],
+                ["restart -> consistent (s)", r["restart_consistent_s"], 30.0],
+                ["writes by the restarted controller", r["restart_writes"], 0],
+                ["objects recreated (new UID)", r["restart_recreated"], 0],
+                ["objects rewritten (new resourceVersion)", r["restart_rewritten"], 0],
+                ["restarted controller peak RSS (MB)", r["restart_rss_mb"], 300.0],
+            ],
+        )
+        print(f"requests of the restarted controller: {r['restart_requests']}; {r['load']}")
+        write_json(args.json, r)
+        return 0
 
     def dns_cell(v: float | None) -> object:
         return "n/a (--no-dns)" if v is None else v

@@ -145,11 +145,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from meshlink import status
 
-    data = status.fetch(_status_url(args))
+    url = _status_url(args)
+    data = status.fetch(url)
     results = status.check(data) + status.probes(data)
-    for ok, line in results:
-        print(f"{'PASS' if ok else 'FAIL'}  {line}")
-    return 0 if all(ok for ok, _ in results) else 1
+    probed = status.fetch_probes(url)
+    if probed is not None:
+        results += status.check_exports(probed)
+    for verdict, line in results:
+        print(f"{verdict}  {line}")
+    return 1 if any(verdict == "FAIL" for verdict, _ in results) else 0
 
 
 def cmd_dns(args: argparse.Namespace) -> int:

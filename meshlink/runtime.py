@@ -33,6 +33,7 @@ from meshlink.site import (
     ControlChannel,
     CurrentIdentity,
     ImportPlane,
+    LinkCerts,
     LinkSet,
     Metrics,
     Router,
@@ -121,6 +122,7 @@ class SiteRuntime:
         self.links = LinkSet(
             config, self.identity, self.gateway, self.catalog.peers, self.control.unlink
         )
+        self.certs = LinkCerts(config.state_dir, self.identity, self.gateway.live_peers)
         self.ops: OpsServer | None = None
         self._ready_reason = "starting"
 
@@ -151,6 +153,9 @@ class SiteRuntime:
             listener_errors=self.imports.errors(),
             conflicts=self.platform.conflicts(),
             platform=self.platform.status(),
+            identity=self.identity.current,
+            link_certs=self.certs.states(),
+            peers=self.links.peer_records,
         )
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -169,7 +174,10 @@ class SiteRuntime:
                     await self.imports.start_dns(cfg.dns.listen.host, cfg.dns.listen.port)
                 if "ops" in self.components:
                     self.ops = OpsServer(
-                        status=self.status, ready=self.ready, registry=self.metrics.registry
+                        status=self.status,
+                        ready=self.ready,
+                        registry=self.metrics.registry,
+                        probe=lambda: status.probe_exports(self.platform.export_targets()),
                     )
                     await self.ops.start(cfg.ops_listen.host, cfg.ops_listen.port)
                 self._spawn_jobs(tg)
@@ -203,11 +211,15 @@ class SiteRuntime:
         def observe_links() -> None:
             self.metrics.observe_links(self.gateway.status())
 
+        async def link_certs() -> None:
+            await self.certs.check(self.links.records)
+
         jobs = (
             ("link-records", LINK_POLL, self.links.poll, 0.0),
             ("link-metrics", LINK_POLL, observe_links, 0.0),
             # After the first poll has read the records (each job is its own task).
             ("renewal", RENEW_CHECK, renew, LINK_POLL),
+            ("link-certificates", RENEW_CHECK, link_certs, LINK_POLL),
             ("grace-period", GRACE_CHECK, self.control.expire, GRACE_CHECK),
             ("catalog-memory", SAVE_EVERY, self.memory.save, SAVE_EVERY),
             # Re-issues the gateway certificate when two thirds of its life are used.

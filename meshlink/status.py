@@ -6,32 +6,54 @@ and checked.
 - ``collect`` builds it from the site's parts (the runtime calls it; ops serves the result).
 - ``fetch`` is the one client of that API (``meshlink status``/``check``, the demo, tests).
 - ``render`` is `meshlink status`'s one screen; ``check`` the health verdicts of
-  `meshlink check`, one line each saying what is wrong and what to do; ``probes`` the
-  checks that ask the site itself (its DNS server), with ``dns_query`` their client.
+  `meshlink check` (PASS, WARN or FAIL), one line each saying what is wrong and what to
+  do; ``probes`` the checks that ask the site itself (its DNS server), with ``dns_query``
+  their client; ``probe_exports`` (run in the site, served at ``/api/probe``) connects
+  to every exported endpoint, and ``check_exports`` judges what it found.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import os
 import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
-from typing import Any, NotRequired, TypedDict, cast
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, NotRequired, Protocol, TypedDict, cast
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from meshlink import __version__, text
 from meshlink.catalog.sync import Catalog
-from meshlink.catalog.view import Conflict, ImportedService, ListenerSpec, PlatformStatus
-from meshlink.config import SiteConfig, parse_hostport
+from meshlink.catalog.view import (
+    Conflict,
+    ExportTarget,
+    ImportedService,
+    ListenerSpec,
+    PlatformStatus,
+)
+from meshlink.config import HostPort, SiteConfig, parse_hostport
 from meshlink.errors import MeshlinkError
+from meshlink.links import PeerRecord
+from meshlink.pki import SiteIdentity
 from meshlink.tunnel import LinkStatus
 
 MAX_ROWS = 1000
 """Exports, imports and listeners listed at most (the counts stay right in metrics)."""
 MAX_ERROR_ROWS = 100
+
+
+Verdict = Literal["PASS", "WARN", "FAIL"]
+CERT_WARN_DAYS: Final = 14
+"""A certificate of this site that nothing renews by itself warns this long before it
+expires (the gateway certificate is re-issued a month ahead: a warning means that broke)."""
+CA_WARN_DAYS: Final = 90
+"""The site CA is not renewed automatically (a new CA means new links): warn early."""
 
 
 class LinkRow(TypedDict):
@@ -44,6 +66,36 @@ class LinkRow(TypedDict):
     bytes_in: int
     bytes_out: int
     last_error: str | None
+    refused: NotRequired[bool]
+    """The peer refused this site as not authorized: revoked or unlinked there."""
+    cert_expires: NotRequired[float | None]
+    """A dialled link: when its link certificate expires (epoch seconds)."""
+    cert_due: NotRequired[bool]
+    """A dialled link: its certificate has less than a third of its life left."""
+    reauth_error: NotRequired[str | None]
+    """A dialled link that is down: why re-authenticating with the peer failed."""
+
+
+class PeerRow(TypedDict):
+    """A site that redeemed one of our tokens (it dials us)."""
+
+    site: str
+    up: bool
+    cert_expires: float
+    """When the link certificate we signed for it last expires (epoch seconds)."""
+
+
+class CertsRow(TypedDict):
+    ca_expires: float
+    gateway_expires: float
+
+
+class UnreachableRow(TypedDict):
+    """A site with no live path whose exports are kept for the grace period."""
+
+    site: str
+    exports: int
+    grace_left_s: float
 
 
 class SiteRow(TypedDict):
@@ -107,6 +159,34 @@ class SiteStatus(TypedDict):
     conflicts: NotRequired[list[ConflictRow]]
     kubernetes: NotRequired[PlatformStatus | None]
     """Kubernetes mode with the controller component: the API server and controller."""
+    advertise: NotRequired[list[str]]
+    """The gateway addresses other sites dial (``gateway.advertise``)."""
+    peers: NotRequired[list[PeerRow]]
+    certs: NotRequired[CertsRow]
+    unreachable: NotRequired[list[UnreachableRow]]
+
+
+class ProbeRow(TypedDict):
+    """One exported endpoint as the site could reach it (``/api/probe``)."""
+
+    service: str
+    port: int
+    target: str | None
+    """host:port connected to; None when nothing serves the port (no ready endpoint)."""
+    error: str | None
+
+
+class LinkCertInfo(Protocol):
+    """What the status shows of a dialled link's certificate (``site.LinkCertState``)."""
+
+    @property
+    def expires(self) -> float | None: ...
+    @property
+    def due(self) -> bool: ...
+    @property
+    def refused(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
 
 
 # -- collecting (in the site) ------------------------------------------------------------
@@ -134,11 +214,17 @@ def collect(
     listener_errors: Sequence[tuple[ListenerSpec, str]],
     conflicts: Sequence[Conflict],
     platform: PlatformStatus | None,
+    identity: SiteIdentity | None = None,
+    link_certs: Mapping[str, LinkCertInfo] | None = None,
+    peers: Sequence[PeerRecord] = (),
 ) -> SiteStatus:
     """The status of a site from its parts (see ``SiteStatus``)."""
     sites = catalog.sites()
     zone = config.dns.zone
-    return {
+    certs = link_certs or {}
+    up = {st.peer_site for st in links if st.state == "up"}
+    now = time.monotonic()
+    out: SiteStatus = {
         "site": config.site,
         "version": __version__,
         "mode": mode,
@@ -159,8 +245,14 @@ def collect(
                 "bytes_in": st.bytes_in,
                 "bytes_out": st.bytes_out,
                 "last_error": st.last_error,
+                "refused": st.refused
+                or (c is not None and c.refused is not None and st.state != "up"),
+                "cert_expires": c.expires if c is not None else None,
+                "cert_due": c.due if c is not None else False,
+                "reauth_error": (c.refused or c.error) if c is not None else None,
             }
             for st in links
+            for c in [certs.get(st.peer_site) if st.direction == "dial" else None]
         ],
         "sites": [
             {"site": r.site, "hops": r.hops, "via": r.via, "path": list(r.path)}
@@ -196,7 +288,21 @@ def collect(
             for c in sorted(conflicts, key=lambda c: c.service)
         ],
         "kubernetes": platform,
+        "advertise": [str(a) for a in config.advertise],
+        "peers": [
+            {"site": p.site, "up": p.site in up, "cert_expires": p.cert_not_after} for p in peers
+        ],
+        "unreachable": [
+            {"site": site, "exports": n, "grace_left_s": round(max(0.0, until - now), 1)}
+            for site, (n, until) in sorted(catalog.stale().items())
+        ],
     }
+    if identity is not None:
+        out["certs"] = {
+            "ca_expires": identity.ca.cert.not_valid_after_utc.timestamp(),
+            "gateway_expires": identity.gateway.cert.not_valid_after_utc.timestamp(),
+        }
+    return out
 
 
 # -- fetching (in the CLI, the demo, tests) -----------------------------------------------
@@ -206,20 +312,38 @@ class StatusUnavailable(MeshlinkError):
     """The site's status API did not answer."""
 
 
-def fetch(base_url: str, *, timeout: float = 5.0) -> SiteStatus:
-    """GET ``<base_url>/api/status``; StatusUnavailable (one line) if it does not answer."""
+def _get_json(base_url: str, path: str, timeout: float) -> Any:
     base = base_url.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{base}/api/status", timeout=timeout) as resp:  # noqa: S310
-            data: Any = json.load(resp)
+        with urllib.request.urlopen(f"{base}{path}", timeout=timeout) as resp:  # noqa: S310
+            return json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise StatusUnavailable(
             f"cannot reach the site's status API at {base} ({reason}); is `meshlink run` up?"
         ) from None
+
+
+def fetch(base_url: str, *, timeout: float = 5.0) -> SiteStatus:
+    """GET ``<base_url>/api/status``; StatusUnavailable (one line) if it does not answer."""
+    data = _get_json(base_url, "/api/status", timeout)
     if not isinstance(data, dict) or "site" not in data:
-        raise StatusUnavailable(f"{base}/api/status did not answer a site status")
+        raise StatusUnavailable(f"{base_url.rstrip('/')}/api/status did not answer a site status")
     return cast(SiteStatus, data)
+
+
+def fetch_probes(base_url: str, *, timeout: float = 15.0) -> list[ProbeRow] | None:
+    """GET ``<base_url>/api/probe`` (the site connects to its exported endpoints); None
+    from a site too old to probe."""
+    try:
+        data = _get_json(base_url, "/api/probe", timeout)
+    except StatusUnavailable as e:
+        if "404" in str(e):
+            return None
+        raise
+    if not isinstance(data, list):
+        raise StatusUnavailable(f"{base_url.rstrip('/')}/api/probe did not answer a probe list")
+    return cast(list[ProbeRow], data)
 
 
 # -- showing and checking ------------------------------------------------------------------
@@ -321,48 +445,146 @@ def render(s: SiteStatus) -> str:
     return "\n".join(out)
 
 
-def check(s: SiteStatus) -> list[tuple[bool, str]]:
-    """Health checks with one line each: what is wrong and what to do (no I/O)."""
-    out: list[tuple[bool, str]] = [(True, f"site {s['site']} is running (up {s['uptime_s']} s)")]
-    links = s["links"]
-    if not links:
+def _when(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _in(seconds: float) -> str:
+    """A duration for a person: "3 d", "5 h", "12 min", "40 s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{max(seconds, 0):.0f} s"
+
+
+def _check_link(link: LinkRow, now: float) -> list[tuple[Verdict, str]]:
+    peer = link["peer"]
+    out: list[tuple[Verdict, str]] = []
+    if link.get("refused") and link["state"] != "up":
         out.append(
             (
-                False,
+                "FAIL",
+                f"site {peer} refused this site: its link was revoked or deleted there. A new "
+                f"token is the fix: `meshlink token create` on {peer}, then here "
+                f"`meshlink link delete {peer}` and `meshlink link create TOKEN`",
+            )
+        )
+    elif link["state"] == "up":
+        out.append(("PASS", f"link to {peer} is up (RTT {_rtt(link.get('rtt_ms'))})"))
+    else:
+        err = link.get("last_error") or "no error recorded"
+        out.append(
+            (
+                "FAIL",
+                f"link to {peer} is {link['state']}: {err}; check that the peer runs and its "
+                "gateway address is reachable",
+            )
+        )
+    expires = link.get("cert_expires")
+    if link["direction"] == "dial" and link.get("cert_due") and not link.get("refused"):
+        why = link.get("reauth_error")
+        if expires is None:
+            out.append(("FAIL", f"the link certificate for {peer} is missing or unreadable"))
+        elif expires <= now:
+            out.append(
+                (
+                    "FAIL",
+                    f"the link certificate for {peer} expired at {_when(expires)}; it is "
+                    f"re-issued without a token once {peer}'s grant endpoint answers"
+                    + (f" (now: {why})" if why else ""),
+                )
+            )
+        elif link["state"] != "up":
+            out.append(
+                (
+                    "WARN",
+                    f"the link certificate for {peer} expires in {_in(expires - now)} "
+                    f"({_when(expires)}) and the link is down: it is renewed without a token "
+                    f"once {peer}'s grant endpoint answers" + (f" (now: {why})" if why else ""),
+                )
+            )
+    return out
+
+
+def _check_address(key: str, address: str) -> tuple[Verdict, str] | None:
+    """An advertised address other sites cannot use, if it is one."""
+    try:
+        host = parse_hostport(address, key).host
+        ip = ipaddress.ip_address(host)
+    except (MeshlinkError, ValueError):
+        return None  # a host name: it resolves elsewhere, nothing to say here
+    if ip.is_unspecified:
+        return (
+            "FAIL",
+            f"{key} is {address}: {host} is no address another site can dial; set {key} to "
+            "one it can reach",
+        )
+    if ip.is_loopback:
+        return (
+            "WARN",
+            f"{key} is {address}: only sites on this very host can dial a loopback address",
+        )
+    if ip.is_link_local:
+        return ("WARN", f"{key} is {address}: a link-local address is only usable on one LAN")
+    return None
+
+
+def check(s: SiteStatus) -> list[tuple[Verdict, str]]:
+    """Health checks with one line each: what is wrong and what to do (no I/O)."""
+    now = time.time()
+    out: list[tuple[Verdict, str]] = [
+        ("PASS", f"site {s['site']} is running (up {s['uptime_s']} s)")
+    ]
+    links = s["links"]
+    if not links and not s.get("peers"):
+        out.append(
+            (
+                "FAIL",
                 "no links: run `meshlink token create` on one site and "
                 "`meshlink link create TOKEN` on the other",
             )
         )
     for link in links:
-        if link["state"] == "up":
-            out.append((True, f"link to {link['peer']} is up (RTT {_rtt(link.get('rtt_ms'))})"))
-        else:
-            err = link.get("last_error") or "no error recorded"
+        out += _check_link(link, now)
+    any_up = any(lk["state"] == "up" for lk in links) or any(p["up"] for p in s.get("peers", []))
+    for peer in s.get("peers", []):
+        if not peer["up"] and peer["site"] not in {lk["peer"] for lk in links}:
+            left = peer["cert_expires"] - now
             out.append(
                 (
-                    False,
-                    f"link to {link['peer']} is {link['state']}: {err}; check that the "
-                    "peer runs and its gateway address is reachable",
+                    "WARN" if any_up else "FAIL",
+                    f"site {peer['site']} (it links to this site) is not connected; the link "
+                    f"certificate this site gave it "
+                    + (f"expires in {_in(left)}" if left > 0 else "has expired")
+                    + f" ({_when(peer['cert_expires'])}), after which it re-authenticates",
                 )
             )
     for i in s["imports"]:
         if i["type"] == "ClusterSetIP" and not i["reachable"]:
             out.append(
                 (
-                    False,
+                    "FAIL",
                     f"import {i['name']} has no reachable exporting site "
                     f"({', '.join(i['clusters'])})",
                 )
             )
     if s["imports"] and all(i["reachable"] or i["type"] != "ClusterSetIP" for i in s["imports"]):
-        out.append((True, f"{len(s['imports'])} import(s), each with a reachable exporting site"))
+        out.append(("PASS", f"{len(s['imports'])} import(s), each with a reachable exporting site"))
+    for u in s.get("unreachable", []):
+        out.append(
+            (
+                "WARN",
+                f"site {u['site']} is unreachable: its {u['exports']} export(s) stay, with no "
+                f"ready endpoint, for the rest of the grace period ({_in(u['grace_left_s'])})",
+            )
+        )
     k = s.get("kubernetes")
     if k:
         api = k.get("api_server") or "(not connected yet)"
         if k.get("reachable") is False:
             out.append(
                 (
-                    False,
+                    "FAIL",
                     f"API server {api} unreachable for {k.get('unreachable_for_s')} s: exports "
                     "and imports are frozen; check that it is up and that the kubeconfig or "
                     "service account can reach it",
@@ -371,7 +593,7 @@ def check(s: SiteStatus) -> list[tuple[bool, str]]:
         elif not k.get("synced"):
             out.append(
                 (
-                    False,
+                    "FAIL",
                     f"the controller has not finished listing from API server {api}; if this "
                     "lasts, check its RBAC (meshlink's logs name the refused request)",
                 )
@@ -379,7 +601,7 @@ def check(s: SiteStatus) -> list[tuple[bool, str]]:
         else:
             out.append(
                 (
-                    True,
+                    "PASS",
                     f"API server {api} reachable, controller synced "
                     f"({k.get('exports', 0)} exports, {k.get('imports', 0)} imports)",
                 )
@@ -387,7 +609,7 @@ def check(s: SiteStatus) -> list[tuple[bool, str]]:
     for e in s.get("listener_errors", []):
         out.append(
             (
-                False,
+                "FAIL",
                 f"import {e['service']} port {e['port']}: cannot listen on {e['address']}: "
                 f"{e['error']}; free that address or change the import range "
                 "(imports.pool or kubernetes.importPorts)",
@@ -396,11 +618,81 @@ def check(s: SiteStatus) -> list[tuple[bool, str]]:
     for c in s.get("conflicts", []):
         out.append(
             (
-                False,
+                "FAIL",
                 f"export conflict on {c['service']}: {', '.join(c['reasons'])} "
                 f"(site {c['winner']}'s export wins; align the exports)",
             )
         )
+    certs = s.get("certs")
+    if certs:
+        for what, expires, days in (
+            (
+                "the site CA (not renewed by itself: a new CA means new links)",
+                certs["ca_expires"],
+                CA_WARN_DAYS,
+            ),
+            ("the gateway certificate", certs["gateway_expires"], CERT_WARN_DAYS),
+        ):
+            if expires - now < days * 86400:
+                verdict: Verdict = "FAIL" if expires <= now else "WARN"
+                out.append((verdict, f"{what} expires in {_in(expires - now)} ({_when(expires)})"))
+    for addr in s.get("advertise", []):
+        if (found := _check_address("gateway.advertise", addr)) is not None:
+            out.append(found)
+    if (found := _check_address("grant.advertise", s["grant"])) is not None:
+        out.append(found)
+    return out
+
+
+PROBE_TIMEOUT: Final = 2.0
+PROBE_CONCURRENCY: Final = 32
+MAX_PROBES: Final = 1000
+
+
+async def probe_exports(targets: Sequence[ExportTarget]) -> list[ProbeRow]:
+    """Connect to every exported endpoint (at most ``MAX_PROBES``, ``PROBE_CONCURRENCY``
+    at a time), as the gateway would for a flow: what ``meshlink check`` judges."""
+    sem = asyncio.Semaphore(PROBE_CONCURRENCY)
+
+    async def one(t: ExportTarget) -> ProbeRow:
+        row: ProbeRow = {
+            "service": str(t.service),
+            "port": t.port,
+            "target": None if t.address is None else str(HostPort(*t.address)),
+            "error": t.why,
+        }
+        if t.address is None:
+            return row
+        async with sem:
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT):
+                    _, writer = await asyncio.open_connection(*t.address)
+            except TimeoutError:
+                row["error"] = f"no answer within {PROBE_TIMEOUT:g} s"
+                return row
+            except OSError as e:
+                row["error"] = os.strerror(e.errno) if e.errno else str(e)
+                return row
+        writer.transport.abort()
+        return row
+
+    return list(await asyncio.gather(*(one(t) for t in targets[:MAX_PROBES])))
+
+
+def check_exports(rows: Sequence[ProbeRow]) -> list[tuple[Verdict, str]]:
+    """The verdicts on what ``probe_exports`` found."""
+    bad = [r for r in rows if r["error"] is not None]
+    out: list[tuple[Verdict, str]] = [
+        (
+            "FAIL",
+            f"export {r['service']} port {r['port']}: "
+            + (f"{r['target']}: {r['error']}" if r["target"] else str(r["error"]))
+            + "; flows from other sites to it fail: check the endpoint (is it running?)",
+        )
+        for r in bad
+    ]
+    if rows and not bad:
+        out.append(("PASS", f"every exported endpoint answers ({len(rows)} probed)"))
     return out
 
 
@@ -413,21 +705,21 @@ def dns_query(host: str, port: int, name: str, qtype: str, *, timeout: float = 2
         return DNSRecord.parse(sock.recv(4096))
 
 
-def probe_dns(address: str, zone: str) -> tuple[bool, str]:
+def probe_dns(address: str, zone: str) -> tuple[Verdict, str]:
     """Ask the site's DNS server for ``dns-version.<zone>`` TXT over UDP."""
     hp = parse_hostport(address, "dns")
     name = f"dns-version.{zone}"
     try:
         reply = dns_query(hp.host, hp.port, name, "TXT")
     except (OSError, ValueError) as e:
-        return (False, f"DNS at {hp} does not answer ({e}); check dns.listen and the logs")
+        return ("FAIL", f"DNS at {hp} does not answer ({e}); check dns.listen and the logs")
     texts = [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.TXT]
     if reply.header.rcode != RCODE.NOERROR or not texts:
-        return (False, f"DNS at {hp} answered {RCODE[reply.header.rcode]} for {name}")
-    return (True, f"DNS at {hp} answers {name} {texts[0]}")
+        return ("FAIL", f"DNS at {hp} answered {RCODE[reply.header.rcode]} for {name}")
+    return ("PASS", f"DNS at {hp} answers {name} {texts[0]}")
 
 
-def probes(s: SiteStatus) -> list[tuple[bool, str]]:
+def probes(s: SiteStatus) -> list[tuple[Verdict, str]]:
     """The checks that ask the site itself (I/O): its DNS server, when it serves one."""
     dns = s.get("dns")
     return [probe_dns(dns, s["zone"])] if dns else []

@@ -138,7 +138,8 @@ class SiteProc:
             stderr=log,
         )
         log.close()
-        wait_until(f"site {self.name} ready", self._ready, timeout=20)
+        # Ready: up, and its catalog synced with its peers (at most 15 s when one is away).
+        wait_until(f"site {self.name} ready", self._ready, timeout=40)
         return self
 
     def _ready(self) -> bool:

@@ -92,6 +92,19 @@ class PlatformStatus(TypedDict, total=False):
     queued: int
 
 
+@dataclass(frozen=True, slots=True)
+class ExportTarget:
+    """Where flows for one port of one of this site's exports go: what ``meshlink check``
+    probes."""
+
+    service: ServiceKey
+    port: int
+    address: tuple[str, int] | None
+    """The endpoint (host, port); None when nothing serves the port."""
+    why: str | None = None
+    """Why nothing serves it (``address`` None)."""
+
+
 Publish = Callable[[Sequence[ExportRecord]], None]
 """Hands the catalog this site's exports (always the full set)."""
 OnView = Callable[[ImportView], None]
@@ -117,6 +130,10 @@ class Platform(Protocol):
     def local_endpoint(self, namespace: str, name: str, port: int) -> tuple[str, int] | None:
         """Where a flow that arrived for our export ``namespace/name:port`` connects to;
         None if we do not export it (or nothing serves it)."""
+
+    def export_targets(self) -> list[ExportTarget]:
+        """Every endpoint flows for this site's exports go to, per TCP port (each ready
+        endpoint in local mode; the exported Service's ClusterIP in Kubernetes mode)."""
 
     def not_ready(self) -> str | None:
         """Why the site must not be called ready yet (None: the platform is ready)."""

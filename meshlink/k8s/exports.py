@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Final
 
-from meshlink.catalog.records import ExportRecord, ServiceKey
-from meshlink.catalog.view import Publish
+from meshlink.catalog.records import ExportRecord, ServiceKey, ServiceType
+from meshlink.catalog.view import ExportTarget, Publish
 from meshlink.errors import KubeError
 from meshlink.k8s import model
 from meshlink.k8s.api import EVENT, SERVICE_EXPORT, Kube, NotFound
@@ -114,6 +114,21 @@ class ExportReconciler:
         (``model.local_endpoint``)."""
         rec = self._records.get(ServiceKey(namespace, name))
         return model.local_endpoint(rec, self.caches.services.get((namespace, name)), port)
+
+    def export_targets(self) -> list[ExportTarget]:
+        """Where flows for each TCP port of our exports go (``local_endpoint``); a port of
+        an export with no ready endpoint has none."""
+        out = []
+        for key, rec in sorted(self._records.items()):
+            for p in rec.ports:
+                if p.protocol != "TCP":
+                    continue
+                target = self.local_endpoint(key.namespace, key.name, p.port)
+                if rec.ready_endpoints == 0 and rec.type == ServiceType.CLUSTERSET_IP:
+                    target = None
+                why = None if target is not None else "the Service has no ready endpoint"
+                out.append(ExportTarget(key, p.port, target, why))
+        return out
 
     async def _publish_all(self) -> None:
         try:

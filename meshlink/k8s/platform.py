@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from meshlink.catalog.records import ExportRecord, ServiceKey
-from meshlink.catalog.view import Conflict, OnView, PlatformStatus, Publish
+from meshlink.catalog.view import Conflict, ExportTarget, OnView, PlatformStatus, Publish
 from meshlink.config import KubernetesConfig, SiteConfig
 from meshlink.errors import MeshlinkError
 from meshlink.k8s.controller import Controller
@@ -67,6 +67,11 @@ class KubernetesPlatform:
         if self.controller is None:
             return None
         return self.controller.local_endpoint(namespace, name, port)
+
+    def export_targets(self) -> list[ExportTarget]:
+        if self.controller is None:
+            return []
+        return self.controller.export_side.export_targets()
 
     def not_ready(self) -> str | None:
         status = self.status()

@@ -33,6 +33,7 @@ from meshlink.catalog.records import (
 from meshlink.catalog.view import (
     ClusterEndpoints,
     Conflict,
+    ExportTarget,
     ImportedService,
     ImportView,
     ListenerSpec,
@@ -165,6 +166,18 @@ class LocalSite:
             return None
         ep = ready[next(self._rr) % len(ready)]
         return (ep.address, target)
+
+    def export_targets(self) -> list[ExportTarget]:
+        out = []
+        for key, e in self._exports.items():
+            ready = [ep for ep in e.endpoints if ep.ready]
+            for p in e.ports:
+                if p.protocol != "TCP":
+                    continue
+                out += [ExportTarget(key, p.port, (ep.address, p.target_port)) for ep in ready]
+                if not ready:
+                    out.append(ExportTarget(key, p.port, None, "no ready endpoint is configured"))
+        return out
 
     # -- imports ---------------------------------------------------------------------
 

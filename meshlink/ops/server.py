@@ -1,4 +1,5 @@
-"""The operations HTTP server: /healthz, /readyz, /metrics (Prometheus) and /api/status.
+"""The operations HTTP server: /healthz, /readyz, /metrics (Prometheus), /api/status, and
+/api/probe (the site connects to its exported endpoints, for `meshlink check`).
 
 It knows nothing of the components: the runtime hands it callables. Binds to loopback by
 default; the status API carries no secrets (no keys, no token material).
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -19,12 +20,21 @@ log = logging.getLogger(__name__)
 
 StatusFn = Callable[[], Mapping[str, object]]
 ReadyFn = Callable[[], tuple[bool, str]]
+ProbeFn = Callable[[], Awaitable[Sequence[Mapping[str, object]]]]
 
 
 class OpsServer:
-    def __init__(self, *, status: StatusFn, ready: ReadyFn, registry: CollectorRegistry):
+    def __init__(
+        self,
+        *,
+        status: StatusFn,
+        ready: ReadyFn,
+        registry: CollectorRegistry,
+        probe: ProbeFn | None = None,
+    ):
         self._status = status
         self._ready = ready
+        self._probe = probe
         self._registry = registry
         self._served: httpd.Served | None = None
         self.port: int | None = None
@@ -35,6 +45,8 @@ class OpsServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/status", self._api_status)
+        if self._probe is not None:
+            app.router.add_get("/api/probe", self._api_probe)
         return app
 
     async def _healthz(self, _req: web.Request) -> web.Response:
@@ -54,6 +66,12 @@ class OpsServer:
         return web.Response(
             text=json.dumps(self._status(), indent=1, default=str),
             content_type="application/json",
+        )
+
+    async def _api_probe(self, _req: web.Request) -> web.Response:
+        assert self._probe is not None
+        return web.Response(
+            text=json.dumps(list(await self._probe()), indent=1), content_type="application/json"
         )
 
     async def start(self, host: str, port: int) -> None:

@@ -56,6 +56,8 @@ class LinkSet:
         self._unlink = unlink
         self.records: list[links.LinkRecord] = []
         """The link records as last read."""
+        self.peer_records: list[links.PeerRecord] = []
+        """The peer records (sites that dial us) as last read."""
 
     def poll(self) -> None:
         """Follow the records (a periodic job); a damaged record is one log line."""
@@ -65,6 +67,7 @@ class LinkSet:
             for peer in sorted({r.peer_site for r in self.records} - dialled):
                 self._unlink(peer)  # deleted here: say so before the dial closes the link
             self.records = records
+            self.peer_records = links.PEERS.list(self._state_dir)
             self._gateway.set_dials([self._dial(rec) for rec in records])
             for peer in self._peers():
                 if peer not in dialled and not links.is_peer_allowed(self._state_dir, peer):
@@ -75,11 +78,13 @@ class LinkSet:
 
     def on_record(self) -> set[str]:
         """The peers this site has records of (links it dials, peers that dial it): those
-        a starting site waits for in its initial catalog sync. A damaged record counts
-        for nothing here (``poll`` says what is wrong with it)."""
+        a starting site waits for in its initial catalog sync; not a peer that refused our
+        link (it will not send anything). A damaged record counts for nothing here
+        (``poll`` says what is wrong with it)."""
+        refused = {st.peer_site for st in self._gateway.status() if st.refused}
         try:
             dialled = {r.peer_site for r in links.LINKS.list(self._state_dir)}
-            return dialled | {p.site for p in links.PEERS.list(self._state_dir)}
+            return (dialled - refused) | {p.site for p in links.PEERS.list(self._state_dir)}
         except MeshlinkError:
             return set()
 

@@ -64,6 +64,7 @@ class _Dialer:
         self.last_error: str | None = None
         self.link: Link | None = None
         self.endpoint: str | None = None
+        self.refused = False  # the last attempt ended in the peer's NOT_AUTHORIZED
 
     def set_state(self, state: str) -> None:
         if state != self.state:
@@ -367,7 +368,8 @@ class Gateway:
             # ``done``, which the link's own teardown completes.
             reason = await asyncio.shield(link.done)
             d.link = None
-            if link.ready:
+            d.refused = link.goaway_code is ErrorCode.NOT_AUTHORIZED
+            if link.ready and not d.refused:
                 d.last_error = reason
                 return True
             if isinstance(link.lost_error, ssl.SSLError):  # TLS 1.3: its alert after our Finished
@@ -657,6 +659,7 @@ class Gateway:
                     last_error=d.last_error,
                     endpoint=d.endpoint,
                     dial_name=d.spec.name,
+                    refused=d.refused,
                 )
             )
         return out

@@ -236,6 +236,7 @@ class Link(asyncio.Protocol):
         self.closed = False
         self.close_reason = ""
         self.lost_error: Exception | None = None  # what ended the connection (a TLS alert?)
+        self.goaway_code: ErrorCode | None = None  # the peer's GOAWAY, if it sent one
         self.bytes_in = 0
         self.bytes_out = 0
         self.since = time.time()
@@ -357,6 +358,7 @@ class Link(asyncio.Protocol):
             self.since = time.time()
             self.owner.link_ready(self)
         elif isinstance(ev, GoAwayReceived):
+            self.goaway_code = ev.code
             why = f"peer closed the link: {ev.code.name}" + (f" ({ev.text})" if ev.text else "")
             if ev.code is ErrorCode.NO_ERROR:
                 log.info("link %s: %s", self.peer_site, why)

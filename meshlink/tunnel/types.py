@@ -80,6 +80,9 @@ class LinkStatus:
     last_error: str | None
     endpoint: str | None = None
     dial_name: str | None = None
+    refused: bool = False
+    """The peer refused this site as not authorized (GOAWAY NOT_AUTHORIZED): the link was
+    revoked or deleted there, and only a new token links the two again."""
 
 
 class FlowError(MeshlinkError):

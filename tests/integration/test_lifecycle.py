@@ -1,6 +1,7 @@
 """Link lifecycle as a user meets it in the first week, with real `meshlink run` processes on
 loopback driven by the CLI: deleting a link, linking the same sites again, revocation seen
-from both sides."""
+from both sides, an issuer away longer than the link certificate's life, and what
+`meshlink check` says about each."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.backends import Backend, connect, export, sink_roundtrip
+from tests.backends import Backend, connect, export, running_backend, sink_roundtrip
 from tests.sites import SiteProc, cli, sites, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,3 +98,96 @@ def test_revoke_is_told_to_the_revoked_site(tmp_path: Path, backend: Backend) ->
         b.link_to(a)
         with connect(b) as s:
             sink_roundtrip(s, 1 << 20)
+
+
+def check_lines(site: SiteProc) -> tuple[int, list[str]]:
+    out = cli("check", "--config", str(site.config), check=False)
+    return out.returncode, out.stdout.splitlines()
+
+
+def test_an_issuer_away_longer_than_the_link_certificate_re_authenticates(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """a signs 30 s link certificates and goes away for longer: b's certificate expires
+    meanwhile. b's check warns while it still can; when a is back, b gets a new link
+    certificate from a's grant endpoint by proving its identity with its gateway
+    certificate (no token, no command), and the link comes back by itself."""
+    from meshlink.pki import load_cert
+
+    with sites(tmp_path, ("a", export(backend)), ("b", []), extra={"linkCertLifetime": 30}) as (
+        a,
+        b,
+    ):
+        b.link_to(a)
+        cert_path = b.state_dir / "links" / "a.crt"
+        a.stop()
+        expires = load_cert(cert_path).not_valid_after_utc.timestamp()
+        wait_until(
+            "b's check warns of the link certificate",
+            lambda: any(
+                line.startswith("WARN  the link certificate for a expires in")
+                and "the link is down" in line
+                for line in check_lines(b)[1]
+            ),
+            timeout=20,
+        )
+        wait_until("b's link certificate expired", lambda: time.time() > expires + 1, timeout=40)
+        code, lines = check_lines(b)
+        assert code == 1
+        assert any("the link certificate for a expired at" in line for line in lines), lines
+        a.start()
+        t0 = time.monotonic()
+        wait_until("b linked to a again by itself", lambda: b.link_state("a") == "up", timeout=40)
+        took = time.monotonic() - t0
+        print(f"issuer back -> link up again with a re-issued certificate: {took:.1f} s")
+        assert load_cert(cert_path).not_valid_after_utc.timestamp() > time.time()
+        assert "re-authenticated without a token" in b.log_tail(40)
+        assert "re-authenticated with its gateway certificate" in a.log_tail(40)
+        with connect(b) as s:
+            sink_roundtrip(s, 1 << 20)
+
+
+def test_check_says_a_peer_revoked_us_and_a_new_token_is_the_fix(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """b is away when a revokes it (so b is never told): back, b is refused; `check` says
+    so and what to do, not "check that the peer runs"."""
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        b.link_to(a)
+        b.stop()
+        cli("peer", "revoke", "b", "--config", str(a.config))
+        b.start()
+
+        def refused() -> str | None:
+            lines = check_lines(b)[1]
+            return next((line for line in lines if "refused this site" in line), None)
+
+        line = wait_until("b's check names the refusal", refused, timeout=20)
+        assert line.startswith("FAIL  site a refused this site: its link was revoked or deleted")
+        assert "`meshlink token create` on a" in line
+        assert not any("check that the peer runs" in x for x in check_lines(b)[1])
+
+
+def test_check_fails_an_exported_endpoint_nobody_answers(tmp_path: Path) -> None:
+    """a exports a service whose endpoint is dead: `check` on a fails it, naming the
+    endpoint (the site itself connects to it), instead of passing every probe."""
+    with running_backend() as live:
+        port = live.server_address[1]
+        with sites(tmp_path, ("a", export(live)), ("b", [])) as (a, b):
+            b.link_to(a)
+            code, lines = check_lines(a)
+            assert "PASS  every exported endpoint answers (1 probed)" in lines, lines
+            live.shutdown()
+            live.server_close()
+            code, lines = check_lines(a)
+            assert code == 1
+            assert (
+                f"FAIL  export test/svc port 9000: 127.0.0.1:{port}: Connection refused; flows "
+                "from other sites to it fail: check the endpoint (is it running?)"
+            ) in lines, lines
+            # Loopback addresses work here, and only here: check says so.
+            assert any(
+                line.startswith("WARN  gateway.advertise is 127.0.0.1:")
+                and "only sites on this very host" in line
+                for line in lines
+            ), lines
