@@ -73,6 +73,8 @@ from _common import cpu_s, load_line, percentile, print_table, write_json  # noq
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 NS = "bench"
+LINE_LIMIT = 64 << 20
+"""The hub's lines: a restarted controller publishes all its exports in one."""
 
 
 # --------------------------------------------------------------------------- controller process
@@ -89,7 +91,7 @@ async def controller_main(site: str, kubeconfig: str, hub: str, workers: int, *,
     from meshlink.dns.snapshot import SnapshotBuilder, build_snapshot
     from meshlink.k8s import Controller
 
-    reader, writer = await asyncio.open_unix_connection(hub)
+    reader, writer = await asyncio.open_unix_connection(hub, limit=LINE_LIMIT)
     sent: dict[ServiceKey, int] = {}
     by_origin: dict[str, dict[tuple[str, str], ExportRecord]] = {}
 
@@ -295,7 +297,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         )
         hub = Hub()
         sock = str(work / "hub.sock")
-        server = await asyncio.start_unix_server(hub.handle, sock)
+        server = await asyncio.start_unix_server(hub.handle, sock, limit=LINE_LIMIT)
         apis = [await kconfig.new_client_from_config(str(c.kubeconfig)) for c in cp.clusters]
         kubes = [Kube(a, 30.0) for a in apis]
         try:

@@ -58,7 +58,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"known: {', '.join(sorted(runtime.ALL_COMPONENTS))}",
             key="--components",
         )
-    _run_async(runtime.run_site(cfg, comps))
+    _run_async(runtime.run_site(cfg, comps, Path(args.config)))
     return 0
 
 

@@ -16,17 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Final
 
-from meshlink import links, pki, status
+from meshlink import links, status
 from meshlink.catalog.sync import Catalog
-from meshlink.catalog.view import Platform
 from meshlink.config import SiteConfig
 from meshlink.dns import run as dns_run
 from meshlink.errors import MeshlinkError
-from meshlink.local.site import LocalSite
 from meshlink.ops.server import OpsServer
 from meshlink.site import (
     CatalogMemory,
@@ -37,10 +38,12 @@ from meshlink.site import (
     LinkSet,
     Metrics,
     Router,
+    make_platform,
     peer_authorizer,
 )
 from meshlink.site.memory import SAVE_EVERY
-from meshlink.tasks import cancel_on_signals, every
+from meshlink.site.reload import reload
+from meshlink.tasks import cancel_on_signals, every, expected_error, on_signal
 from meshlink.tunnel import Gateway
 
 log = logging.getLogger(__name__)
@@ -55,19 +58,18 @@ GRACE_CHECK: Final = 1.0
 """Seconds between looks for records whose grace period is over."""
 
 
-def make_platform(config: SiteConfig, components: frozenset[str]) -> Platform:
-    if config.kubernetes is None:
-        return LocalSite(config)
-    from meshlink.k8s.platform import KubernetesPlatform  # kubernetes_asyncio is heavy
-
-    return KubernetesPlatform(config, controller="controller" in components)
-
-
 class SiteRuntime:
-    """One site: every component of `meshlink run` in one event loop."""
+    """One site: every component of `meshlink run` in one event loop. ``config_path``:
+    where SIGHUP reads the configuration again (``site.reload``)."""
 
-    def __init__(self, config: SiteConfig, components: frozenset[str] = ALL_COMPONENTS):
+    def __init__(
+        self,
+        config: SiteConfig,
+        components: frozenset[str] = ALL_COMPONENTS,
+        config_path: Path | None = None,
+    ):
         self.config = config
+        self.config_path = config_path
         self.components = components
         self.started = time.time()
         self.metrics = Metrics()
@@ -90,14 +92,7 @@ class SiteRuntime:
             on_unlinked=lambda peer: self.links.unlinked_by(peer),
         )
         self.router = Router(config.site, self.catalog, self.platform)
-        ident = self.identity.current
-        # Peers present client certificates our CA signed at redemption: trust only it. The
-        # context follows the files (the hourly reload may re-issue the gateway certificate)
-        # and is rebuilt only when they change, as the grant endpoint's is.
-        tls = pki.ReloadingServerContext(
-            lambda: links.gateway_server_context(self.identity.current),
-            [ident.gateway_cert_path, ident.gateway_key_path, ident.ca_cert_path],
-        )
+        tls = links.reloading_gateway_context(lambda: self.identity.current)
         self.gateway = Gateway(
             config.site,
             listen=(config.gateway_listen.host, config.gateway_listen.port),
@@ -129,14 +124,8 @@ class SiteRuntime:
     # -- what the ops server serves ------------------------------------------------------
 
     def ready(self) -> tuple[bool, str]:
-        if self._ready_reason != "ok":
-            return (False, self._ready_reason)
-        if not self.control.synced:
-            # Until then the platform has no catalog: DNS would answer NXDOMAIN for names
-            # a peer exports (and resolvers would cache that).
-            waiting = ", ".join(self.control.waiting_for) or "its peers"
-            return (False, f"waiting for the catalog of {waiting}")
-        why = self.platform.not_ready()
+        starting = self._ready_reason if self._ready_reason != "ok" else None
+        why = starting or self.control.not_ready() or self.platform.not_ready()
         return (False, why) if why is not None else (True, "ok")
 
     def status(self) -> status.SiteStatus:
@@ -164,12 +153,13 @@ class SiteRuntime:
         cfg = self.config
         grant: links.RunningGrant | None = None
         self.memory.load()
+        on_signal(signal.SIGHUP, self.reload)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.gateway.run(), name="gateway")
                 await self.gateway.started()
                 if "grant" in self.components:
-                    grant = await self._start_grant()
+                    grant = await links.start_site_grant(self.identity.current, cfg)
                 if "dns" in self.components and cfg.dns.enabled:
                     await self.imports.start_dns(cfg.dns.listen.host, cfg.dns.listen.port)
                 if "ops" in self.components:
@@ -188,14 +178,7 @@ class SiteRuntime:
                 )
                 self._ready_reason = "ok"
                 dns_run.settle_heap()  # keep full GCs off the DNS answer path
-                log.info(
-                    "site %s up: gateway %s, grant %s, dns %s, ops %s",
-                    cfg.site,
-                    cfg.gateway_listen,
-                    cfg.grant_listen if grant else "off",
-                    cfg.dns.listen if self.imports.dns else "off",
-                    cfg.ops_listen if self.ops else "off",
-                )
+                log.info("site %s up: %s", cfg.site, self._served(grant is not None))
         finally:
             self.memory.save()
             await self.imports.close()
@@ -204,22 +187,28 @@ class SiteRuntime:
             if grant is not None:
                 await grant.cleanup()
 
+    def _served(self, grant: bool) -> str:
+        c = self.config
+        on = {"grant": grant, "dns": self.imports.dns is not None, "ops": self.ops is not None}
+        addrs = {"grant": c.grant_listen, "dns": c.dns.listen, "ops": c.ops_listen}
+        parts = [f"gateway {c.gateway_listen}"]
+        return ", ".join(parts + [f"{k} {addrs[k] if on[k] else 'off'}" for k in addrs])
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration again and apply what can be (``site.reload``)."""
+        if self.config_path is None:
+            log.warning("SIGHUP: this site was started without a configuration file to read")
+            return
+        self.config = reload(self.config_path, self.config, self.platform, self.catalog)
+
     def _spawn_jobs(self, tg: asyncio.TaskGroup) -> None:
-        def renew() -> None:
-            self.control.renew(self.links.records)
-
-        def observe_links() -> None:
-            self.metrics.observe_links(self.gateway.status())
-
-        async def link_certs() -> None:
-            await self.certs.check(self.links.records)
-
-        jobs = (
+        records, gateway = self.links.records, self.gateway
+        jobs: tuple[tuple[str, float, Callable[[], object], float], ...] = (
             ("link-records", LINK_POLL, self.links.poll, 0.0),
-            ("link-metrics", LINK_POLL, observe_links, 0.0),
+            ("link-metrics", LINK_POLL, lambda: self.metrics.observe_links(gateway.status()), 0),
             # After the first poll has read the records (each job is its own task).
-            ("renewal", RENEW_CHECK, renew, LINK_POLL),
-            ("link-certificates", RENEW_CHECK, link_certs, LINK_POLL),
+            ("renewal", RENEW_CHECK, lambda: self.control.renew(records()), LINK_POLL),
+            ("link-certificates", RENEW_CHECK, lambda: self.certs.check(records()), LINK_POLL),
             ("grace-period", GRACE_CHECK, self.control.expire, GRACE_CHECK),
             ("catalog-memory", SAVE_EVERY, self.memory.save, SAVE_EVERY),
             # Re-issues the gateway certificate when two thirds of its life are used.
@@ -229,41 +218,21 @@ class SiteRuntime:
         for name, interval, job, first in jobs:
             tg.create_task(every(interval, job, first=first), name=name)
 
-    async def _start_grant(self) -> links.RunningGrant:
-        cfg = self.config
-        server = links.GrantServer(
-            self.identity.current,
-            cfg.state_dir,
-            [str(a) for a in cfg.advertise],
-            cert_lifetime=timedelta(seconds=cfg.link_cert_lifetime),
-        )
-        return await links.start_grant_server(server, cfg.grant_listen.host, cfg.grant_listen.port)
 
-
-def _expected_error(group: BaseExceptionGroup[BaseException]) -> MeshlinkError | None:
-    """The first MeshlinkError of a TaskGroup's group when every error in it is one (a
-    listener that cannot bind, a bad ClusterProperty, ...): the one line to show. A group
-    with anything else in it is a bug and keeps its traceback."""
-    match, rest = group.split(MeshlinkError)
-    if match is None or rest is not None:
-        return None
-    first: BaseException = match
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    assert isinstance(first, MeshlinkError)
-    return first
-
-
-async def run_site(config: SiteConfig, components: frozenset[str] = ALL_COMPONENTS) -> None:
-    """Run a site until SIGINT/SIGTERM."""
-    runtime = SiteRuntime(config, components)
+async def run_site(
+    config: SiteConfig,
+    components: frozenset[str] = ALL_COMPONENTS,
+    config_path: Path | None = None,
+) -> None:
+    """Run a site until SIGINT/SIGTERM (SIGHUP reads ``config_path`` again)."""
+    runtime = SiteRuntime(config, components, config_path)
     cancel_on_signals()
     try:
         await runtime.run()
     except asyncio.CancelledError:
         log.info("site %s stopped", config.site)
     except BaseExceptionGroup as group:
-        err = _expected_error(group)
+        err = expected_error(group, MeshlinkError)
         if err is None:
             raise
         raise err from None

@@ -4,7 +4,9 @@
   one more run, so a burst of changes costs one or two runs, and the job always sees the
   latest state (it reads it, nobody hands it an old one).
 - ``every``: a job on a fixed interval, as a task of its own (no tick arithmetic).
-- ``cancel_on_signals``: SIGINT and SIGTERM cancel the calling task (a clean shutdown).
+- ``cancel_on_signals``: SIGINT and SIGTERM cancel the calling task (a clean shutdown);
+  ``on_signal``: another signal calls a function (SIGHUP: read the configuration again).
+- ``expected_error``: the one error of a TaskGroup's group to show a user, if it is one.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import contextlib
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from typing import NoReturn
+from typing import NoReturn, TypeVar
+
+E = TypeVar("E", bound=BaseException)
 
 
 def no_pause(_elapsed: float) -> float:
@@ -79,3 +83,24 @@ def cancel_on_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, task.cancel)
+
+
+def on_signal(sig: signal.Signals, handler: Callable[[], object]) -> None:
+    """``sig`` calls ``handler`` in the loop (where the loop supports signal handlers)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(sig, handler)
+
+
+def expected_error(group: BaseExceptionGroup[BaseException], expected: type[E]) -> E | None:
+    """The first ``expected`` error of a TaskGroup's group when every error in it is one
+    (a listener that cannot bind, a bad ClusterProperty, ...): the one line to show. A
+    group with anything else in it is a bug and keeps its traceback (None)."""
+    match, rest = group.split(expected)
+    if match is None or rest is not None:
+        return None
+    first: BaseException = match
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, expected)
+    return first

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 from meshlink.catalog.records import Endpoint, ExportRecord, Port, ServiceKey, ServiceType
+from meshlink.config import SiteConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +131,10 @@ class Platform(Protocol):
     def local_endpoint(self, namespace: str, name: str, port: int) -> tuple[str, int] | None:
         """Where a flow that arrived for our export ``namespace/name:port`` connects to;
         None if we do not export it (or nothing serves it)."""
+
+    def reload(self, config: SiteConfig) -> None:
+        """Take a configuration read again (SIGHUP): local mode applies its exports and
+        namespaces at once; ConfigError when it cannot."""
 
     def export_targets(self) -> list[ExportTarget]:
         """Every endpoint flows for this site's exports go to, per TCP port (each ready

@@ -68,6 +68,10 @@ class KubernetesPlatform:
             return None
         return self.controller.local_endpoint(namespace, name, port)
 
+    def reload(self, config: SiteConfig) -> None:
+        """Nothing to take here: exports come from the API server (a change of the
+        ``kubernetes`` section takes a restart, which the reload says)."""
+
     def export_targets(self) -> list[ExportTarget]:
         if self.controller is None:
             return []

@@ -19,13 +19,18 @@ from meshlink.links.commands import (
     cmd_token_revoke,
     read_token_arg,
 )
-from meshlink.links.contexts import gateway_server_context, link_client_context
+from meshlink.links.contexts import (
+    gateway_server_context,
+    link_client_context,
+    reloading_gateway_context,
+)
 from meshlink.links.grant import (
     REAUTH_PATH,
     REDEEM_PATH,
     GrantServer,
     RunningGrant,
     start_grant_server,
+    start_site_grant,
 )
 from meshlink.links.issuer import (
     REFUSALS,
@@ -104,11 +109,13 @@ __all__ = [
     "read_token_arg",
     "reauthenticate",
     "redeem",
+    "reloading_gateway_context",
     "renewal_csr",
     "renewal_due",
     "revoke_peer",
     "revoke_token",
     "sign_renewal",
     "start_grant_server",
+    "start_site_grant",
     "store_renewed_cert",
 ]

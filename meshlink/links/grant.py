@@ -30,7 +30,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from meshlink import httpd
-from meshlink.config import HostPort
+from meshlink.config import HostPort, SiteConfig
 from meshlink.errors import MeshlinkError
 from meshlink.links.issuer import GrantRefused, decide_reauth, decide_redeem
 from meshlink.names import split_hostport
@@ -147,6 +147,17 @@ class RunningGrant:
     async def cleanup(self) -> None:
         """The same as ``close`` (the name aiohttp's runners use)."""
         await self.served.close()
+
+
+async def start_site_grant(identity: SiteIdentity, config: SiteConfig) -> RunningGrant:
+    """The grant endpoint of a running site, as its configuration says."""
+    server = GrantServer(
+        identity,
+        config.state_dir,
+        [str(a) for a in config.advertise],
+        cert_lifetime=timedelta(seconds=config.link_cert_lifetime),
+    )
+    return await start_grant_server(server, config.grant_listen.host, config.grant_listen.port)
 
 
 async def start_grant_server(

@@ -75,6 +75,8 @@ class LocalSite:
         self.listeners: tuple[ListenerSpec, ...] = ()
         self.merged: dict[ServiceKey, MergedService] = {}
         self._on_view: OnView | None = None
+        self._publish: Publish | None = None
+        self._services: Mapping[ServiceKey, Sequence[ExportRecord]] = {}
         self._published = False
 
     # -- Platform ------------------------------------------------------------------------
@@ -82,14 +84,27 @@ class LocalSite:
     async def run(self, publish: Publish, on_view: OnView) -> None:
         """Publish the configured exports once; views follow ``catalog_changed``."""
         self._on_view = on_view
+        self._publish = publish
         publish(self.export_records())
         self._published = True
         if self.imports or self.listeners:
             on_view(self.view())
 
     def catalog_changed(self, services: Mapping[ServiceKey, Sequence[ExportRecord]]) -> None:
+        self._services = services
         if self.update(services) and self._on_view is not None:
             self._on_view(self.view())
+
+    def reload(self, config: SiteConfig) -> None:
+        """New exports and namespaces (SIGHUP): published at once (a changed export gets
+        a new version, a removed one is withdrawn, a new one created now), and the
+        imports recomputed. Links and flows are untouched."""
+        self.config = config
+        self._exports = {ServiceKey(e.namespace, e.name): e for e in config.exports}
+        self._created = self._load_created()
+        if self._publish is not None:
+            self._publish(self.export_records())
+        self.catalog_changed(self._services)
 
     def view(self) -> ImportView:
         return ImportView(self.imports, self.listeners)

@@ -6,7 +6,7 @@ catalog feed), ``router`` (where a flow goes), ``imports`` (the import plane: li
 DNS from the platform's import views), ``linkset`` (the link records on disk), ``identity``
 (the site's keys and certificates, reloaded), ``linkcerts`` (the link certificates: expiry,
 re-authentication while a link is down), ``metrics`` (Prometheus), ``memory`` (the catalog
-kept across restarts).
+kept across restarts), ``reload`` (SIGHUP), ``platforms`` (the platform a config asks for).
 """
 
 from meshlink.site.control import ControlChannel
@@ -16,6 +16,7 @@ from meshlink.site.linkcerts import LinkCerts, LinkCertState
 from meshlink.site.linkset import LinkSet, peer_authorizer
 from meshlink.site.memory import CatalogMemory
 from meshlink.site.metrics import Metrics
+from meshlink.site.platforms import make_platform
 from meshlink.site.router import Router
 
 __all__ = [
@@ -28,5 +29,6 @@ __all__ = [
     "LinkSet",
     "Metrics",
     "Router",
+    "make_platform",
     "peer_authorizer",
 ]

@@ -159,6 +159,14 @@ class ControlChannel:
         elif self.catalog.forget(peer_site):  # unreachable: its records were kept
             self._feed.wake()
 
+    def not_ready(self) -> str | None:
+        """Why the site is not ready yet, as far as the catalog goes: until the initial sync
+        is over the platform has no catalog, and DNS would answer NXDOMAIN for names a
+        peer exports (resolvers would cache that)."""
+        if self.synced:
+            return None
+        return f"waiting for the catalog of {', '.join(self.waiting_for) or 'its peers'}"
+
     def expire(self) -> None:
         """End the grace period of the records it is over for (a periodic job)."""
         before = self.catalog.stale()

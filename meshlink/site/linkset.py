@@ -54,8 +54,7 @@ class LinkSet:
         self._gateway = gateway
         self._peers = peers
         self._unlink = unlink
-        self.records: list[links.LinkRecord] = []
-        """The link records as last read."""
+        self._records: list[links.LinkRecord] = []
         self.peer_records: list[links.PeerRecord] = []
         """The peer records (sites that dial us) as last read."""
 
@@ -64,9 +63,9 @@ class LinkSet:
         try:
             records = links.LINKS.list(self._state_dir)
             dialled = {r.peer_site for r in records}
-            for peer in sorted({r.peer_site for r in self.records} - dialled):
+            for peer in sorted({r.peer_site for r in self._records} - dialled):
                 self._unlink(peer)  # deleted here: say so before the dial closes the link
-            self.records = records
+            self._records = records
             self.peer_records = links.PEERS.list(self._state_dir)
             self._gateway.set_dials([self._dial(rec) for rec in records])
             for peer in self._peers():
@@ -75,6 +74,10 @@ class LinkSet:
                     self._gateway.drop_peer(peer, "revoked")
         except MeshlinkError as e:
             log.warning("link records: %s", e)
+
+    def records(self) -> list[links.LinkRecord]:
+        """The link records as last read."""
+        return self._records
 
     def on_record(self) -> set[str]:
         """The peers this site has records of (links it dials, peers that dial it): those

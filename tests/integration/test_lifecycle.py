@@ -1,10 +1,11 @@
 """Link lifecycle as a user meets it in the first week, with real `meshlink run` processes on
 loopback driven by the CLI: deleting a link, linking the same sites again, revocation seen
 from both sides, an issuer away longer than the link certificate's life, and what
-`meshlink check` says about each."""
+`meshlink check` says about each, and exports changed by SIGHUP."""
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -191,3 +192,37 @@ def test_check_fails_an_exported_endpoint_nobody_answers(tmp_path: Path) -> None
                 and "only sites on this very host" in line
                 for line in lines
             ), lines
+
+
+def test_sighup_applies_local_exports_with_links_and_flows_up(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Local mode: the exports change in the file and SIGHUP applies them. A new export is
+    imported at b and a removed one goes, while the link stays up (same since) and a flow
+    opened before keeps flowing; a broken file is one ERROR line and changes nothing."""
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        b.link_to(a)
+        assert a.proc is not None
+        since = next(lk["since"] for lk in b.status()["links"] if lk["peer"] == "a")
+        flow = connect(b)
+        flow.sendall(b"E1")  # echo
+        assert flow.recv(1) == b"1"
+        a.exports = export(backend) + export(backend, name="more")
+        a.write_config()
+        a.proc.send_signal(signal.SIGHUP)
+        wait_until("the new export imported at b", lambda: b.import_addr("test/more"))
+        a.exports = export(backend)
+        a.write_config()
+        a.proc.send_signal(signal.SIGHUP)
+        wait_until("the removed export gone at b", lambda: not imported(b, "test/more"), timeout=10)
+        flow.sendall(b"2")
+        assert flow.recv(1) == b"2"  # the flow opened before the reloads still flows
+        flow.close()
+        assert next(lk["since"] for lk in b.status()["links"] if lk["peer"] == "a") == since
+        assert log_count(b, "link down") == 0
+        a.config.write_text("site: a\nexports: nope\n")
+        a.proc.send_signal(signal.SIGHUP)
+        wait_until("one error line", lambda: log_count(a, "SIGHUP: the configuration is not"))
+        assert a.proc.poll() is None
+        assert b.import_addr("test/svc")
+        assert "Traceback" not in a.log_tail(200)
