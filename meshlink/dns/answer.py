@@ -11,7 +11,9 @@ Rules (RFC 1035, 2181, 6891, 8020 and the multicluster DNS specification):
 - out of zone (or a class other than IN/ANY, or a zone transfer): REFUSED.
 - a name with records of the asked type: the records (SRV targets' addresses as additional
   data); an existing name without them: NODATA (NOERROR, SOA in authority); any other name
-  in the zone: NXDOMAIN with SOA. Authoritative (AA) inside the zone.
+  in the zone: NXDOMAIN with SOA. Authoritative (AA) inside the zone. While the snapshot
+  is not ``complete`` (the site is starting and has no import view yet), a name it does not
+  know is SERVFAIL instead: resolvers cache an NXDOMAIN (RFC 2308), not a SERVFAIL.
 - the reply fits the client's limit: 512 bytes without EDNS0, the advertised payload size
   (at least 512, at most ``max_udp``) with it, 65535 over TCP. Too big: additional data is
   dropped first; still too big: TC set, the question (and OPT) kept, no answers.
@@ -136,7 +138,12 @@ def compute(
             answers = [RR(q.qname, t, ttl=ttl, rdata=snapshot.rdata(t, v)) for t, v in found]
             extra = _glue(snapshot, found)
             return _fit(qid, base | _AA, q, answers, extra, edns, max_udp, limit), True
-    rcode = NOERROR if name is not None and name in snapshot.existing else NXDOMAIN
+    if name is None or name not in snapshot.existing:
+        if not snapshot.complete:  # starting: do not deny what is not known yet
+            return _pack(qid, base | SERVFAIL, q, [], [], [], edns, max_udp), False
+        rcode = NXDOMAIN
+    else:
+        rcode = NOERROR
     reply = _pack(qid, base | _AA | rcode, q, [], [snapshot.soa_rr], [], edns, max_udp)
     return _truncate_if(reply, qid, base | _AA | rcode, q, edns, max_udp, limit), rcode == NOERROR
 

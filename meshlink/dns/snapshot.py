@@ -154,6 +154,9 @@ class Snapshot:
     soa_rr: RR
     """The apex SOA record, built once: the authority section of every negative answer."""
     zone_labels: tuple[bytes, ...]
+    complete: bool = True
+    """False while the site has no import view yet (it is starting): a name it does not
+    know is then SERVFAIL, not NXDOMAIN, which resolvers would cache (RFC 2308)."""
     _caches: dict[tuple[int, bool], ReplyCache] = field(default_factory=dict, repr=False)
 
     def cache(self, max_udp: int, tcp: bool) -> ReplyCache:
@@ -312,7 +315,7 @@ class SnapshotBuilder:
         self.reused = 0
         """Fragments taken from the previous build (all builds; for tests and metrics)."""
 
-    def build(self, services: Iterable[ImportedService]) -> Snapshot:
+    def build(self, services: Iterable[ImportedService], *, complete: bool = True) -> Snapshot:
         last, current = self._last, {}
         zone = self.zone.strip(".").lower()
 
@@ -326,7 +329,7 @@ class SnapshotBuilder:
             current[key] = frag
             return frag
 
-        snap = _build(services, zone=zone, ttl=self.ttl, fragment=fragment)
+        snap = _build(services, zone=zone, ttl=self.ttl, fragment=fragment, complete=complete)
         self._last = current
         return snap
 
@@ -357,6 +360,7 @@ def _build(
     fragment: Callable[[ImportedService, str], Fragment | str],
     serial: int | None = None,
     ns_addresses: tuple[str, ...] = (),
+    complete: bool = True,
 ) -> Snapshot:
     records: dict[bytes, ByType] = {}
     for svc in services:
@@ -402,4 +406,5 @@ def _build(
         soa=soa,
         soa_rr=RR(DNSLabel(zone + "."), _T_SOA, ttl=ttl, rdata=soa),
         zone_labels=tuple(zone_key.split(b".")),
+        complete=complete,
     )

@@ -87,8 +87,9 @@ class ImportPlane:
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start_dns(self, host: str, port: int) -> None:
-        """Serve DNS (an empty zone until the first view) on ``host:port``."""
-        self.dns = await dns_run.start_server(self._builder.build(()), host, port)
+        """Serve DNS on ``host:port``: until the first view, a zone that answers SERVFAIL
+        for the names it does not know (the site is starting), never NXDOMAIN."""
+        self.dns = await dns_run.start_server(self._builder.build((), complete=False), host, port)
 
     async def run(self) -> None:
         await self._sync.run()

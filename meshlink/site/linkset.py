@@ -81,13 +81,17 @@ class LinkSet:
 
     def on_record(self) -> set[str]:
         """The peers this site has records of (links it dials, peers that dial it): those
-        a starting site waits for in its initial catalog sync; not a peer that refused our
-        link (it will not send anything). A damaged record counts for nothing here
-        (``poll`` says what is wrong with it)."""
-        refused = {st.peer_site for st in self._gateway.status() if st.refused}
+        a starting site waits for in its initial catalog sync; not a peer we dialled in
+        vain (it is away or refused us: it will send nothing soon). A damaged record counts
+        for nothing here (``poll`` says what is wrong with it)."""
+        away = {
+            st.peer_site
+            for st in self._gateway.status()
+            if st.refused or (st.state == "backoff" and st.last_error)
+        }
         try:
             dialled = {r.peer_site for r in links.LINKS.list(self._state_dir)}
-            return (dialled - refused) | {p.site for p in links.PEERS.list(self._state_dir)}
+            return (dialled - away) | {p.site for p in links.PEERS.list(self._state_dir)}
         except MeshlinkError:
             return set()
 

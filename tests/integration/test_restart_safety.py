@@ -100,3 +100,34 @@ def test_after_the_grace_period_the_import_goes(tmp_path: Path, backend: Backend
         assert first_nx - t0 >= 2.0
         assert {ans for t, ans in dns.answers if t < t0 + 2.0} == {(addr,)}
         assert "grace period over for unreachable site a" in b.log_tail(30)
+
+
+def test_an_importer_restarted_while_its_exporter_is_away_keeps_the_name(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """b is killed (-9) and restarted while a, its only exporter, is away: b keeps what it
+    knew (its state directory), so its DNS answers the same address as soon as it serves
+    again (SERVFAIL before it knows, never NXDOMAIN), endpoints not ready until a is back."""
+    with sites(tmp_path, ("a", export(backend)), ("b", [])) as (a, b):
+        b.link_to(a)
+        addr = wait_until("import at b", lambda: b.import_addr("test/svc"))[0]
+        memory = b.state_dir / "catalog.json"
+        wait_until("b keeps its catalog", lambda: '"svc"' in memory.read_text(), timeout=15)
+        a.kill()
+        with DnsPoller("127.0.0.1", b.ports["dns"], NAME) as dns:
+            wait_until("b marks a not ready", lambda: not b.import_addr("test/svc"), timeout=10)
+            b.kill()
+            b.start()
+            imp = the_import(b)
+            assert imp is not None
+            assert (imp["ips"], imp["reachable"]) == ([addr], [])
+            wait_until("b's DNS answers", lambda: dns.answers[-1][1] == (addr,), timeout=5)
+            a.start()
+            wait_until("a reachable from b again", lambda: b.import_addr("test/svc"), timeout=30)
+        seen = dns.summary()
+        print(f"b's DNS through its restart: {dict(seen)}")
+        assert "NXDOMAIN" not in seen, seen
+        assert set(seen) <= {(addr,), "SERVFAIL", "timeout"}, seen
+        assert b.import_addr("test/svc") == (addr, ["a"])
+        with connect(b) as s:
+            sink_roundtrip(s, 1 << 20)

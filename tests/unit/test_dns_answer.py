@@ -119,6 +119,20 @@ def test_dns_version_txt(snap: Snapshot) -> None:
     assert r.header.aa == 1
 
 
+def test_a_starting_site_answers_servfail_not_nxdomain() -> None:
+    """Before its first import view a site does not know what exists: it does not deny a
+    name (resolvers cache NXDOMAIN), it fails the query; the zone's own names answer."""
+    from meshlink.dns.snapshot import SnapshotBuilder
+
+    starting = SnapshotBuilder(zone=Z).build((), complete=False)
+    r = ask(starting, f"web.shop.svc.{Z}")
+    assert rcode(r) == "SERVFAIL"
+    assert (r.header.aa, r.rr, r.auth) == (0, [], [])
+    assert rdatas(ask(starting, f"dns-version.{Z}", "TXT"), "TXT") == ['"1.0.0"']
+    assert rcode(ask(starting, "example.com")) == "REFUSED"
+    assert rcode(ask(SnapshotBuilder(zone=Z).build(()), f"web.shop.svc.{Z}")) == "NXDOMAIN"
+
+
 def test_clustersetip_a_and_aaaa(snap: Snapshot) -> None:
     assert rdatas(ask(snap, f"web.default.svc.{Z}", "A"), "A") == ["10.0.0.1"]
     assert rdatas(ask(snap, f"web.default.svc.{Z}", "AAAA"), "AAAA") == ["fd00::1"]
