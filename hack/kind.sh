@@ -194,8 +194,8 @@ create_cluster() { # create_cluster I WORKERS IMAGE
 		--kubeconfig "$(kubeconfig_of "$i")" --wait 0s >&2
 }
 
-write_overlay() { # write_overlay I ADDRESS
-	local i=$1 address=$2 dir="$state/c$1" tag
+write_overlay() { # write_overlay I ADDRESS IMAGE_ID
+	local i=$1 address=$2 image_id=$3 dir="$state/c$1" tag
 	tag=$(python3 -c 'import tomllib; print(tomllib.load(open("'"$repo"'/pyproject.toml", "rb"))["project"]["version"])')
 	mkdir -p "$dir"
 	local manifests
@@ -217,6 +217,11 @@ configMapGenerator:
 images:
   - name: ghcr.io/meshlink/meshlink
     newTag: "$tag"
+# The loaded image's id: a rebuilt image (same tag) rolls the pods on the next \`up\`.
+patches:
+  - target: {kind: Deployment, name: meshlink}
+    patch: |-
+      - {op: add, path: /spec/template/metadata/annotations, value: {meshlink.io/image-id: "$image_id"}}
 EOF
 	cat >"$dir/site.yaml" <<EOF
 site: c$i
@@ -227,10 +232,19 @@ grant:
 EOF
 }
 
+archive_image_id() { # archive_image_id ARCHIVE: the image config's digest in a docker-archive
+	python3 - "$1" <<'PY'
+import json, sys, tarfile
+with tarfile.open(sys.argv[1]) as t:
+    manifest = json.load(t.extractfile("manifest.json"))
+print(manifest[0]["Config"].rsplit("/", 1)[-1].removesuffix(".json")[:16])
+PY
+}
+
 deploy_meshlink() { # deploy_meshlink I ARCHIVE
 	local i=$1 archive=$2 name="$prefix-c$1"
 	kind load image-archive "$archive" --name "$name" >&2
-	write_overlay "$i" "$(node_ip "$i")"
+	write_overlay "$i" "$(node_ip "$i")" "$(archive_image_id "$archive")"
 	kc "$i" apply --server-side -k "$state/c$i" >/dev/null
 }
 

@@ -449,7 +449,7 @@ TargetPorts = Mapping[tuple[str, int], int]
 def derived_service_body(merged: MergedService, target_ports: TargetPorts) -> Obj:
     """The derived Service: its ClusterIP is the clusterset IP (none for Headless). It has
     no selector: only meshlink's EndpointSlices back it (ClusterSetIP: the gateway pods,
-    which tunnel the traffic, ready only while the source cluster has ready endpoints;
+    which tunnel the traffic, ready while some source cluster has ready endpoints;
     Headless: the remote endpoints). A selector would have the cluster's EndpointSlice
     controller publish the gateway pods too, ready or not. Each port's ``targetPort`` is
     the gateway port allocated to it."""
@@ -613,17 +613,23 @@ def endpoint_slice_bodies(
     """EndpointSlices of one import: per serving source cluster and address family.
 
     Headless: the source cluster's own endpoints (their DNS answers are those addresses).
-    ClusterSetIP: the local gateway pods (``gateway_endpoints``: address, ready), ready only
-    while the source cluster reports ready endpoints; the gateway tunnels each connection
-    to that cluster. Ports are those the source cluster exposes (a conflicting port only
-    reaches the clusters that have it). A slice port is the endpoint's port: the remote
-    endpoints' own port for Headless, the gateway port of ``target_ports`` for ClusterSetIP.
-    Every source cluster gets at least one slice.
+    ClusterSetIP: the local gateway pods (``gateway_endpoints``: address, ready), which
+    tunnel each connection to a source cluster with ready endpoints. So a gateway endpoint
+    is ready, in every cluster's slice alike, while its pod is and any source cluster has
+    ready endpoints. It cannot differ between the slices: they list the same address and
+    port, and kube-proxy keeps one of such duplicates, whichever it meets first, so a
+    source cluster that lost its endpoints (or its link, for the grace period) would
+    otherwise make the import refuse connections the other clusters could serve. Ports are
+    those the source cluster exposes (a conflicting port only reaches the clusters that
+    have it). A slice port is the endpoint's port: the remote endpoints' own port for
+    Headless, the gateway port of ``target_ports`` for ClusterSetIP. Every source cluster
+    gets at least one slice.
     """
     key = merged.key
     derived = derived_name(key.namespace, key.name)
     names = dict(zip(merged.ports, service_port_names(merged.ports), strict=True))
     headless = merged.type == ServiceType.HEADLESS
+    routable = any(rec.ready_endpoints > 0 for rec in merged.serving)
     bodies = []
     for rec in merged.serving:
         ports = [
@@ -646,7 +652,7 @@ def endpoint_slice_bodies(
                     by_family.setdefault(address_family(addr), []).append(entry)
         else:
             for addr, gw_ready in gateway_endpoints:
-                ready = gw_ready and rec.ready_endpoints > 0
+                ready = gw_ready and routable
                 by_family.setdefault(address_family(addr), []).append(
                     {"addresses": [addr], "conditions": {"ready": ready}}
                 )

@@ -374,3 +374,16 @@ def test_render_rejects_ports_without_ready_endpoints_and_deletes_stale_chains()
     other = render([svc], [_slice("a", "web", [("10.201.0.1", True)], ("web", 8080))])
     assert other.rules == {"10.96.0.10:80": []}
     assert render([], [], stale=first.chains).rules == {}
+
+
+def test_render_takes_the_worst_copy_of_an_endpoint_listed_twice() -> None:
+    """Two slices of one Service listing the same address and port with different readiness
+    (meshlink's per-cluster slices all list the gateway pod): real kube-proxy keeps the copy
+    it meets first, in Go map order, so either; the stand-in keeps the not-ready one."""
+    svc = _svc("a", "web", "10.96.0.10", ("http", 80, "TCP"))
+    one = _slice("a", "web", [("10.201.0.1", True)], ("http", 8080))
+    two = _slice("a", "web", [("10.201.0.1", False), ("10.201.0.2", True)], ("http", 8080))
+    for order in ([one, two], [two, one]):
+        assert render([svc], order).rules == {"10.96.0.10:80": ["10.201.0.2:8080"]}
+    agree = _slice("a", "web", [("10.201.0.1", True)], ("http", 8080))
+    assert render([svc], [one, agree]).rules == {"10.96.0.10:80": ["10.201.0.1:8080"]}

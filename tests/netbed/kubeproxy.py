@@ -79,7 +79,10 @@ def _ready(ep: Mapping[str, Any]) -> bool:
 
 
 def _endpoints(slices: Iterable[Mapping[str, Any]], port_name: str) -> list[str]:
-    eps: set[str] = set()
+    """The ready endpoints of one port. An address:port listed by several slices with
+    different readiness is not ready: real kube-proxy keeps whichever copy it meets first
+    (Go map order, so either one), and tests must see the worst case."""
+    ready: dict[str, bool] = {}
     for s in slices:
         if s.get("addressType") != "IPv4":
             continue
@@ -95,9 +98,10 @@ def _endpoints(slices: Iterable[Mapping[str, Any]], port_name: str) -> list[str]
             continue
         for ep in s.get("endpoints") or []:
             addrs = ep.get("addresses") or []
-            if addrs and _ready(ep):
-                eps.add(f"{addrs[0]}:{port}")
-    return sorted(eps)
+            if addrs:
+                key = f"{addrs[0]}:{port}"
+                ready[key] = ready.get(key, True) and _ready(ep)
+    return sorted(k for k, ok in ready.items() if ok)
 
 
 def render(

@@ -295,8 +295,23 @@ def test_import_bodies() -> None:
     assert by_cluster["c1"]["endpoints"] == [
         {"addresses": ["10.244.0.5"], "conditions": {"ready": True}}
     ]
-    # c2 has no ready endpoint: the gateway endpoint is listed but not ready for it.
-    assert by_cluster["c2"]["endpoints"][0]["conditions"]["ready"] is False
+    # c2 has no ready endpoint, but c1 has: the gateway endpoint (the same address and port
+    # in both slices, which kube-proxy deduplicates) is ready in both, and the gateway
+    # sends each connection to c1.
+    assert by_cluster["c2"]["endpoints"] == by_cluster["c1"]["endpoints"]
+    # No source cluster with a ready endpoint: not ready anywhere.
+    down = merge([rec("c1", 1.0, ready_endpoints=0), rec("c2", 2.0, ready_endpoints=0)])
+    assert {
+        e["conditions"]["ready"]
+        for s in model.endpoint_slice_bodies(down, [("10.244.0.5", True)], targets)
+        for e in s["endpoints"]
+    } == {False}
+    # A gateway pod that is not ready is not, whatever the clusters say.
+    assert {
+        e["conditions"]["ready"]
+        for s in model.endpoint_slice_bodies(merged, [("10.244.0.5", False)], targets)
+        for e in s["endpoints"]
+    } == {False}
     # Same input, same hash; a change moves it.
     again = model.service_import_body(merged, ["10.0.0.9"], ["IPv4"])
     assert (
