@@ -2,7 +2,8 @@
 # Real Kubernetes clusters running meshlink, on kind, in one command (as root).
 #
 #   bash hack/kind.sh up [N] [--workers W]   N clusters (default 2), each with W worker nodes
-#                                             (default 0), meshlink deployed and all linked
+#                                             (default 0; W1,W2,... gives cluster I its own
+#                                             count), meshlink deployed and all linked
 #   bash hack/kind.sh down                    delete them; stop the dockerd this script started
 #   bash hack/kind.sh kubeconfig I            print cluster I's kubeconfig path
 #   bash hack/kind.sh load ARCHIVE            load a docker-archive (e.g. a rebuilt meshlink
@@ -194,6 +195,25 @@ create_cluster() { # create_cluster I WORKERS IMAGE
 		--kubeconfig "$(kubeconfig_of "$i")" --wait 0s >&2
 }
 
+allow_node_routes() { # allow_node_routes I
+	# The node image built here routes other nodes' pod ranges itself (hack/kind/cni.sh
+	# lists the Nodes with the kubelet's credentials); since Kubernetes 1.32 the Node
+	# authorizer lets a kubelet read only its own Node object, so without this binding a
+	# multi-node cluster has no routes between its nodes' pods.
+	kc "$1" apply --server-side -f - >/dev/null <<'EOF'
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: meshlink-kind-cni}
+rules: [{apiGroups: [""], resources: [nodes], verbs: [get, list, watch]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: meshlink-kind-cni}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: meshlink-kind-cni}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: Group, name: "system:nodes"}]
+EOF
+}
+
 write_overlay() { # write_overlay I ADDRESS IMAGE_ID
 	local i=$1 address=$2 image_id=$3 dir="$state/c$1" tag
 	tag=$(python3 -c 'import tomllib; print(tomllib.load(open("'"$repo"'/pyproject.toml", "rb"))["project"]["version"])')
@@ -274,12 +294,19 @@ link() { # link I J: cluster J redeems a token of cluster I (unless it has a lin
 
 # -- commands -------------------------------------------------------------------------------
 
+workers_of() { # workers_of I SPEC: cluster I's worker count from --workers W or W1,W2,...
+	local spec=$2 list
+	IFS=, read -r -a list <<<"$spec"
+	if ((${#list[@]} == 1)); then echo "${list[0]}"; else echo "${list[$1 - 1]:-0}"; fi
+}
+
 cmd_up() {
 	local n=2 workers=0
 	while (($# > 0)); do
 		case "$1" in
 		--workers)
-			workers=${2:?--workers needs a number}
+			workers=${2:?--workers needs a number or a list N1,N2,...}
+			[[ $workers =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--workers takes a number or a list like 2,0,0"
 			shift 2
 			;;
 		[0-9]*)
@@ -307,7 +334,10 @@ cmd_up() {
 	ensure_network
 	save_sysctls
 	raise_inotify_limits
-	for ((i = 1; i <= n; i++)); do create_cluster "$i" "$workers" "$image"; done
+	for ((i = 1; i <= n; i++)); do
+		create_cluster "$i" "$(workers_of "$i" "$workers")" "$image"
+		allow_node_routes "$i"
+	done
 	for ((i = 1; i <= n; i++)); do deploy_meshlink "$i" "$archive"; done
 	for ((i = 1; i <= n; i++)); do
 		wait_ready "$i"

@@ -42,6 +42,13 @@ def _load(args: argparse.Namespace) -> config.SiteConfig:
     return config.load(args.config)
 
 
+def _state(cfg: config.SiteConfig) -> Any:
+    """The site's state store (the state directory, or Secrets in Kubernetes mode)."""
+    from meshlink.site.platforms import open_store
+
+    return open_store(cfg)
+
+
 # -- commands ------------------------------------------------------------------------------
 
 
@@ -65,11 +72,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     from meshlink import links
 
+    cfg = _load(args)
     out = links.cmd_token_create(
-        _load(args),
+        cfg,
         expiry=args.expiry,
         uses=args.uses,
         output=Path(args.output) if args.output else None,
+        state=_state(cfg),
     )
     print(out, file=sys.stderr if args.output else sys.stdout)
     return 0
@@ -79,15 +88,17 @@ def cmd_link_create(args: argparse.Namespace) -> int:
     from meshlink import links
 
     cfg = _load(args)
-    print(_run_async(links.cmd_link_create(cfg, args.token, name=args.name)))
+    print(_run_async(links.cmd_link_create(cfg, args.token, name=args.name, state=_state(cfg))))
     return 0
 
 
 def cmd_link_delete(args: argparse.Namespace) -> int:
     from meshlink import links
 
+    cfg = _load(args)
     print(
-        links.cmd_link_delete(_load(args), args.name) + "; a running site drops it within a second"
+        links.cmd_link_delete(cfg, args.name, _state(cfg))
+        + "; a running site drops it within a second"
     )
     return 0
 
@@ -95,35 +106,40 @@ def cmd_link_delete(args: argparse.Namespace) -> int:
 def cmd_token_list(args: argparse.Namespace) -> int:
     from meshlink.links import commands
 
-    print(commands.cmd_token_list(_load(args)))
+    cfg = _load(args)
+    print(commands.cmd_token_list(cfg, _state(cfg)))
     return 0
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     from meshlink.links import commands
 
-    print(commands.cmd_token_revoke(_load(args), args.token_id))
+    cfg = _load(args)
+    print(commands.cmd_token_revoke(cfg, args.token_id, _state(cfg)))
     return 0
 
 
 def cmd_link_list(args: argparse.Namespace) -> int:
     from meshlink.links import commands
 
-    print(commands.cmd_link_list(_load(args)))
+    cfg = _load(args)
+    print(commands.cmd_link_list(cfg, _state(cfg)))
     return 0
 
 
 def cmd_peer_list(args: argparse.Namespace) -> int:
     from meshlink.links import commands
 
-    print(commands.cmd_peer_list(_load(args)))
+    cfg = _load(args)
+    print(commands.cmd_peer_list(cfg, _state(cfg)))
     return 0
 
 
 def cmd_peer_revoke(args: argparse.Namespace) -> int:
     from meshlink.links import commands
 
-    print(commands.cmd_peer_revoke(_load(args), args.site))
+    cfg = _load(args)
+    print(commands.cmd_peer_revoke(cfg, args.site, _state(cfg)))
     return 0
 
 

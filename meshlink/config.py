@@ -95,6 +95,10 @@ class KubernetesConfig:
     the gateway pods, each imported port on a target port of its own)."""
     import_ports: tuple[int, int] = (20000, 29999)
     """The range target ports are allocated from, inclusive; below Linux's ephemeral range."""
+    state: str = "files"
+    """Where the site's state (CA, certificates, links, peers, token hashes) lives:
+    "secrets" (Secrets meshlink-* in ``namespace``, shared by every replica: what the
+    manifests set) or "files" (under stateDir)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +310,7 @@ def _kubernetes(r: _Reader) -> KubernetesConfig:
             "resyncSeconds",
             "importAddress",
             "importPorts",
+            "state",
         }
     )
     kubeconfig = r.data.get("kubeconfig")
@@ -331,7 +336,15 @@ def _kubernetes(r: _Reader) -> KubernetesConfig:
             r.source,
         ),
         import_ports=_port_range(r, "importPorts", _default(KubernetesConfig, "import_ports")),
+        state=_choice(r, "state", _default(KubernetesConfig, "state"), ("files", "secrets")),
     )
+
+
+def _choice(r: _Reader, k: str, default: str, allowed: tuple[str, ...]) -> str:
+    v = r.data.get(k, default)
+    if v not in allowed:
+        raise r.err(k, f"{v!r} is not one of {', '.join(allowed)}")
+    return str(v)
 
 
 def _port_range(r: _Reader, k: str, default: tuple[int, int]) -> tuple[int, int]:

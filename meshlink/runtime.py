@@ -42,6 +42,7 @@ from meshlink.site import (
     peer_authorizer,
 )
 from meshlink.site.memory import SAVE_EVERY
+from meshlink.site.platforms import follow_store, open_store
 from meshlink.site.reload import reload
 from meshlink.tasks import cancel_on_signals, every, expected_error, on_signal
 from meshlink.tunnel import Gateway
@@ -73,7 +74,8 @@ class SiteRuntime:
         self.components = components
         self.started = time.time()
         self.metrics = Metrics()
-        self.identity = CurrentIdentity(config.state_dir, config.site)
+        self.store = open_store(config)
+        self.identity = CurrentIdentity(self.store, config.site)
         self.platform = make_platform(config, components)
         self.catalog = Catalog(
             config.site,
@@ -85,7 +87,7 @@ class SiteRuntime:
             self.catalog,
             identity=self.identity,
             renewals=links.Renewals(
-                config.state_dir, lifetime=timedelta(seconds=config.link_cert_lifetime)
+                self.store, lifetime=timedelta(seconds=config.link_cert_lifetime)
             ),
             metrics=self.metrics,
             on_services=self.platform.catalog_changed,
@@ -97,7 +99,7 @@ class SiteRuntime:
             config.site,
             listen=(config.gateway_listen.host, config.gateway_listen.port),
             server_context=tls.refresh,
-            authorize=peer_authorizer(config.state_dir),
+            authorize=peer_authorizer(self.store),
             handler=self.control,
             route=self.router.route,
             heartbeat_interval=config.heartbeat_interval,
@@ -115,9 +117,9 @@ class SiteRuntime:
             metrics=self.metrics,
         )
         self.links = LinkSet(
-            config, self.identity, self.gateway, self.catalog.peers, self.control.unlink
+            self.store, self.identity, self.gateway, self.catalog.peers, self.control.unlink
         )
-        self.certs = LinkCerts(config.state_dir, self.identity, self.gateway.live_peers)
+        self.certs = LinkCerts(self.store, self.identity, self.gateway.live_peers)
         self.ops: OpsServer | None = None
         self._ready_reason = "starting"
 
@@ -186,6 +188,7 @@ class SiteRuntime:
                 await self.ops.close()
             if grant is not None:
                 await grant.cleanup()
+            self.store.close()
 
     def _served(self, grant: bool) -> str:
         c = self.config
@@ -217,6 +220,7 @@ class SiteRuntime:
         )
         for name, interval, job, first in jobs:
             tg.create_task(every(interval, job, first=first), name=name)
+        tg.create_task(follow_store(self.store), name="state-refresh")
 
 
 async def run_site(

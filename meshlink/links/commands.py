@@ -20,13 +20,14 @@ from meshlink.links.records import (
     PEERS,
     TOKENS,
     delete_link,
-    link_cert_path,
+    link_cert,
     revoke_peer,
     revoke_token,
 )
 from meshlink.links.redeem import redeem
 from meshlink.links.tokens import TOKEN_PREFIX
-from meshlink.pki import SiteIdentity, atomic_write, load_cert
+from meshlink.pki import SiteIdentity, atomic_write, cert_from_pem
+from meshlink.store import StateLike
 from meshlink.text import table, timestamp
 
 
@@ -34,8 +35,12 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(table(rows))
 
 
-def _identity(cfg: SiteConfig) -> SiteIdentity:
-    return SiteIdentity.load_or_create(cfg.state_dir, cfg.site)
+def _identity(cfg: SiteConfig, state: StateLike | None) -> SiteIdentity:
+    return SiteIdentity.load_or_create(cfg.state_dir if state is None else state, cfg.site)
+
+
+def _state(cfg: SiteConfig, state: StateLike | None) -> StateLike:
+    return cfg.state_dir if state is None else state
 
 
 def read_token_arg(arg: str) -> str:
@@ -56,10 +61,11 @@ def cmd_token_create(
     expiry: timedelta = timedelta(minutes=15),
     uses: int = 1,
     output: Path | None = None,
+    state: StateLike | None = None,
 ) -> str:
     """Create a token; with ``output`` write it there (0600) and say so, else return it."""
     _check_dialable(cfg)
-    token = create_token(_identity(cfg), str(cfg.grant_address), expiry=expiry, uses=uses)
+    token = create_token(_identity(cfg, state), str(cfg.grant_address), expiry=expiry, uses=uses)
     if output is None:
         return token
     try:
@@ -93,53 +99,59 @@ def _check_dialable(cfg: SiteConfig) -> None:
             )
 
 
-def cmd_token_list(cfg: SiteConfig) -> str:
+def cmd_token_list(cfg: SiteConfig, state: StateLike | None = None) -> str:
     now = time.time()
     rows = [("TOKEN", "USES LEFT", "EXPIRES", "STATE")]
-    for t in TOKENS.list(cfg.state_dir):
+    for t in TOKENS.list(_state(cfg, state)):
         state = "expired" if now >= t.expires else ("used up" if t.uses_left <= 0 else "valid")
         rows.append((t.id, f"{t.uses_left}/{t.uses}", timestamp(t.expires), state))
     return _table(rows)
 
 
-def cmd_token_revoke(cfg: SiteConfig, token_id: str) -> str:
-    revoke_token(cfg.state_dir, token_id)
+def cmd_token_revoke(cfg: SiteConfig, token_id: str, state: StateLike | None = None) -> str:
+    revoke_token(_state(cfg, state), token_id)
     return f"token {token_id} revoked"
 
 
-async def cmd_link_create(cfg: SiteConfig, token_arg: str, *, name: str | None = None) -> str:
+async def cmd_link_create(
+    cfg: SiteConfig, token_arg: str, *, name: str | None = None, state: StateLike | None = None
+) -> str:
     """Redeem a token: link this site to its issuer."""
-    rec = await redeem(_identity(cfg), cfg.state_dir, read_token_arg(token_arg), name=name)
+    ident = _identity(cfg, state)
+    rec = await redeem(ident, ident.state, read_token_arg(token_arg), name=name)
     return f"linked to site {rec.peer_site} as {rec.name!r} via {', '.join(rec.endpoints)}"
 
 
-def cmd_link_list(cfg: SiteConfig) -> str:
+def cmd_link_list(cfg: SiteConfig, state: StateLike | None = None) -> str:
     rows = [("NAME", "PEER", "ENDPOINTS", "CERT EXPIRES", "CREATED")]
-    for r in LINKS.list(cfg.state_dir):
+    for r in LINKS.list(_state(cfg, state)):
+        pem = link_cert(_state(cfg, state), r.name)
         try:
-            expires = timestamp(
-                load_cert(link_cert_path(cfg.state_dir, r.name)).not_valid_after_utc.timestamp()
+            expires = (
+                "missing"
+                if pem is None
+                else timestamp(cert_from_pem(pem).not_valid_after_utc.timestamp())
             )
         except PkiError:
-            expires = "missing"
+            expires = "damaged"
         rows.append((r.name, r.peer_site, ",".join(r.endpoints), expires, timestamp(r.created)))
     return _table(rows)
 
 
-def cmd_link_delete(cfg: SiteConfig, name: str) -> str:
-    rec = delete_link(cfg.state_dir, name)
+def cmd_link_delete(cfg: SiteConfig, name: str, state: StateLike | None = None) -> str:
+    rec = delete_link(_state(cfg, state), name)
     return f"link {name} to site {rec.peer_site} deleted"
 
 
-def cmd_peer_list(cfg: SiteConfig) -> str:
+def cmd_peer_list(cfg: SiteConfig, state: StateLike | None = None) -> str:
     rows = [("PEER", "LINKED AT", "TOKEN", "CERT EXPIRES")]
     rows += [
         (p.site, timestamp(p.linked_at), p.token_id, timestamp(p.cert_not_after))
-        for p in PEERS.list(cfg.state_dir)
+        for p in PEERS.list(_state(cfg, state))
     ]
     return _table(rows)
 
 
-def cmd_peer_revoke(cfg: SiteConfig, site: str) -> str:
-    revoke_peer(cfg.state_dir, site)
+def cmd_peer_revoke(cfg: SiteConfig, site: str, state: StateLike | None = None) -> str:
+    revoke_peer(_state(cfg, state), site)
     return f"peer {site} revoked: its gateway is refused from now on"

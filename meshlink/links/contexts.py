@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from pathlib import Path
 
-from meshlink.links.records import LinkRecord
+from meshlink.links.records import LinkRecord, link_cert_path
 from meshlink.pki import ReloadingServerContext, SiteIdentity, client_context, server_context
 
 
@@ -36,5 +35,7 @@ def reloading_gateway_context(current: Callable[[], SiteIdentity]) -> ReloadingS
 def link_client_context(identity: SiteIdentity, link: LinkRecord) -> ssl.SSLContext:
     """The dialer's context for one link: its client certificate, the peer's CA only."""
     return client_context(
-        Path(link.cert_path), identity.gateway_key_path, link.peer_ca_pem.encode("ascii")
+        link_cert_path(identity.state, link.name),
+        identity.gateway_key_path,
+        link.peer_ca_pem.encode("ascii"),
     )

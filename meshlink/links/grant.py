@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
@@ -40,6 +39,7 @@ from meshlink.pki import (
     SiteIdentity,
     grant_server_context,
 )
+from meshlink.store import StateLike, as_store
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GrantServer:
     def __init__(
         self,
         identity: SiteIdentity,
-        state_dir: Path,
+        state: StateLike,
         gateway_endpoints: Sequence[str],
         *,
         cert_lifetime: timedelta = LINK_CERT_LIFETIME,
@@ -67,7 +67,7 @@ class GrantServer:
         for ep in gateway_endpoints:
             split_hostport(ep, strict=True)  # ValueError here is a programming error of the caller
         self.identity = identity
-        self.state_dir = Path(state_dir)
+        self.state = as_store(state)
         self.gateway_endpoints = tuple(gateway_endpoints)
         self.cert_lifetime = cert_lifetime
         self.clock = clock
@@ -83,7 +83,7 @@ class GrantServer:
         def decide(body: object) -> dict[str, Any]:
             return decide_redeem(
                 self.identity,
-                self.state_dir,
+                self.state,
                 body,
                 endpoints=self.gateway_endpoints,
                 cert_lifetime=self.cert_lifetime,
@@ -94,9 +94,7 @@ class GrantServer:
 
     async def _reauth(self, request: web.Request) -> web.Response:
         def decide(body: object) -> dict[str, Any]:
-            return decide_reauth(
-                self.identity, self.state_dir, body, cert_lifetime=self.cert_lifetime
-            )
+            return decide_reauth(self.identity, self.state, body, cert_lifetime=self.cert_lifetime)
 
         return await self._decide(request, decide)
 
@@ -112,7 +110,8 @@ class GrantServer:
             return _refusal("malformed_request", 400, "the request body is not JSON")
         async with self._lock:
             try:
-                answer = decide(body)
+                # In a thread: the records may live in the API server (a blocking request).
+                answer = await asyncio.to_thread(decide, body)
             except GrantRefused as e:
                 log.info("grant refused to %s: %s", peer, e.code)
                 return _refusal(e.code, e.status, str(e))
@@ -153,7 +152,7 @@ async def start_site_grant(identity: SiteIdentity, config: SiteConfig) -> Runnin
     """The grant endpoint of a running site, as its configuration says."""
     server = GrantServer(
         identity,
-        config.state_dir,
+        identity.state,
         [str(a) for a in config.advertise],
         cert_lifetime=timedelta(seconds=config.link_cert_lifetime),
     )

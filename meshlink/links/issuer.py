@@ -30,7 +30,6 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final
 
 from cryptography import x509
@@ -76,6 +75,7 @@ from meshlink.pki import (
     sign_csr,
     site_id_of,
 )
+from meshlink.store import StateLike
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ def create_token(
     except ValueError as e:
         raise TokenError(f"grant address: {e}; set grant.advertise in the site config") from None
     now = time.time() if now is None else now
-    state_dir = identity.state_dir
-    prune_tokens(state_dir, now=now)
+    state = identity.state
+    prune_tokens(state, now=now)
     token = Token(
         id=new_token_id(),
         secret=new_secret(),
@@ -148,7 +148,7 @@ def create_token(
     )
     text = encode_token(token)
     TOKENS.write(
-        state_dir,
+        state,
         TokenRecord(
             id=token.id,
             secret_sha256=secret_hash(token.secret),
@@ -198,22 +198,23 @@ def _check_peer_ca(ca_pem: str, site: str) -> x509.Certificate:
 
 def decide_redeem(
     identity: SiteIdentity,
-    state_dir: Path,
+    state: StateLike,
     body: object,
     *,
     endpoints: Sequence[str],
     cert_lifetime: timedelta = LINK_CERT_LIFETIME,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """Decide one redemption against the records in ``state_dir``.
+    """Decide one redemption against the records in ``state``.
 
-    Returns the success answer, or raises GrantRefused. Not safe to run concurrently for
-    one state directory: the caller serialises (the grant server holds a lock).
+    Returns the success answer, or raises GrantRefused. Safe against other replicas of the
+    site deciding at the same time: the token's use is taken by an optimistic write of its
+    record, which sees any use taken meanwhile.
     """
     now = time.time() if now is None else now
     req = _parse_request(body)
     tid = req["token_id"]
-    rec = TOKENS.load(state_dir, tid) if is_token_id(tid) else None
+    rec = TOKENS.load(state, tid) if is_token_id(tid) else None
     # Constant-time comparison, made even when the id is unknown.
     ok = hmac.compare_digest(secret_hash(req["secret"]), rec.secret_sha256 if rec else _DUMMY_HASH)
     if rec is None or not ok:
@@ -222,18 +223,7 @@ def decide_redeem(
             f"site {identity.site_id} has no such token (never issued, revoked, or its "
             "secret was changed): ask its operator for a new token",
         )
-    if now >= rec.expires:
-        raise GrantRefused(
-            "token_expired",
-            f"the token expired at {_ts(rec.expires)}: ask site {identity.site_id} "
-            "for a new one (`meshlink token create`)",
-        )
-    if rec.uses_left <= 0:
-        raise GrantRefused(
-            "token_used_up",
-            f"the token was already used ({rec.uses} use(s) allowed): ask site "
-            f"{identity.site_id} for a new one (`meshlink token create --uses N`)",
-        )
+    _check_usable(identity, rec, now)
     site = req["site"]
     if site == identity.site_id:
         raise GrantRefused(
@@ -241,10 +231,10 @@ def decide_redeem(
             f"the redeeming site has the issuer's own site id {site!r}: "
             "every site needs its own id",
         )
-    relink = is_peer_allowed(state_dir, site)
+    relink = is_peer_allowed(state, site)
     if relink:
-        _check_same_site(identity, state_dir, site, req["ca_pem"], req["csr_pem"], body)
-    if find_link_to(state_dir, site) is not None:
+        _check_same_site(identity, state, site, req["ca_pem"], req["csr_pem"], body)
+    if find_link_to(state, site) is not None:
         raise GrantRefused(
             "site_id_clash",
             f"site {identity.site_id} already has a link to {site!r} (it redeemed a token of "
@@ -256,9 +246,9 @@ def decide_redeem(
         cert = sign_csr(identity.ca, csr, expected_site_id=site, lifetime=cert_lifetime)
     except PkiError as e:
         raise GrantRefused("bad_csr", str(e)) from None
-    TOKENS.write(state_dir, replace(rec, uses_left=rec.uses_left - 1))
+    _take_use(identity, state, tid, rec.secret_sha256, now)
     PEERS.write(
-        state_dir,
+        state,
         PeerRecord(
             site=site,
             ca_pem=cert_to_pem(ca).decode(),
@@ -279,12 +269,46 @@ def decide_redeem(
     }
 
 
+def _check_usable(identity: SiteIdentity, rec: TokenRecord, now: float) -> None:
+    if now >= rec.expires:
+        raise GrantRefused(
+            "token_expired",
+            f"the token expired at {_ts(rec.expires)}: ask site {identity.site_id} "
+            "for a new one (`meshlink token create`)",
+        )
+    if rec.uses_left <= 0:
+        raise GrantRefused(
+            "token_used_up",
+            f"the token was already used ({rec.uses} use(s) allowed): ask site "
+            f"{identity.site_id} for a new one (`meshlink token create --uses N`)",
+        )
+
+
+def _take_use(
+    identity: SiteIdentity, state: StateLike, tid: str, secret_sha256: str, now: float
+) -> None:
+    """Take one use of the token, as last written (another replica may have taken the last
+    one, or the token may have been revoked, since it was read)."""
+
+    def take(current: TokenRecord | None) -> TokenRecord:
+        if current is None or current.secret_sha256 != secret_sha256:
+            raise GrantRefused(
+                "unknown_token",
+                f"site {identity.site_id} has no such token (revoked meanwhile): ask its "
+                "operator for a new token",
+            )
+        _check_usable(identity, current, now)
+        return replace(current, uses_left=current.uses_left - 1)
+
+    TOKENS.update(state, tid, take)
+
+
 def _check_same_site(
-    identity: SiteIdentity, state_dir: Path, site: str, ca_pem: str, csr_pem: str, body: object
+    identity: SiteIdentity, state: StateLike, site: str, ca_pem: str, csr_pem: str, body: object
 ) -> None:
     """A redeemer whose site id is already a peer here may link again only as that same
     site: the CA pinned for it, and proof that it holds that site's gateway key."""
-    known = PEERS.load(state_dir, site)
+    known = PEERS.load(state, site)
     clash = (
         f"a site with id {site!r} and another CA is already linked to {identity.site_id}: "
         f"revoke it there first (`meshlink peer revoke {site}`) or give the new site "
@@ -326,7 +350,7 @@ def _prove(peer: PeerRecord, gateway_pem: str, csr_pem: str) -> x509.Certificate
 
 def decide_reauth(
     identity: SiteIdentity,
-    state_dir: Path,
+    state: StateLike,
     body: object,
     *,
     cert_lifetime: timedelta = LINK_CERT_LIFETIME,
@@ -340,7 +364,7 @@ def decide_reauth(
             raise GrantRefused("malformed_request", f"the request lacks the text field {name!r}")
         fields[name] = value
     site = fields["site"]
-    peer = PEERS.load(state_dir, site) if is_site_id(site) else None
+    peer = PEERS.load(state, site) if is_site_id(site) else None
     if peer is None:
         raise GrantRefused(
             "not_a_peer",
@@ -352,7 +376,7 @@ def decide_reauth(
         cert = sign_csr(identity.ca, csr, expected_site_id=site, lifetime=cert_lifetime)
     except PkiError as e:
         raise GrantRefused("bad_csr", str(e)) from None
-    PEERS.write(state_dir, replace(peer, cert_not_after=cert.not_valid_after_utc.timestamp()))
+    _signed_until(state, site, cert)
     log.info(
         "site %s re-authenticated with its gateway certificate: new link certificate until %s",
         site,
@@ -363,19 +387,26 @@ def decide_reauth(
 
 def sign_renewal(
     identity: SiteIdentity,
-    state_dir: Path,
+    state: StateLike,
     peer_site: str,
     csr_pem: str,
     *,
     lifetime: timedelta = LINK_CERT_LIFETIME,
 ) -> str:
     """Issuer side of renewal over a live link: a fresh client certificate for a current peer."""
-    peer = PEERS.load(state_dir, peer_site) if is_site_id(peer_site) else None
+    peer = PEERS.load(state, peer_site) if is_site_id(peer_site) else None
     if peer is None:
         raise PkiError(f"site {peer_site!r} is not a peer (revoked?): its renewal is refused")
     cert = sign_csr(
         identity.ca, csr_from_pem(csr_pem), expected_site_id=peer_site, lifetime=lifetime
     )
-    PEERS.write(state_dir, replace(peer, cert_not_after=cert.not_valid_after_utc.timestamp()))
+    _signed_until(state, peer_site, cert)
     log.info("renewed the link certificate of site %s", peer_site)
     return cert_to_pem(cert).decode()
+
+
+def _signed_until(state: StateLike, site: str, cert: x509.Certificate) -> None:
+    """Record when the last link certificate signed for ``site`` expires (unless the peer
+    was revoked meanwhile: a revocation is never undone by a renewal)."""
+    until = cert.not_valid_after_utc.timestamp()
+    PEERS.update(state, site, lambda p: None if p is None else replace(p, cert_not_after=until))

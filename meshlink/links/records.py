@@ -1,6 +1,7 @@
-"""Link and peer records on disk, and the issuer's token store.
+"""Link and peer records, and the issuer's token store: three documents of the site's state
+(``meshlink.store``: directories of the state directory, or Secrets).
 
-Layout under the state directory (directories 0700, files 0600, every write atomic)::
+Files (every write optimistic: see ``store.update``)::
 
     tokens/<id>.json   issuer: {id, secret_sha256, uses, uses_left, expires, created}
                        (only a hash of the secret is ever stored)
@@ -17,21 +18,21 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
 from meshlink.errors import ConfigError, MeshlinkError
 from meshlink.links.tokens import is_token_id
-from meshlink.pki import atomic_write, ensure_dir, is_site_id
+from meshlink.pki import is_site_id
+from meshlink.store import FileStore, StateLike, StoreError, as_store, local_dir, update
 
 log = logging.getLogger(__name__)
 
 TOKENS_DIR: Final = "tokens"
 PEERS_DIR: Final = "peers"
 LINKS_DIR: Final = "links"
-RECORD_MODE: Final = 0o600
 
 R = TypeVar("R")
 
@@ -45,8 +46,8 @@ def secret_hash(secret: str) -> str:
 
 
 class RecordStore(Generic[R]):
-    """One kind of record: a JSON file per record in one directory of the state directory,
-    named by the record's key (checked by ``check_key``: a name can never leave it)."""
+    """One kind of record: a JSON file per record in one document of the state, named by
+    the record's key (checked by ``check_key``: a name can never leave it)."""
 
     def __init__(
         self,
@@ -57,49 +58,118 @@ class RecordStore(Generic[R]):
         check_key: Callable[[str], str],
     ) -> None:
         self.directory = directory
+        """The document (a directory of the state directory in a FileStore)."""
         self._parse = parse
         self._dump = dump
         self._key_of = key_of
         self._check_key = check_key
 
-    def path(self, state_dir: Path, key: str) -> Path:
-        return Path(state_dir) / self.directory / f"{self._check_key(key)}.json"
+    def file(self, key: str) -> str:
+        return f"{self._check_key(key)}.json"
 
-    def write(self, state_dir: Path, rec: R) -> None:
-        path = self.path(state_dir, self._key_of(rec))
-        ensure_dir(path.parent)
-        data = json.dumps(self._dump(rec), indent=1, sort_keys=True) + "\n"
-        atomic_write(path, data.encode(), RECORD_MODE)
+    def path(self, state: StateLike, key: str) -> Path:
+        """The record's file in the local copy of the state."""
+        return local_dir(as_store(state), self.directory) / self.file(key)
 
-    def load(self, state_dir: Path, key: str) -> R | None:
-        """The record, or None if there is none. A damaged file is a clear error."""
-        return self._read(self.path(state_dir, key))
+    def encode(self, rec: R) -> bytes:
+        return (json.dumps(self._dump(rec), indent=1, sort_keys=True) + "\n").encode()
 
-    def list(self, state_dir: Path) -> list[R]:
-        """Every record, by file name (one removed meanwhile is skipped)."""
+    def write(self, state: StateLike, rec: R) -> None:
+        name, data = self.file(self._key_of(rec)), self.encode(rec)
+
+        def put(files: dict[str, bytes]) -> bool:
+            if files.get(name) == data:
+                return False
+            files[name] = data
+            return True
+
+        _update(state, self.directory, put)
+
+    def update(
+        self, state: StateLike, key: str, change: Callable[[R | None], R | None]
+    ) -> R | None:
+        """Read-modify-write one record against concurrent writers: ``change`` gets the
+        record (None: there is none) and returns the new one (None: remove it); it may run
+        again after a conflict. Its errors propagate, and nothing is written then."""
+        name = self.file(key)
+        result: list[R | None] = [None]
+
+        def edit(files: dict[str, bytes]) -> bool:
+            old = self._decode(state, name, files.get(name))
+            new = result[0] = change(old)
+            if new is None:
+                return files.pop(name, None) is not None
+            data = self.encode(new)
+            if files.get(name) == data:
+                return False
+            files[name] = data
+            return True
+
+        _update(state, self.directory, edit)
+        return result[0]
+
+    def delete(self, state: StateLike, key: str) -> bool:
+        """Remove a record; False if there was none."""
+        name = self.file(key)
+        gone = [False]
+
+        def drop(files: dict[str, bytes]) -> bool:
+            gone[0] = files.pop(name, None) is not None
+            return gone[0]
+
+        _update(state, self.directory, drop)
+        return gone[0]
+
+    def load(self, state: StateLike, key: str) -> R | None:
+        """The record, or None if there is none. A damaged one is a clear error."""
+        name = self.file(key)
+        return self._decode(state, name, _read(state, self.directory).get(name))
+
+    def list(self, state: StateLike) -> list[R]:
+        """Every record, by file name."""
+        files = _read(state, self.directory)
         out = []
-        for p in sorted((Path(state_dir) / self.directory).glob("*.json")):
-            rec = self._read(p)
-            if rec is not None:
-                out.append(rec)
+        for name in sorted(files):
+            if name.endswith(".json"):
+                rec = self._decode(state, name, files[name])
+                if rec is not None:
+                    out.append(rec)
         return out
 
-    def _read(self, path: Path) -> R | None:
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+    def _decode(self, state: StateLike, name: str, raw: bytes | None) -> R | None:
+        if raw is None:
             return None
-        except OSError as e:
-            raise ConfigError(f"cannot read: {e.strerror}", source=str(path)) from None
         try:
             data = json.loads(raw)
             if not isinstance(data, dict):
                 raise TypeError("not an object")
             return self._parse(data)
         except (ValueError, TypeError, KeyError) as e:
+            where = _where(state, self.directory, name)
             raise ConfigError(
-                f"damaged record ({e}); remove the file and redo the link", source=str(path)
+                f"damaged record ({e}); remove it and redo the link", source=where
             ) from None
+
+
+def _where(state: StateLike, doc: str, name: str) -> str:
+    store = as_store(state)
+    if isinstance(store, FileStore):
+        return str(store.root / doc / name)
+    return f"{store.describe()}: {doc}/{name}"
+
+
+def _read(state: StateLike, doc: str) -> Mapping[str, bytes]:
+    try:
+        return as_store(state).read(doc).files
+    except StoreError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _update(state: StateLike, doc: str, change: Callable[[dict[str, bytes]], bool]) -> None:
+    try:
+        update(as_store(state), doc, change)
+    except StoreError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_name(name: str, what: str) -> str:
@@ -146,22 +216,27 @@ def _token_id(token_id: str) -> str:
 TOKENS: Final = RecordStore(TOKENS_DIR, TokenRecord.from_json, asdict, lambda r: r.id, _token_id)
 
 
-def revoke_token(state_dir: Path, token_id: str) -> None:
-    path = TOKENS.path(state_dir, token_id)
-    if not path.exists():
+def revoke_token(state: StateLike, token_id: str) -> None:
+    if not TOKENS.delete(state, token_id):
         raise RecordNotFound(f"no token {token_id}; `meshlink token list` shows the tokens")
-    path.unlink()
 
 
-def prune_tokens(state_dir: Path, *, now: float | None = None, keep: float = 86400.0) -> int:
+def prune_tokens(state: StateLike, *, now: float | None = None, keep: float = 86400.0) -> int:
     """Remove token records that expired more than ``keep`` seconds ago; return how many."""
     now = time.time() if now is None else now
-    n = 0
-    for rec in TOKENS.list(state_dir):
-        if rec.expires + keep < now:
-            TOKENS.path(state_dir, rec.id).unlink(missing_ok=True)
-            n += 1
-    return n
+    gone = [0]
+
+    def prune(files: dict[str, bytes]) -> bool:
+        gone[0] = 0
+        for name in sorted(files):
+            rec = TOKENS._decode(state, name, files[name]) if name.endswith(".json") else None
+            if rec is not None and rec.expires + keep < now:
+                del files[name]
+                gone[0] += 1
+        return gone[0] > 0
+
+    _update(state, TOKENS_DIR, prune)
+    return gone[0]
 
 
 # -- peers (issuer) ----------------------------------------------------------------------
@@ -194,21 +269,23 @@ PEERS: Final = RecordStore(
 )
 
 
-def revoke_peer(state_dir: Path, site: str) -> PeerRecord:
+def revoke_peer(state: StateLike, site: str) -> PeerRecord:
     """Forget a peer: its gateway is refused from now on (the gateway checks on every link)."""
-    rec = PEERS.load(state_dir, site)
-    if rec is None:
+    rec = PEERS.load(state, site)
+    if rec is None or not PEERS.delete(state, site):
         raise RecordNotFound(f"no peer {site!r}; `meshlink peer list` shows the linked peers")
-    PEERS.path(state_dir, site).unlink(missing_ok=True)
     log.info("peer %s revoked", site)
     return rec
 
 
-def is_peer_allowed(state_dir: Path, site: str) -> bool:
+def is_peer_allowed(state: StateLike, site: str) -> bool:
     """Cheap check made on every accepted link: is ``site`` a current peer?"""
     if not isinstance(site, str) or not is_site_id(site):
         return False
-    return (Path(state_dir) / PEERS_DIR / f"{site}.json").is_file()
+    try:
+        return PEERS.file(site) in _read(state, PEERS_DIR)
+    except MeshlinkError:
+        return False
 
 
 # -- links (redeemer) --------------------------------------------------------------------
@@ -260,35 +337,80 @@ LINKS: Final = RecordStore(
 )
 
 
-def link_cert_path(state_dir: Path, name: str) -> Path:
-    return Path(state_dir) / LINKS_DIR / f"{check_name(name, 'link name')}.crt"
+def link_cert_path(state: StateLike, name: str) -> Path:
+    """The link's client certificate in the local copy of the state (TLS loads it)."""
+    return local_dir(as_store(state), LINKS_DIR) / _cert_file(name)
 
 
-def find_link_to(state_dir: Path, site: str) -> LinkRecord | None:
-    return next((r for r in LINKS.list(state_dir) if r.peer_site == site), None)
+def _cert_file(name: str) -> str:
+    return f"{check_name(name, 'link name')}.crt"
 
 
-def forget_site(state_dir: Path, site: str) -> list[str]:
+def link_cert(state: StateLike, name: str) -> bytes | None:
+    """The link's client certificate (PEM), None if there is none."""
+    return _read(state, LINKS_DIR).get(_cert_file(name))
+
+
+def write_link(state: StateLike, rec: LinkRecord, cert_pem: bytes | None = None) -> None:
+    """Write a link record, and with ``cert_pem`` its client certificate, in one write."""
+    files_new = {LINKS.file(rec.name): LINKS.encode(rec)}
+    if cert_pem is not None:
+        files_new[_cert_file(rec.name)] = cert_pem
+
+    def put(files: dict[str, bytes]) -> bool:
+        if all(files.get(k) == v for k, v in files_new.items()):
+            return False
+        files.update(files_new)
+        return True
+
+    _update(state, LINKS_DIR, put)
+
+
+def write_link_cert(state: StateLike, name: str, cert_pem: bytes) -> None:
+    """Replace the client certificate of an existing link (RecordNotFound if it is gone)."""
+    rec_file, cert_file = LINKS.file(name), _cert_file(name)
+
+    def put(files: dict[str, bytes]) -> bool:
+        if rec_file not in files:
+            raise RecordNotFound(f"no link named {name!r} to store a certificate for")
+        if files.get(cert_file) == cert_pem:
+            return False
+        files[cert_file] = cert_pem
+        return True
+
+    _update(state, LINKS_DIR, put)
+
+
+def find_link_to(state: StateLike, site: str) -> LinkRecord | None:
+    return next((r for r in LINKS.list(state) if r.peer_site == site), None)
+
+
+def _drop_links(files: dict[str, bytes], names: set[str]) -> bool:
+    before = len(files)
+    for name in names:
+        files.pop(LINKS.file(name), None)
+        files.pop(_cert_file(name), None)
+    return len(files) != before
+
+
+def forget_site(state: StateLike, site: str) -> list[str]:
     """The site ``site`` unlinked itself from us: remove its peer record and our link
     records to it (and their certificates). Returns what was removed, for the log line."""
     removed = []
-    if PEERS.load(state_dir, site) is not None:
-        PEERS.path(state_dir, site).unlink(missing_ok=True)
+    if PEERS.delete(state, site):
         removed.append(f"peer record {site}")
-    for rec in LINKS.list(state_dir):
-        if rec.peer_site == site:
-            LINKS.path(state_dir, rec.name).unlink(missing_ok=True)
-            link_cert_path(state_dir, rec.name).unlink(missing_ok=True)
-            removed.append(f"link record {rec.name}")
+    names = {r.name for r in LINKS.list(state) if r.peer_site == site}
+    if names:
+        _update(state, LINKS_DIR, lambda files: _drop_links(files, names))
+        removed += [f"link record {n}" for n in sorted(names)]
     return removed
 
 
-def delete_link(state_dir: Path, name: str) -> LinkRecord:
+def delete_link(state: StateLike, name: str) -> LinkRecord:
     """Forget a link: remove its record and its client certificate."""
-    rec = LINKS.load(state_dir, name)
+    rec = LINKS.load(state, name)
     if rec is None:
         raise RecordNotFound(f"no link named {name!r}; `meshlink link list` shows the links")
-    LINKS.path(state_dir, name).unlink(missing_ok=True)
-    link_cert_path(state_dir, name).unlink(missing_ok=True)
+    _update(state, LINKS_DIR, lambda files: _drop_links(files, {name}))
     log.info("link %s to site %s deleted", name, rec.peer_site)
     return rec

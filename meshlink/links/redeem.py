@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Final
 
 import aiohttp
@@ -45,6 +44,7 @@ from meshlink.links.records import (
     find_link_to,
     is_peer_allowed,
     link_cert_path,
+    write_link,
 )
 from meshlink.links.renewal import store_renewed_cert
 from meshlink.links.tokens import decode_token
@@ -56,11 +56,10 @@ from meshlink.pki import (
     cert_from_pem,
     cert_to_pem,
     csr_to_pem,
-    ensure_dir,
     make_csr,
     pinned_client_context,
-    write_cert,
 )
+from meshlink.store import StateLike
 
 log = logging.getLogger(__name__)
 
@@ -73,22 +72,22 @@ def _clean(text: object, limit: int = 400) -> str:
     return s[:limit]
 
 
-def _local_checks(identity: SiteIdentity, state_dir: Path, site: str, name: str) -> None:
+def _local_checks(identity: SiteIdentity, state: StateLike, site: str, name: str) -> None:
     if site == identity.site_id:
         raise SiteIdClash(
             f"this token was issued by this very site ({site}): run `meshlink link create` "
             "on the other site"
         )
-    existing = LINKS.load(state_dir, name)
+    existing = LINKS.load(state, name)
     if existing is not None:
         raise SiteIdClash(
             f"a link named {name!r} already exists (to site {existing.peer_site}): "
             f"delete it first (`meshlink link delete {name}`) or choose another --name"
         )
-    other = find_link_to(state_dir, site)
+    other = find_link_to(state, site)
     if other is not None:
         raise SiteIdClash(f"this site is already linked to site {site} (link {other.name!r})")
-    if is_peer_allowed(state_dir, site):
+    if is_peer_allowed(state, site):
         raise SiteIdClash(
             f"site {site} is already linked to this site (it redeemed a token of ours): "
             "one link per pair of sites is enough"
@@ -156,17 +155,16 @@ async def _post(
 
 async def redeem(
     identity: SiteIdentity,
-    state_dir: Path,
+    state: StateLike,
     token_text: str,
     *,
     name: str | None = None,
     timeout: float = 10.0,  # noqa: ASYNC109 (the whole exchange, passed to aiohttp)
 ) -> LinkRecord:
     """Redeem a token of another site and record the link (named after that site by default)."""
-    state_dir = Path(state_dir)
     token = decode_token(token_text)
     name = check_name(name or token.site, "link name")
-    _local_checks(identity, state_dir, token.site, name)
+    _local_checks(identity, state, token.site, name)
     if time.time() >= token.exp:
         raise TokenExpired(
             f"the token expired at {_ts(token.exp)}: ask site {token.site} for a new one"
@@ -183,12 +181,12 @@ async def redeem(
     status, data = await _post(address, token.site, token.pin, body, timeout)
     if status != 200:
         raise _refused(token.site, status, data)
-    return _accept(identity, state_dir, name, token.site, token.pin, data, address)
+    return _accept(identity, state, name, token.site, token.pin, data, address)
 
 
 async def reauthenticate(
     identity: SiteIdentity,
-    state_dir: Path,
+    state: StateLike,
     rec: LinkRecord,
     *,
     timeout: float = 10.0,  # noqa: ASYNC109 (the whole exchange, passed to aiohttp)
@@ -217,7 +215,7 @@ async def reauthenticate(
         raise TokenError(f"site {rec.peer_site}'s grant endpoint answered without a certificate")
     try:
         return store_renewed_cert(
-            identity, state_dir, rec.name, data["cert_pem"], "the re-issued link certificate"
+            identity, state, rec.name, data["cert_pem"], "the re-issued link certificate"
         )
     except PkiError as e:
         raise TokenError(f"site {rec.peer_site}'s answer is unusable: {e}") from None
@@ -225,7 +223,7 @@ async def reauthenticate(
 
 def _accept(
     identity: SiteIdentity,
-    state_dir: Path,
+    state: StateLike,
     name: str,
     site: str,
     pin: str,
@@ -262,9 +260,7 @@ def _accept(
             raise TokenError(
                 f"site {site} sent a gateway endpoint that is not host:port: {_clean(ep, 80)!r}"
             ) from None
-    cert_path = link_cert_path(state_dir, name)
-    ensure_dir(cert_path.parent)
-    write_cert(cert_path, cert)
+    cert_path = link_cert_path(state, name)
     rec = LinkRecord(
         name=name,
         peer_site=site,
@@ -274,6 +270,6 @@ def _accept(
         created=time.time(),
         grant=grant,
     )
-    LINKS.write(state_dir, rec)
+    write_link(state, rec, cert_to_pem(cert))
     log.info("linked to site %s as %r (endpoints %s)", site, name, ", ".join(endpoints))
     return rec

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Final
 
 from cryptography import x509
@@ -29,18 +28,19 @@ from meshlink.links.records import (
     LinkRecord,
     RecordNotFound,
     find_link_to,
-    link_cert_path,
+    link_cert,
+    write_link_cert,
 )
 from meshlink.pki import (
     LINK_CERT_LIFETIME,
     SiteIdentity,
     cert_from_pem,
+    cert_to_pem,
     csr_to_pem,
-    load_cert,
     make_csr,
     renewal_due,
-    write_cert,
 )
+from meshlink.store import StateLike
 
 log = logging.getLogger(__name__)
 
@@ -63,26 +63,30 @@ def renewal_csr(identity: SiteIdentity) -> str:
     return csr_to_pem(make_csr(identity.site_id, identity.gateway.key)).decode()
 
 
-def link_renewal_due(state_dir: Path, name: str, now: datetime | None = None) -> bool:
-    """True if the link's client certificate has less than a third of its life left."""
-    return renewal_due(load_cert(link_cert_path(state_dir, name)), now)
+def link_renewal_due(state: StateLike, name: str, now: datetime | None = None) -> bool:
+    """True if the link's client certificate has less than a third of its life left (or
+    there is none)."""
+    pem = link_cert(state, name)
+    if pem is None:
+        return True
+    return renewal_due(cert_from_pem(pem, f"the certificate of link {name}"), now)
 
 
 def store_renewed_cert(
     identity: SiteIdentity,
-    state_dir: Path,
+    state: StateLike,
     name: str,
     cert_pem: str,
     what: str = "the renewed link certificate",
 ) -> x509.Certificate:
     """Check a renewed certificate (our site, our key, the peer's CA, valid now) and store it."""
-    rec = LINKS.load(state_dir, name)
+    rec = LINKS.load(state, name)
     if rec is None:
         raise RecordNotFound(f"no link named {name!r} to store a renewed certificate for")
     cert = cert_from_pem(cert_pem, what)
     ca = cert_from_pem(rec.peer_ca_pem, f"the CA of site {rec.peer_site}")
     check_link_cert(identity, cert, ca, rec.peer_site, what)
-    write_cert(link_cert_path(state_dir, name), cert)
+    write_link_cert(state, name, cert_to_pem(cert))
     return cert
 
 
@@ -93,13 +97,13 @@ class Renewals:
 
     def __init__(
         self,
-        state_dir: Path,
+        state: StateLike,
         *,
         lifetime: timedelta = LINK_CERT_LIFETIME,
         retry_after: float = RETRY_AFTER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.state_dir = state_dir
+        self.state = state
         self.lifetime = lifetime
         self.retry_after = retry_after
         self._clock = clock
@@ -115,7 +119,7 @@ class Renewals:
             for rec in records
             if rec.peer_site in live
             and now - self._pending.get(rec.peer_site, -self.retry_after) >= self.retry_after
-            and link_renewal_due(self.state_dir, rec.name)
+            and link_renewal_due(self.state, rec.name)
         ]
 
     def request(self, identity: SiteIdentity) -> RenewRequest:
@@ -128,15 +132,15 @@ class Renewals:
 
     def answer(self, identity: SiteIdentity, peer_site: str, req: RenewRequest) -> RenewAnswer:
         """Issuer side: sign the peer's new link certificate (PkiError if it is no peer)."""
-        cert = sign_renewal(identity, self.state_dir, peer_site, req.csr, lifetime=self.lifetime)
+        cert = sign_renewal(identity, self.state, peer_site, req.csr, lifetime=self.lifetime)
         log.info("renewed the link certificate of peer %s", peer_site)
         return RenewAnswer(cert)
 
     def store(self, identity: SiteIdentity, peer_site: str, ans: RenewAnswer) -> None:
         """Redeemer side: check and store the certificate ``peer_site`` renewed."""
-        rec = find_link_to(self.state_dir, peer_site)
+        rec = find_link_to(self.state, peer_site)
         if rec is None:
             raise CatalogError(f"unexpected renewed certificate from {peer_site}")
-        store_renewed_cert(identity, self.state_dir, rec.name, ans.cert)
+        store_renewed_cert(identity, self.state, rec.name, ans.cert)
         self._pending.pop(peer_site, None)
         log.info("link certificate for %s renewed", peer_site)

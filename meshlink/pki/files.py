@@ -7,8 +7,6 @@ group or others can read is refused when loaded.
 
 from __future__ import annotations
 
-import os
-import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshlink import store
 from meshlink.errors import PkiError
 
 T = TypeVar("T")
@@ -28,39 +27,19 @@ DIR_MODE = 0o700
 
 
 def ensure_dir(path: Path, mode: int = DIR_MODE) -> Path:
-    """Create a directory with ``mode``, and every missing parent with it too (the state
-    directory holds keys and link records: ``mkdir(parents=True)`` would give the parents
-    it creates 0755). Directories that exist are left as they are."""
-    missing = []
-    p = path
-    while not p.is_dir() and p != p.parent:
-        missing.append(p)
-        p = p.parent
+    """``store.ensure_dir``, its errors PkiError."""
     try:
-        for d in reversed(missing):
-            d.mkdir(mode=mode, exist_ok=True)
-    except OSError as e:
-        raise PkiError(f"cannot create directory {path}: {e.strerror}") from None
-    return path
+        return store.ensure_dir(path, mode)
+    except store.StoreError as e:
+        raise PkiError(str(e)) from None
 
 
 def atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically; the file has ``mode`` (less umask) from creation."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    """``store.atomic_write`` (atomic, ``mode`` from creation), its errors PkiError."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise PkiError(f"cannot write {path}: {e.strerror}") from None
+        store.atomic_write(path, data, mode)
+    except store.StoreError as e:
+        raise PkiError(str(e)) from None
 
 
 # -- PEM ---------------------------------------------------------------------------------

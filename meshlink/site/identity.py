@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from meshlink import pki
+from meshlink.store import StateLike
 
 
 class CurrentIdentity:
@@ -12,10 +11,10 @@ class CurrentIdentity:
     certificate when two thirds of its life are used. Holders read ``current`` at each use,
     so a reload applies everywhere at once (TLS contexts are built from the files)."""
 
-    def __init__(self, state_dir: Path, site: str) -> None:
-        self._state_dir = state_dir
+    def __init__(self, state: StateLike, site: str) -> None:
+        self._state = state
         self._site = site
-        self.current = pki.SiteIdentity.load_or_create(state_dir, site)
+        self.current = pki.SiteIdentity.load_or_create(state, site)
 
     def reload(self) -> None:
-        self.current = pki.SiteIdentity.load_or_create(self._state_dir, self._site)
+        self.current = pki.SiteIdentity.load_or_create(self._state, self._site)

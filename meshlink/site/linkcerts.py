@@ -17,12 +17,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from meshlink import links
 from meshlink.errors import LinkRevoked, MeshlinkError
-from meshlink.pki import load_cert, renewal_due
+from meshlink.pki import cert_from_pem, renewal_due
 from meshlink.site.identity import CurrentIdentity
+from meshlink.store import StateLike
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class LinkCerts:
     """See the module docstring."""
 
     def __init__(
-        self, state_dir: Path, identity: CurrentIdentity, live: Callable[[], Collection[str]]
+        self, state: StateLike, identity: CurrentIdentity, live: Callable[[], Collection[str]]
     ) -> None:
-        self._state_dir = state_dir
+        self._state = state
         self._identity = identity
         self._live = live
         self._states: dict[str, LinkCertState] = {}
@@ -70,7 +70,10 @@ class LinkCerts:
 
     def _read(self, rec: links.LinkRecord) -> LinkCertState:
         try:
-            cert = load_cert(links.link_cert_path(self._state_dir, rec.name))
+            pem = links.link_cert(self._state, rec.name)
+            if pem is None:
+                return LinkCertState(None, True)
+            cert = cert_from_pem(pem, f"the certificate of link {rec.name}")
         except MeshlinkError:
             return LinkCertState(None, True)
         return LinkCertState(cert.not_valid_after_utc.timestamp(), renewal_due(cert))
@@ -79,7 +82,7 @@ class LinkCerts:
         self, rec: links.LinkRecord, state: LinkCertState, old: LinkCertState | None
     ) -> LinkCertState:
         try:
-            cert = await links.reauthenticate(self._identity.current, self._state_dir, rec)
+            cert = await links.reauthenticate(self._identity.current, self._state, rec)
         except LinkRevoked as e:
             if old is None or old.refused != str(e):
                 log.warning("link %s: %s", rec.name, e)

@@ -15,22 +15,21 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Callable, Collection
-from pathlib import Path
 
 from meshlink import links
-from meshlink.config import SiteConfig
 from meshlink.errors import MeshlinkError
 from meshlink.site.identity import CurrentIdentity
+from meshlink.store import StateLike
 from meshlink.tunnel import DialSpec, Gateway
 
 log = logging.getLogger(__name__)
 
 
-def peer_authorizer(state_dir: Path) -> Callable[[str], bool]:
+def peer_authorizer(state: StateLike) -> Callable[[str], bool]:
     """The gateway's question on every accepted link: may this peer link to us?"""
 
     def authorize(peer: str) -> bool:
-        allowed = links.is_peer_allowed(state_dir, peer)
+        allowed = links.is_peer_allowed(state, peer)
         if not allowed:
             log.warning("refused link from %s: not a linked peer (revoked or never linked)", peer)
         return allowed
@@ -43,13 +42,13 @@ class LinkSet:
 
     def __init__(
         self,
-        config: SiteConfig,
+        state: StateLike,
         identity: CurrentIdentity,
         gateway: Gateway,
         peers: Callable[[], Collection[str]],
         unlink: Callable[[str], None],
     ) -> None:
-        self._state_dir = config.state_dir
+        self._state = state
         self._identity = identity
         self._gateway = gateway
         self._peers = peers
@@ -61,15 +60,15 @@ class LinkSet:
     def poll(self) -> None:
         """Follow the records (a periodic job); a damaged record is one log line."""
         try:
-            records = links.LINKS.list(self._state_dir)
+            records = links.LINKS.list(self._state)
             dialled = {r.peer_site for r in records}
             for peer in sorted({r.peer_site for r in self._records} - dialled):
                 self._unlink(peer)  # deleted here: say so before the dial closes the link
             self._records = records
-            self.peer_records = links.PEERS.list(self._state_dir)
+            self.peer_records = links.PEERS.list(self._state)
             self._gateway.set_dials([self._dial(rec) for rec in records])
             for peer in self._peers():
-                if peer not in dialled and not links.is_peer_allowed(self._state_dir, peer):
+                if peer not in dialled and not links.is_peer_allowed(self._state, peer):
                     self._unlink(peer)
                     self._gateway.drop_peer(peer, "revoked")
         except MeshlinkError as e:
@@ -90,8 +89,8 @@ class LinkSet:
             if st.refused or (st.state == "backoff" and st.last_error)
         }
         try:
-            dialled = {r.peer_site for r in links.LINKS.list(self._state_dir)}
-            return (dialled - away) | {p.site for p in links.PEERS.list(self._state_dir)}
+            dialled = {r.peer_site for r in links.LINKS.list(self._state)}
+            return (dialled - away) | {p.site for p in links.PEERS.list(self._state)}
         except MeshlinkError:
             return set()
 
@@ -100,7 +99,7 @@ class LinkSet:
         ``meshlink peer revoke``): forget it here too, so a new token links the two
         again without a command on this site."""
         try:
-            removed = links.forget_site(self._state_dir, peer)
+            removed = links.forget_site(self._state, peer)
         except MeshlinkError as e:
             log.warning("site %s unlinked itself, but its records here stay: %s", peer, e)
             return

@@ -240,7 +240,7 @@ def test_helm_install_upgrade_and_uninstall(
     assert new_pod["metadata"]["uid"] != pod["metadata"]["uid"]
     (container,) = new_pod["spec"]["containers"]
     assert container["resources"]["requests"]["cpu"] == "150m"
-    # Its state volume kept the CA and the link: back up with no new token.
+    # Its state Secrets kept the CA and the link: back up with no new token.
     wait_linked(c3, {"c1"})
     si = si_of(c3, "web")
     assert si is not None

@@ -69,7 +69,6 @@ def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
         "CustomResourceDefinition",
         "Deployment",
         "Namespace",
-        "PersistentVolumeClaim",
         "Role",
         "RoleBinding",
         "Service",
@@ -86,7 +85,6 @@ def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
             "Deployment",
             "Service",
             "ServiceAccount",
-            "PersistentVolumeClaim",
         }:
             assert d["metadata"]["namespace"] == "meshlink-system", d["metadata"]["name"]
 
@@ -126,6 +124,7 @@ def test_site_config_matches_the_pod_and_services(
     assert cfg.kubernetes is not None
     assert cfg.kubernetes.namespace == "meshlink-system"
     assert cfg.kubernetes.kubeconfig is None  # in-cluster service account
+    assert cfg.kubernetes.state == "secrets"  # shared by the replicas, no volume
     assert str(cfg.state_dir) == "/var/lib/meshlink"
 
     dep = _one(rendered, "Deployment", "meshlink")
@@ -291,12 +290,25 @@ def test_rbac_is_least_privilege(applied: KubeCluster) -> None:
         ("create", "events.events.k8s.io", "-n", "demo"),
         ("list", "pods", "-n", "meshlink-system"),
         ("watch", "pods", "-n", "meshlink-system"),
+        *(
+            (verb, f"secrets/meshlink-{doc}", "-n", "meshlink-system")
+            for verb in ("get", "update")
+            for doc in ("pki", "tokens", "peers", "links")
+        ),
+        ("create", "secrets", "-n", "meshlink-system"),
     ]
     denied = [
         ("delete", "namespaces"),
         ("create", "namespaces"),
         ("patch", "namespaces"),
         ("get", "secrets", "-n", "meshlink-system"),
+        ("get", "secrets/other", "-n", "meshlink-system"),
+        ("update", "secrets/other", "-n", "meshlink-system"),
+        ("list", "secrets", "-n", "meshlink-system"),
+        ("watch", "secrets", "-n", "meshlink-system"),
+        ("delete", "secrets/meshlink-pki", "-n", "meshlink-system"),
+        ("get", "secrets/meshlink-pki", "-n", "kube-system"),
+        ("create", "secrets", "-n", "kube-system"),
         ("list", "secrets", "-A"),
         ("get", "configmaps", "-n", "kube-system"),
         ("create", "pods", "-n", "demo"),
@@ -392,6 +404,17 @@ def test_admission_policy_confines_meshlink_to_its_imports(applied: KubeCluster)
     assert (
         as_meshlink("apply", "--server-side", "-f", "-", input=_slice("s2", "meshlink.io")) == "ok"
     )
+    # Secrets: only the four of its state.
+    assert "its own state" in as_meshlink(
+        "create", "secret", "generic", "other", "-n", "meshlink-system", "--from-literal=a=b"
+    )
+    assert (
+        as_meshlink(
+            "create", "secret", "generic", "meshlink-links", "-n", "meshlink-system",
+            "--from-literal=a=b",
+        )
+        == "ok"
+    )  # fmt: skip
     # Other subjects are untouched by the policy.
     c.apply(_service("web3"))
     assert c.exists("service", "web3", "-n", "demo")

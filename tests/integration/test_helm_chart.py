@@ -146,7 +146,6 @@ def test_defaults_render_the_kustomize_base(helm: Path, kubectl: Path) -> None:
         "CustomResourceDefinition",
         "Deployment",
         "Namespace",
-        "PersistentVolumeClaim",
         "Role",
         "RoleBinding",
         "Service",
@@ -191,8 +190,8 @@ def test_a_load_balancer_gateway_renders_the_component(
 
 
 def test_values_beyond_the_overlays(helm: Path) -> None:
-    """Replicas, resources, the import port range and the state volume, which a kustomize
-    user patches by hand."""
+    """Replicas, resources and the import port range, which a kustomize user patches by
+    hand."""
     objects = render_helm(
         helm,
         "--set",
@@ -201,8 +200,6 @@ def test_values_beyond_the_overlays(helm: Path) -> None:
         "resources.requests.cpu=250m",
         "--set",
         "importPorts=31000-31999",
-        "--set",
-        "state.storageClassName=fast",
         "--set",
         "config.dns.ttl=30",
     )
@@ -215,7 +212,6 @@ def test_values_beyond_the_overlays(helm: Path) -> None:
     assert config["kubernetes"]["importPorts"] == "31000-31999"
     assert config["kubernetes"]["namespace"] == "meshlink-system"
     assert config["dns"] == {"listen": "0.0.0.0:5353", "zone": "clusterset.local", "ttl": 30}
-    assert by_kind["PersistentVolumeClaim"]["spec"]["storageClassName"] == "fast"
     # Another configuration is another pod template: the Deployment rolls.
     default = next(o for o in render_helm(helm) if o["kind"] == "Deployment")
     sha = "meshlink.io/config-sha256"

@@ -71,6 +71,7 @@ def test_kubernetes_import_listeners() -> None:
         ({"site": "a", "dns": {"ttl": -1}}, "dns.ttl"),
         ({"site": "a", "imports": {"pool": "10.0.0.0/31"}}, "imports.pool"),
         ({"site": "a", "kubernetes": {"importPorts": "30000"}}, "kubernetes.importPorts"),
+        ({"site": "a", "kubernetes": {"state": "etcd"}}, "kubernetes.state"),
         ({"site": "a", "kubernetes": {"importPorts": "900-1000"}}, "kubernetes.importPorts"),
         ({"site": "a", "kubernetes": {"importPorts": "2-1"}}, "kubernetes.importPorts"),
         ({"site": "a", "kubernetes": {"importPorts": "²-3"}}, "kubernetes.importPorts"),
