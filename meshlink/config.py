@@ -95,6 +95,13 @@ class KubernetesConfig:
     the gateway pods, each imported port on a target port of its own)."""
     import_ports: tuple[int, int] = (20000, 29999)
     """The range target ports are allocated from, inclusive; below Linux's ephemeral range."""
+    leader_election: bool = False
+    """Several replicas of one site: only the holder of the Lease meshlink-leader (in
+    ``namespace``) writes to the API server; the others keep warm caches, serve, and take
+    over when it expires (what the manifests set). False: one replica, always writing."""
+    lease_duration: float = 4.0
+    """Seconds a Lease not renewed stays its holder's (a crashed leader is replaced after
+    this; its right to write ends 40 % earlier)."""
     state: str = "files"
     """Where the site's state (CA, certificates, links, peers, token hashes) lives:
     "secrets" (Secrets meshlink-* in ``namespace``, shared by every replica: what the
@@ -311,6 +318,8 @@ def _kubernetes(r: _Reader) -> KubernetesConfig:
             "importAddress",
             "importPorts",
             "state",
+            "leaderElection",
+            "leaseDuration",
         }
     )
     kubeconfig = r.data.get("kubeconfig")
@@ -337,6 +346,10 @@ def _kubernetes(r: _Reader) -> KubernetesConfig:
         ),
         import_ports=_port_range(r, "importPorts", _default(KubernetesConfig, "import_ports")),
         state=_choice(r, "state", _default(KubernetesConfig, "state"), ("files", "secrets")),
+        leader_election=r.flag("leaderElection", _default(KubernetesConfig, "leader_election")),
+        lease_duration=r.number(
+            "leaseDuration", _default(KubernetesConfig, "lease_duration"), 2.0, 300.0
+        ),
     )
 
 

@@ -90,6 +90,8 @@ class SiteProc:
     extra: dict[str, Any] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the process (POD_NAME: a replica's name)."""
 
     def __post_init__(self) -> None:
         self.dir = self.root / self.name
@@ -136,6 +138,7 @@ class SiteProc:
             ],
             stdout=log,
             stderr=log,
+            env={**os.environ, **self.env} if self.env else None,
         )
         log.close()
         # Ready: up, and its catalog synced with its peers (at most 15 s when one is away).

@@ -91,6 +91,14 @@ class PlatformStatus(TypedDict, total=False):
     imports: int
     import_ports: int
     queued: int
+    writes: int
+    """Writes this replica sent to the API server."""
+    fenced: int
+    """Writes it did not send, not holding the Lease."""
+    replica: str
+    leading: bool
+    leader: str | None
+    lease_transitions: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, cast
@@ -86,6 +86,11 @@ class Invalid(KubeError):
 
 class Unavailable(KubeError):
     """The API server could not be reached or did not answer in time."""
+
+
+class NotLeader(KubeError):
+    """A write refused before it was sent: this replica does not hold the site's Lease
+    (k8s/lease.py), so another may be writing."""
 
 
 def _status_error(status: int, body: str) -> ApiException:
@@ -170,13 +175,25 @@ def _discard(resp: aiohttp.ClientResponse) -> None:
 class Kube:
     """Raw JSON access to one API server, every request bounded by ``timeout`` seconds."""
 
-    def __init__(self, api: ApiClient, timeout: float):
+    def __init__(
+        self, api: ApiClient, timeout: float, fence: Callable[[], bool] | None = None
+    ) -> None:
         self.api = api
         self.timeout = timeout
+        self.fence = fence
+        """Asked right before every write: may this replica write now (it holds the Lease)?
+        None: always (one replica, no election)."""
         self.requests: Counter[str] = Counter()
-        """Requests sent, by what they did (``apply serviceimports/status``...)."""
+        """Requests sent, by what they did (``apply serviceimports/status``...); writes the
+        fence refused count as ``fenced <verb> <kind>``."""
         _skip_env_lookups(api)
         _abort_closed_tls(api)
+
+    def _fenced(self, what: str) -> None:
+        if self.fence is not None and not self.fence():
+            verb, kind = [*what.split(" "), ""][:2]
+            self.requests[f"fenced {verb} {kind}"] += 1
+            raise NotLeader(f"{what}: not written, this replica does not hold the lease")
 
     async def _call(
         self,
@@ -317,12 +334,14 @@ class Kube:
         """Server-side apply as field manager ``manager`` (meshlink), forcing ownership."""
         meta = obj["metadata"]
         name = meta["name"]
+        what = f"apply {res.kind} {meta.get('namespace', '')}/{name}"
+        self._fenced(what)
         return cast(
             Obj,
             await self._call(
                 "PATCH",
                 res.path(meta.get("namespace"), name, sub),
-                f"apply {res.kind} {meta.get('namespace', '')}/{name}",
+                what,
                 query=[("fieldManager", manager), ("force", "true")],
                 body=obj,
                 content_type=APPLY_CONTENT_TYPE,
@@ -332,6 +351,7 @@ class Kube:
     async def merge_patch(
         self, res: Resource, name: str, namespace: str | None, patch: Obj, sub: str | None = None
     ) -> Obj:
+        self._fenced(f"patch {res.kind} {namespace}/{name}")
         return cast(
             Obj,
             await self._call(
@@ -343,8 +363,10 @@ class Kube:
             ),
         )
 
-    async def create(self, res: Resource, obj: Obj) -> Obj:
+    async def create(self, res: Resource, obj: Obj, *, fenced: bool = True) -> Obj:
         meta = obj["metadata"]
+        if fenced:
+            self._fenced(f"create {res.kind} {meta.get('namespace', '')}/{meta['name']}")
         return cast(
             Obj,
             await self._call(
@@ -355,11 +377,24 @@ class Kube:
             ),
         )
 
+    async def replace(self, res: Resource, obj: Obj, *, fenced: bool = True) -> Obj:
+        """PUT: the whole object, refused (409) unless it is still at the resourceVersion in
+        its metadata."""
+        meta = obj["metadata"]
+        what = f"update {res.kind} {meta.get('namespace', '')}/{meta['name']}"
+        if fenced:
+            self._fenced(what)
+        return cast(
+            Obj,
+            await self._call("PUT", res.path(meta.get("namespace"), meta["name"]), what, body=obj),
+        )
+
     async def delete(
         self, res: Resource, name: str, namespace: str | None = None, uid: str | None = None
     ) -> bool:
         """Delete; False if it was already gone. ``uid`` guards against deleting a newer
         object of the same name."""
+        self._fenced(f"delete {res.kind} {namespace}/{name}")
         body: Obj | None = {"preconditions": {"uid": uid}} if uid else None
         try:
             await self._call(

@@ -8,6 +8,11 @@ caches (k8s/caches.py) and the catalog as last received (k8s/clusterset.py). The
 controller checks the cluster id, runs the watches and queues, and orders the start:
 caches complete, then exports evaluated and published (never a partial set), then imports
 once the first catalog is in (before it, every import would look orphaned).
+
+With ``kubernetes.leaderElection`` several replicas run this controller and only the holder
+of the Lease writes (k8s/lease.py): every write goes through a fenced ``Kube``, and the
+reconcilers of the others observe instead (their caches and views stay warm, so a new
+holder starts from them). Each replica publishes the same export records either way.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from meshlink.catalog.records import ExportRecord, ServiceKey
 from meshlink.catalog.view import ImportedService, ListenerSpec, OnView, PlatformStatus, Publish
 from meshlink.config import KubernetesConfig, SiteConfig
 from meshlink.errors import ConfigError
-from meshlink.k8s.api import CLUSTER_PROPERTY, Kube, NotFound, Unavailable
+from meshlink.k8s.api import CLUSTER_PROPERTY, Kube, NotFound, NotLeader, Unavailable
 from meshlink.k8s.caches import Caches
 from meshlink.k8s.clusterset import ClustersetCatalog
 from meshlink.k8s.exports import ConditionsHook, ExportReconciler
 from meshlink.k8s.imports import ImportReconciler
+from meshlink.k8s.lease import LeaderElection, replica_id
 from meshlink.k8s.ports import PortAllocator
 from meshlink.k8s.watch import ApiHealth
 from meshlink.k8s.workqueue import WorkQueue
@@ -55,7 +61,20 @@ class Controller:
         self.config = config
         self.kconfig = config.kubernetes or KubernetesConfig()
         host = getattr(getattr(api, "configuration", None), "host", "?")
-        self.kube = Kube(api, self.kconfig.request_timeout)
+        self.election: LeaderElection | None = None
+        if self.kconfig.leader_election:
+            self.election = LeaderElection(
+                Kube(api, self.kconfig.request_timeout),
+                self.kconfig.namespace,
+                replica_id(),
+                duration=self.kconfig.lease_duration,
+                on_change=self._leadership,
+            )
+        self.kube = Kube(
+            api,
+            self.kconfig.request_timeout,
+            fence=self.election.leading if self.election is not None else None,
+        )
         self.health = ApiHealth(str(host))
         self.cluster_id: str | None = None
         self.caches = Caches(self.kube, self.health, self.kconfig)
@@ -72,6 +91,7 @@ class Controller:
             workers=workers,
             transient=self._transient,
             on_conditions=on_conditions,
+            leading=self.leading,
         )
         self.import_side = ImportReconciler(
             self.kube,
@@ -83,9 +103,21 @@ class Controller:
             transient=self._transient,
             on_view=on_view,
             owner_namespace=self.kconfig.namespace,
+            leading=self.leading,
         )
 
+    def leading(self) -> bool:
+        """Whether this replica writes (always, without leader election)."""
+        return self.election is None or self.election.leading()
+
+    def _leadership(self, leading: bool) -> None:
+        if leading and self._synced.is_set():
+            self.import_side.became_leader()
+            self.export_side.resync()
+
     def _transient(self, e: Exception) -> bool:
+        if isinstance(e, NotLeader):
+            return True  # the next run observes instead
         if isinstance(e, Unavailable):
             self.health.failed(e)  # one line while the API server is away, not one per key
             return True
@@ -172,8 +204,22 @@ class Controller:
             "synced": self._synced.is_set(),
             "exports": len(self.export_side),
             "imports": len(self.import_side),
-            "import_ports": len(self.ports),
+            "import_ports": len(self.import_side.ports),
             "queued": len(self.export_queue) + len(self.import_queue),
+            "writes": sum(n for k, n in self.kube.requests.items() if _is_write(k)),
+            "fenced": sum(n for k, n in self.kube.requests.items() if k.startswith("fenced ")),
+            **self._leader_status(),
+        }
+
+    def _leader_status(self) -> PlatformStatus:
+        if self.election is None:
+            return {}
+        view = self.election.view
+        return {
+            "replica": self.election.identity,
+            "leading": self.election.leading(),
+            "leader": view.holder,
+            "lease_transitions": view.transitions,
         }
 
     def idle(self) -> bool:
@@ -206,6 +252,9 @@ class Controller:
         self._synced.set()
         self.import_side.synced = True
         tg.create_task(self.export_side.publisher.run(), name="publisher")
+        if self.election is not None:
+            # Only a replica whose caches are complete may lead: it writes from them.
+            tg.create_task(self.election.run(), name="leader-election")
         log.info(
             "cluster %s: initial lists done (%d exports, %d namespaces)",
             self.cluster_id,
@@ -213,7 +262,7 @@ class Controller:
             len(self.caches.namespaces.cache),
         )
         self.import_side.seed_ports()
-        log.info("cluster %s: %d import ports in use", self.cluster_id, len(self.ports))
+        log.info("cluster %s: %d import ports in use", self.cluster_id, len(self.import_side.ports))
         await self._catalog_seen.wait()
         self.import_side.requeue_all()
         tg.create_task(self.import_queue.run(), name="import-queue")
@@ -227,3 +276,7 @@ class Controller:
             await asyncio.sleep(self.kconfig.resync_seconds)
             self.export_side.resync()
             self.import_side.requeue_all()
+
+
+def _is_write(request: str) -> bool:
+    return request.split(" ", 1)[0] in {"apply", "patch", "create", "update", "delete"}

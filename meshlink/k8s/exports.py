@@ -57,8 +57,10 @@ class ExportReconciler:
         workers: int,
         transient: Callable[[Exception], bool],
         on_conditions: ConditionsHook | None = None,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
         self.kube = kube
+        self._leading = leading
         self.caches = caches
         self.catalog = catalog
         self._publish = publish
@@ -93,15 +95,16 @@ class ExportReconciler:
         self.origin = origin
         for ck in list(self.caches.exports.cache):
             self._evaluate(ServiceKey(*ck))
-        for ck, svc in list(self.caches.services.cache.items()):
-            if model.wants_export(svc):
-                self.queue.add(ServiceKey(*ck))
+        self.resync()
         self.started = True
         self.publisher.wake()
 
     def resync(self) -> None:
         for ck in list(self.caches.exports.cache):
             self.queue.add(ServiceKey(*ck))
+        for ck, svc in list(self.caches.services.cache.items()):
+            if model.wants_export(svc):
+                self.queue.add(ServiceKey(*ck))
 
     def catalog_changed(self, keys: Iterable[ServiceKey]) -> None:
         """Ready and Conflict follow the catalog."""
@@ -208,7 +211,10 @@ class ExportReconciler:
         self.queue.add(key)
 
     async def reconcile(self, key: ServiceKey) -> None:
-        """The ServiceExport of an annotated Service, and every ServiceExport's status."""
+        """The ServiceExport of an annotated Service, and every ServiceExport's status (by
+        the Lease holder only: the others publish the same records, and write nothing)."""
+        if not self._leading():
+            return
         ck = (key.namespace, key.name)
         svc = self.caches.services.get(ck)
         svcex = self.caches.exports.get(ck)

@@ -8,6 +8,12 @@ is not sent again; a restarted controller rebuilds from the API server (the hash
 applied body is kept in an annotation on the object). Each reconcile that changes what the
 site serves hands ``on_view`` a new ``ImportView`` (the imports and their gateway
 listeners).
+
+With several replicas only the Lease holder writes (``leading``). The others *observe*:
+their import views come from what the holder wrote (the derived Service's ClusterIPs and
+recorded gateway ports), so every replica serves the same listeners and DNS answers, and
+a replica that becomes the holder takes the ports it finds (``became_leader``) and
+rewrites nothing that is already right.
 """
 
 from __future__ import annotations
@@ -53,8 +59,10 @@ class ImportReconciler:
         transient: Callable[[Exception], bool],
         on_view: OnView | None = None,
         owner_namespace: str | None = None,
+        leading: Callable[[], bool] = lambda: True,
     ) -> None:
         self.kube = kube
+        self._leading = leading
         self._owner_namespace = owner_namespace
         """meshlink's own namespace: every object made here is owned by it (garbage
         collected once it goes, as on uninstall)."""
@@ -100,6 +108,14 @@ class ImportReconciler:
                 continue
             for proto, port, target in model.recorded_gateway_ports(svc):
                 self.ports.claim(PortOwner(key, proto, port), target)
+
+    def became_leader(self) -> None:
+        """This replica holds the Lease now: take the gateway ports as the API server has
+        them (the last holder may have allocated some since), and look at everything."""
+        self.ports = PortAllocator(self.ports.first, self.ports.last)
+        self._applied.clear()  # what another replica applied is known only from the objects
+        self.seed_ports()
+        self.requeue_all()
 
     def requeue_all(self) -> None:
         """Look at every import that exists or should again (start, resync)."""
@@ -156,8 +172,8 @@ class ImportReconciler:
             self._applied.pop((SERVICE.plural, *key), None)
             self._derived_ips.pop(ikey, None)
             self.queue.add(ikey)
-        elif old is None and not self._wanted(ikey):
-            self.queue.add(ikey)
+        elif (old is None and not self._wanted(ikey)) or not self._leading():
+            self.queue.add(ikey)  # a replica that does not write follows what was written
 
     def _on_slice(self, key: ObjKey, old: Obj | None, new: Obj | None) -> None:
         lab = model.labels(new or old or {})
@@ -274,6 +290,9 @@ class ImportReconciler:
             log.info("import %s removed (%d objects)", key, deleted)
 
     async def reconcile(self, key: ServiceKey) -> None:
+        if not self._leading():
+            self.observe(key)
+            return
         merged = self.catalog.merged.get(key)
         if merged is None or not self.caches.namespace_usable(key.namespace):
             await self.delete(key)
@@ -355,6 +374,40 @@ class ImportReconciler:
                 )
             self._imports[key] = imported
             changed = True
+        if changed:
+            self._view_changed()
+
+    def observe(self, key: ServiceKey) -> None:
+        """What a replica that does not write serves for an import: the view of what the
+        Lease holder wrote (nothing until it has written the derived Service)."""
+        merged = self.catalog.merged.get(key)
+        ns = key.namespace
+        svc = self.caches.services.get((ns, model.derived_name(ns, key.name)))
+        if (
+            merged is None
+            or not self.caches.namespace_usable(ns)
+            or svc is None
+            or not model.is_managed(svc)
+        ):
+            listeners = self._listeners.pop(key, None)
+            if self._imports.pop(key, None) is not None or listeners:
+                self._view_changed()
+            return
+        wanted = {(p.protocol, p.port) for p in merged.ports}
+        targets = {
+            (proto, port): target
+            for proto, port, target in model.recorded_gateway_ports(svc)
+            if (proto, port) in wanted
+        }
+        spec = svc.get("spec") or {}
+        ips = tuple(i for i in spec.get("clusterIPs") or () if i and i != "None")
+        if merged.type == ServiceType.HEADLESS:
+            ips, targets = (), {}
+        imported = model.imported_service(merged, ips)
+        listeners = model.import_listeners(merged, targets, self._bind)
+        changed = self._listeners.get(key, ()) != listeners or self._imports.get(key) != imported
+        self._listeners[key] = listeners
+        self._imports[key] = imported
         if changed:
             self._view_changed()
 

@@ -125,6 +125,7 @@ def test_site_config_matches_the_pod_and_services(
     assert cfg.kubernetes.namespace == "meshlink-system"
     assert cfg.kubernetes.kubeconfig is None  # in-cluster service account
     assert cfg.kubernetes.state == "secrets"  # shared by the replicas, no volume
+    assert cfg.kubernetes.leader_election  # one writer among the replicas
     assert str(cfg.state_dir) == "/var/lib/meshlink"
 
     dep = _one(rendered, "Deployment", "meshlink")
@@ -296,6 +297,9 @@ def test_rbac_is_least_privilege(applied: KubeCluster) -> None:
             for doc in ("pki", "tokens", "peers", "links")
         ),
         ("create", "secrets", "-n", "meshlink-system"),
+        ("get", "leases.coordination.k8s.io/meshlink-leader", "-n", "meshlink-system"),
+        ("update", "leases.coordination.k8s.io/meshlink-leader", "-n", "meshlink-system"),
+        ("create", "leases.coordination.k8s.io", "-n", "meshlink-system"),
     ]
     denied = [
         ("delete", "namespaces"),
@@ -310,6 +314,10 @@ def test_rbac_is_least_privilege(applied: KubeCluster) -> None:
         ("get", "secrets/meshlink-pki", "-n", "kube-system"),
         ("create", "secrets", "-n", "kube-system"),
         ("list", "secrets", "-A"),
+        ("get", "leases.coordination.k8s.io/other", "-n", "meshlink-system"),
+        ("update", "leases.coordination.k8s.io/other", "-n", "meshlink-system"),
+        ("list", "leases.coordination.k8s.io", "-n", "meshlink-system"),
+        ("create", "leases.coordination.k8s.io", "-n", "kube-system"),
         ("get", "configmaps", "-n", "kube-system"),
         ("create", "pods", "-n", "demo"),
         ("list", "pods", "-A"),
@@ -415,6 +423,16 @@ def test_admission_policy_confines_meshlink_to_its_imports(applied: KubeCluster)
         )
         == "ok"
     )  # fmt: skip
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": "other", "namespace": "meshlink-system"},
+        "spec": {},
+    }
+    refused = as_meshlink("create", "-f", "-", input=json.dumps(lease))
+    assert "the Lease meshlink-leader" in refused
+    lease["metadata"]["name"] = "meshlink-leader"
+    assert as_meshlink("create", "-f", "-", input=json.dumps(lease)) == "ok"
     # Other subjects are untouched by the policy.
     c.apply(_service("web3"))
     assert c.exists("service", "web3", "-n", "demo")
