@@ -150,11 +150,15 @@ def _status_url(args: argparse.Namespace) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     from meshlink import status
 
-    data = status.fetch(_status_url(args))
+    url = _status_url(args)
+    data = status.fetch(url)
     if args.json:
         print(json.dumps(data, indent=1))
     else:
+        k = data.get("kubernetes") or {}
         print(status.render(data))
+        for line in status.render_replicas(status.replicas(data, url), k.get("leader")):
+            print(line)
     return 0
 
 
@@ -164,6 +168,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     url = _status_url(args)
     data = status.fetch(url)
     results = status.check(data) + status.probes(data)
+    k = data.get("kubernetes") or {}
+    results += status.check_replicas(
+        status.replicas(data, url), k.get("leader"), elected="replica" in k
+    )
     probed = status.fetch_probes(url)
     if probed is not None:
         results += status.check_exports(probed)

@@ -5,6 +5,9 @@ and checked.
   it carries no secrets (no keys, no token material).
 - ``collect`` builds it from the site's parts (the runtime calls it; ops serves the result).
 - ``fetch`` is the one client of that API (``meshlink status``/``check``, the demo, tests).
+- ``replicas`` gathers a Kubernetes site's replica set (each meshlink pod's own status,
+  fetched from its pod address), ``render_replicas`` and ``check_replicas`` show and judge
+  it: which replica leads, each one's links and readiness.
 - ``render`` is `meshlink status`'s one screen; ``check`` the health verdicts of
   `meshlink check` (PASS, WARN or FAIL), one line each saying what is wrong and what to
   do; ``probes`` the checks that ask the site itself (its DNS server), with ``dns_query``
@@ -25,6 +28,7 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, NotRequired, Protocol, TypedDict, cast
+from urllib.parse import urlsplit
 
 from dnslib import QTYPE, RCODE, DNSRecord
 
@@ -36,6 +40,7 @@ from meshlink.catalog.view import (
     ImportedService,
     ListenerSpec,
     PlatformStatus,
+    ReplicaPod,
 )
 from meshlink.config import HostPort, SiteConfig, parse_hostport
 from meshlink.errors import MeshlinkError
@@ -319,6 +324,8 @@ def _get_json(base_url: str, path: str, timeout: float) -> Any:
             return json.load(resp)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
+        if isinstance(e, urllib.error.HTTPError):  # fetch_probes tells a 404 by this text
+            reason = f"HTTP {e.code} {e.reason}"
         raise StatusUnavailable(
             f"cannot reach the site's status API at {base} ({reason}); is `meshlink run` up?"
         ) from None
@@ -344,6 +351,156 @@ def fetch_probes(base_url: str, *, timeout: float = 15.0) -> list[ProbeRow] | No
     if not isinstance(data, list):
         raise StatusUnavailable(f"{base_url.rstrip('/')}/api/probe did not answer a probe list")
     return cast(list[ProbeRow], data)
+
+
+class ReplicaView(TypedDict):
+    """One replica of a Kubernetes site as `meshlink status` shows it: its pod, and what its
+    own status API says (``error`` when it did not answer)."""
+
+    name: str
+    node: str | None
+    ready: bool
+    here: bool
+    """The replica whose status API was asked first (the CLI's own pod)."""
+    leading: bool | None
+    links: list[str]
+    """The peers it has a link up with."""
+    imports: int | None
+    error: str | None
+
+
+REPLICA_TIMEOUT: Final = 2.0
+
+
+def _links_up(s: SiteStatus) -> list[str]:
+    return sorted({str(lk["peer"]) for lk in s["links"] if lk["state"] == "up"})
+
+
+def _view(pod: ReplicaPod, s: SiteStatus | None, *, here: bool, error: str | None) -> ReplicaView:
+    k: PlatformStatus = (s.get("kubernetes") if s is not None else None) or {}
+    return {
+        "name": pod["name"],
+        "node": pod.get("node"),
+        "ready": pod["ready"],
+        "here": here,
+        "leading": k.get("leading") if s is not None else None,
+        "links": _links_up(s) if s is not None else [],
+        "imports": k.get("imports") if s is not None else None,
+        "error": error,
+    }
+
+
+def replicas(
+    s: SiteStatus, base_url: str, *, timeout: float = REPLICA_TIMEOUT
+) -> list[ReplicaView]:
+    """The site's replica set: each meshlink pod the controller knows, with its own status
+    (fetched from ``http://<pod IP>:<the ops port of base_url>``; another replica that does
+    not answer in ``timeout`` is shown with the error). Empty outside Kubernetes mode."""
+    k = s.get("kubernetes") or {}
+    pods = k.get("replicas") or []
+    me = k.get("replica")
+    port = urlsplit(base_url).port or 80
+    out: list[ReplicaView] = []
+    for pod in pods:
+        if pod["name"] == me:
+            out.append(_view(pod, s, here=True, error=None))
+            continue
+        if not pod.get("ip"):
+            out.append(_view(pod, None, here=False, error="no pod IP yet"))
+            continue
+        host = pod["ip"] if ":" not in str(pod["ip"]) else f"[{pod['ip']}]"
+        try:
+            other = fetch(f"http://{host}:{port}", timeout=timeout)
+        except StatusUnavailable as e:
+            out.append(_view(pod, None, here=False, error=str(e)))
+            continue
+        out.append(_view(pod, other, here=False, error=None))
+    return out
+
+
+def render_replicas(views: Sequence[ReplicaView], leader: str | None) -> list[str]:
+    """The REPLICAS section of `meshlink status` (nothing for a site with no replica set)."""
+    if not views:
+        return []
+    rows = [["REPLICA", "NODE", "READY", "ROLE", "LINKS UP", "IMPORTS"]]
+    for v in views:
+        if v["error"] is not None:
+            role = "?"
+        elif v["leading"] is None:
+            role = "-"
+        else:
+            role = "leader" if v["leading"] else "standby"
+        rows.append(
+            [
+                v["name"] + (" (this)" if v["here"] else ""),
+                v["node"] or "-",
+                "yes" if v["ready"] else "no",
+                role,
+                ", ".join(v["links"]) or ("-" if v["error"] is None else f"({v['error']})"),
+                "-" if v["imports"] is None else str(v["imports"]),
+            ]
+        )
+    head = f"REPLICAS (lease holder: {leader})" if leader else "REPLICAS"
+    return ["", head, *_section(rows)]
+
+
+def check_replicas(
+    views: Sequence[ReplicaView], leader: str | None, *, elected: bool
+) -> list[tuple[Verdict, str]]:
+    """`meshlink check` on the replica set: one leader, every replica ready and answering,
+    and the same links on each (a replica missing a link fails the flows it carries)."""
+    if not views:
+        return []
+    out: list[tuple[Verdict, str]] = []
+    ready = [v for v in views if v["ready"]]
+    if not ready:
+        out.append(
+            ("FAIL", "no meshlink replica is ready: see `kubectl -n meshlink-system get pods`")
+        )
+    elif len(ready) < len(views):
+        names = ", ".join(v["name"] for v in views if not v["ready"])
+        out.append(
+            (
+                "WARN",
+                f"{len(ready)} of {len(views)} meshlink replicas ready ({names} not): one more "
+                "failure is an outage; see `kubectl -n meshlink-system describe pod`",
+            )
+        )
+    else:
+        out.append(("PASS", f"{len(views)} meshlink replica(s) ready"))
+    if elected:
+        leaders = [v["name"] for v in views if v["leading"]]
+        if len(leaders) > 1:
+            out.append(("FAIL", f"more than one replica says it leads: {', '.join(leaders)}"))
+        elif not leader or leader not in {v["name"] for v in views}:
+            out.append(
+                (
+                    "WARN" if leader else "FAIL",
+                    "no replica holds the Lease meshlink-leader"
+                    + (f" (it names {leader}, gone)" if leader else "")
+                    + ": imports and export status are not written until one does (a Lease "
+                    "is taken over once it expires)",
+                )
+            )
+        else:
+            out.append(("PASS", f"replica {leader} holds the Lease and writes"))
+    for v in views:
+        if v["error"] is not None and v["ready"]:
+            out.append(("WARN", f"replica {v['name']} did not answer: {v['error']}"))
+    answered = [v for v in views if v["error"] is None and v["ready"]]
+    every = set().union(*(set(v["links"]) for v in answered)) if answered else set()
+    for v in answered:
+        missing = sorted(every - set(v["links"]))
+        if missing:
+            out.append(
+                (
+                    "WARN",
+                    f"replica {v['name']} has no link up with {', '.join(missing)} (another "
+                    "replica has): new flows it carries to those sites fail until it links "
+                    "again; see its log",
+                )
+            )
+    return out
 
 
 # -- showing and checking ------------------------------------------------------------------

@@ -78,6 +78,15 @@ class Conflict:
     """The site whose export wins."""
 
 
+class ReplicaPod(TypedDict):
+    """One of a Kubernetes site's meshlink pods, as the controller's pod cache sees it."""
+
+    name: str
+    ip: str | None
+    node: str | None
+    ready: bool
+
+
 class PlatformStatus(TypedDict, total=False):
     """What a platform shows of itself in the site status (Kubernetes mode: the API server
     and the controller; before the controller has started only the first three keys)."""
@@ -99,6 +108,8 @@ class PlatformStatus(TypedDict, total=False):
     leading: bool
     leader: str | None
     lease_transitions: int
+    replicas: list[ReplicaPod]
+    """Every meshlink pod of this site (this one included), for `meshlink status`."""
 
 
 @dataclass(frozen=True, slots=True)

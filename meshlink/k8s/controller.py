@@ -29,6 +29,7 @@ from meshlink.catalog.records import ExportRecord, ServiceKey
 from meshlink.catalog.view import ImportedService, ListenerSpec, OnView, PlatformStatus, Publish
 from meshlink.config import KubernetesConfig, SiteConfig
 from meshlink.errors import ConfigError
+from meshlink.k8s import model
 from meshlink.k8s.api import CLUSTER_PROPERTY, Kube, NotFound, NotLeader, Unavailable
 from meshlink.k8s.caches import Caches
 from meshlink.k8s.clusterset import ClustersetCatalog
@@ -208,6 +209,7 @@ class Controller:
             "queued": len(self.export_queue) + len(self.import_queue),
             "writes": sum(n for k, n in self.kube.requests.items() if _is_write(k)),
             "fenced": sum(n for k, n in self.kube.requests.items() if k.startswith("fenced ")),
+            "replicas": model.replica_pods(self.caches.pods.cache.values()),
             **self._leader_status(),
         }
 

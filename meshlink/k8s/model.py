@@ -27,7 +27,7 @@ from meshlink.catalog.records import (
     ServiceKey,
     ServiceType,
 )
-from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec
+from meshlink.catalog.view import ClusterEndpoints, ImportedService, ListenerSpec, ReplicaPod
 from meshlink.names import address_family
 
 Obj = dict[str, Any]
@@ -700,6 +700,28 @@ def gateway_endpoints_of(pods: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, 
             ips = [str(status["podIP"])]
         out.update((ip, ready) for ip in ips)
     return tuple(sorted(out))
+
+
+def replica_pods(pods: Iterable[Mapping[str, Any]]) -> list[ReplicaPod]:
+    """The site's meshlink pods not being deleted, by name: what `meshlink status` lists as
+    the site's replicas (their readiness is the pod's Ready condition)."""
+    out: list[ReplicaPod] = []
+    for pod in pods:
+        if meta(pod).get("deletionTimestamp"):
+            continue
+        status = pod.get("status") or {}
+        out.append(
+            {
+                "name": str(meta(pod).get("name", "")),
+                "ip": str(status["podIP"]) if status.get("podIP") else None,
+                "node": str((pod.get("spec") or {}).get("nodeName") or "") or None,
+                "ready": any(
+                    c.get("type") == "Ready" and c.get("status") == "True"
+                    for c in status.get("conditions") or []
+                ),
+            }
+        )
+    return sorted(out, key=lambda r: r["name"])
 
 
 def import_ready(merged: MergedService, ips: Sequence[str]) -> Condition:
