@@ -224,7 +224,7 @@ def test_values_beyond_the_overlays(helm: Path) -> None:
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        (["--set", "replicas=2"], "replicas must be 0 or 1"),
+        (["--set", "replicas=-1"], "replicas must be 0 or more"),
         (["--set", "gateway.type=ExternalName"], "gateway.type must be ClusterIP, NodePort"),
     ],
 )
@@ -234,9 +234,51 @@ def test_values_it_refuses_name_the_value(helm: Path, values: list[str], message
     assert message in proc.stderr
 
 
+@pytest.mark.parametrize(("replicas", "pdb"), [(0, False), (1, False), (2, True), (3, True)])
+def test_replicas_and_their_disruption_budget(helm: Path, replicas: int, pdb: bool) -> None:
+    """Any number of replicas (one writer among them, through the Lease); a
+    PodDisruptionBudget of minAvailable 1 only where it leaves a drain something to evict."""
+    objects = render_helm(helm, "--set", f"replicas={replicas}")
+    (deploy,) = [o for o in objects if o["kind"] == "Deployment"]
+    assert deploy["spec"]["replicas"] == replicas
+    budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert bool(budgets) == pdb
+    for budget in budgets:
+        assert budget["spec"]["minAvailable"] == 1
+        assert budget["spec"]["selector"] == deploy["spec"]["selector"]
+
+
 def test_without_the_namespace(helm: Path) -> None:
     objects = render_helm(helm, "--set", "createNamespace=false")
     assert "Namespace" not in {o["kind"] for o in objects}
     assert {o["metadata"].get("namespace") for o in objects if o["kind"] == "Deployment"} == {
         "meshlink-system"
     }
+
+
+def test_more_replicas_roll_spread_and_stop_gently(helm: Path) -> None:
+    """With more than one replica: RollingUpdate that never goes below the count, preferred
+    (not required) anti-affinity on the node, readiness that flips within 2 s, and a preStop
+    sleep inside the grace period; one replica keeps Recreate."""
+    one = next(o for o in render_helm(helm) if o["kind"] == "Deployment")
+    assert one["spec"]["strategy"] == {"type": "Recreate"}
+    assert "affinity" not in one["spec"]["template"]["spec"]
+    deploy = next(o for o in render_helm(helm, "--set", "replicas=2") if o["kind"] == "Deployment")
+    spec = deploy["spec"]
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = spec["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    labels = spec["template"]["metadata"]["labels"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    (ctr,) = pod["containers"]
+    probe = ctr["readinessProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 2
+    pre_stop = ctr["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 3 <= pre_stop <= 10
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 5
