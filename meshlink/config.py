@@ -18,7 +18,14 @@ from typing import Any, Final
 import yaml
 
 from meshlink.errors import ConfigError
-from meshlink.names import PROTOCOLS, is_ascii_number, is_dns_label, split_hostport
+from meshlink.names import (
+    MAX_REPLICAS,
+    PROTOCOLS,
+    is_ascii_number,
+    is_dns_label,
+    is_instance_id,
+    split_hostport,
+)
 
 DEFAULT_ZONE: Final = "clusterset.local"
 DEFAULT_TTL: Final = 5
@@ -123,6 +130,13 @@ class SiteConfig:
     announced to the peer, the excess is refused."""
     new_flows_per_second: float = 2000.0
     """New flows a peer may open per second over its link; the excess is refused."""
+    instance: str = ""
+    """This process's instance id, announced to peers (several instances of one site may
+    run at once, active/active). Empty: the pod name in Kubernetes mode (POD_NAME, else
+    the host name), a random id per process in local mode."""
+    replicas: int = 1
+    """How many instances of this site run: peers dial until they hold links with that
+    many distinct instances (the Deployment's replicas)."""
     grant_listen: HostPort = HostPort("127.0.0.1", 7444)
     """Where the token grant endpoint listens (TLS, server cert from this site's CA)."""
     grant_advertise: HostPort | None = None
@@ -305,6 +319,13 @@ def _export(r: _Reader) -> ExportConfig:
     )
 
 
+def _instance(r: _Reader) -> str:
+    v = r.data.get("instance", "")
+    if not isinstance(v, str) or (v and not is_instance_id(v)):
+        raise r.err("instance", f"{v!r} is not 1-253 of a-z, A-Z, 0-9, '.', '_', '-'")
+    return v
+
+
 def _kubernetes(r: _Reader) -> KubernetesConfig:
     r.unknown(
         {
@@ -410,7 +431,9 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         raise r.err("site", f"{site!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
     state_dir = Path(r.text("stateDir", os.path.join("/var/lib/meshlink", site)))
     gw = r.sub("gateway")
-    gw.unknown({"listen", "advertise", "maxStreamsPerLink", "newFlowsPerSecond"})
+    gw.unknown(
+        {"listen", "advertise", "maxStreamsPerLink", "newFlowsPerSecond", "instance", "replicas"}
+    )
     listen = gw.hostport("listen", _default(SiteConfig, "gateway_listen"))
     adv_raw = gw.data.get("advertise", [])
     if isinstance(adv_raw, str):
@@ -469,6 +492,8 @@ def parse(data: object, source: str = "<config>") -> SiteConfig:
         new_flows_per_second=gw.number(
             "newFlowsPerSecond", _default(SiteConfig, "new_flows_per_second"), 1.0, 1e6
         ),
+        instance=_instance(gw),
+        replicas=gw.integer("replicas", _default(SiteConfig, "replicas"), 1, MAX_REPLICAS),
         grant_listen=grant.hostport("listen", _default(SiteConfig, "grant_listen")),
         grant_advertise=parse_hostport(grant_adv, grant.key("advertise"), source)
         if grant_adv is not None

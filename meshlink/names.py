@@ -1,5 +1,6 @@
 """Names and addresses every layer checks the same way: DNS labels (site ids, namespaces,
-service, port and host names), service protocols, ``host:port`` text and address families.
+service, port and host names), instance ids, service protocols, ``host:port`` text and
+address families.
 
 The one place each rule is written; callers turn a refusal into their own error type
 (ConfigError naming a key, CatalogError for a peer's record, ...).
@@ -15,6 +16,10 @@ _DNS_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 """Used with fullmatch: `$` would also match before a trailing newline."""
 _HOSTNAME: Final = re.compile(r"[A-Za-z0-9.-]{1,253}")
 
+_INSTANCE_ID: Final = re.compile(r"[A-Za-z0-9._-]{1,253}")
+MAX_REPLICAS: Final = 1024
+"""The most instances one site may announce (``proto`` HELLO)."""
+
 PROTOCOLS: Final = frozenset({"TCP", "UDP", "SCTP"})
 """The protocols of a Kubernetes service port."""
 
@@ -23,6 +28,12 @@ def is_dns_label(value: object) -> TypeGuard[str]:
     """One lowercase RFC 1123 label: a-z, 0-9 and '-', at most 63, no '-' at either end.
     Site ids, namespaces, service, port and host names all obey it."""
     return isinstance(value, str) and _DNS_LABEL.fullmatch(value) is not None
+
+
+def is_instance_id(value: object) -> TypeGuard[str]:
+    """An instance id (a pod name, a host name, a random id): 1 to 253 of a-z, A-Z, 0-9,
+    '.', '_' and '-', as the tunnel's HELLO carries it; "" is "not named"."""
+    return isinstance(value, str) and _INSTANCE_ID.fullmatch(value) is not None
 
 
 def is_ascii_number(text: str) -> bool:

@@ -42,7 +42,7 @@ from meshlink.site import (
     peer_authorizer,
 )
 from meshlink.site.memory import SAVE_EVERY
-from meshlink.site.platforms import follow_store, open_store
+from meshlink.site.platforms import follow_store, instance_id, open_store
 from meshlink.site.reload import reload
 from meshlink.tasks import cancel_on_signals, every, expected_error, on_signal
 from meshlink.tunnel import Gateway
@@ -73,6 +73,7 @@ class SiteRuntime:
         self.config_path = config_path
         self.components = components
         self.started = time.time()
+        self.instance = instance_id(config)
         self.metrics = Metrics()
         self.store = open_store(config)
         self.identity = CurrentIdentity(self.store, config.site)
@@ -105,6 +106,8 @@ class SiteRuntime:
             heartbeat_interval=config.heartbeat_interval,
             max_streams=config.max_streams_per_link,
             new_flows_per_second=config.new_flows_per_second,
+            instance=self.instance,
+            replicas=config.replicas,
         )
         self.control.attach(self.gateway)
         self.router.attach(self.gateway)
@@ -147,6 +150,7 @@ class SiteRuntime:
             identity=self.identity.current,
             link_certs=self.certs.states(),
             peers=self.links.peer_records,
+            instance=self.instance,
         )
 
     # -- lifecycle -----------------------------------------------------------------------

@@ -63,6 +63,11 @@ CA_WARN_DAYS: Final = 90
 
 class LinkRow(TypedDict):
     peer: str
+    instance: NotRequired[str]
+    """The peer's instance at the other end ("" for a dialer still trying, or a peer that
+    names no instance)."""
+    replicas: NotRequired[int]
+    """How many instances the peer site runs, as that instance announced."""
     direction: str
     state: str
     rtt_ms: float | None
@@ -145,6 +150,10 @@ class ConflictRow(TypedDict):
 
 class SiteStatus(TypedDict):
     site: str
+    instance: NotRequired[str]
+    """This process's instance id (several may run for one site)."""
+    replicas: NotRequired[int]
+    """How many instances this site runs (``gateway.replicas``, announced to peers)."""
     version: str
     mode: str
     """"local" or "kubernetes"."""
@@ -222,6 +231,7 @@ def collect(
     identity: SiteIdentity | None = None,
     link_certs: Mapping[str, LinkCertInfo] | None = None,
     peers: Sequence[PeerRecord] = (),
+    instance: str = "",
 ) -> SiteStatus:
     """The status of a site from its parts (see ``SiteStatus``)."""
     sites = catalog.sites()
@@ -231,6 +241,8 @@ def collect(
     now = time.monotonic()
     out: SiteStatus = {
         "site": config.site,
+        "instance": instance,
+        "replicas": config.replicas,
         "version": __version__,
         "mode": mode,
         "uptime_s": round(time.time() - started, 1),
@@ -242,6 +254,8 @@ def collect(
         "links": [
             {
                 "peer": st.peer_site,
+                "instance": st.peer_instance,
+                "replicas": st.peer_replicas,
                 "direction": st.direction,
                 "state": st.state,
                 "rtt_ms": st.rtt_ms,
@@ -527,7 +541,8 @@ def _bytes(n: object) -> str:
 def render(s: SiteStatus) -> str:
     """`meshlink status`: one screen."""
     out = [
-        f"site {s['site']}  ({s['mode']} mode, meshlink {s['version']}, up {s['uptime_s']} s)",
+        f"site {s['site']}{_instance(s)}  ({s['mode']} mode, meshlink {s['version']}, "
+        f"up {s['uptime_s']} s)",
         f"  gateway {s['gateway']}   grant {s['grant']}   dns {s.get('dns') or 'off'}   "
         f"zone {s['zone']}",
         f"  CA pin {s['ca_pin']}",
@@ -544,10 +559,11 @@ def render(s: SiteStatus) -> str:
             f"{k.get('queued', 0)} queued"
         )
     out += ["", "LINKS"]
-    rows = [["PEER", "DIR", "STATE", "RTT", "FLOWS", "IN", "OUT", "LAST ERROR"]]
+    rows = [["PEER", "INSTANCE", "DIR", "STATE", "RTT", "FLOWS", "IN", "OUT", "LAST ERROR"]]
     rows += [
         [
             str(link["peer"]),
+            _peer_instance(link),
             str(link["direction"]),
             str(link["state"]),
             _rtt(link.get("rtt_ms")),
@@ -600,6 +616,20 @@ def render(s: SiteStatus) -> str:
         ]
         out += _section(rows)
     return "\n".join(out)
+
+
+def _instance(s: SiteStatus) -> str:
+    """`` instance X (1 of 2)`` for the header line (nothing from an older site)."""
+    name = s.get("instance")
+    if not name:
+        return ""
+    return f" instance {name} (of {s.get('replicas', 1)})"
+
+
+def _peer_instance(link: LinkRow) -> str:
+    name = link.get("instance") or "-"
+    replicas = link.get("replicas", 1)
+    return f"{name} (of {replicas})" if link.get("instance") and replicas > 1 else name
 
 
 def _when(epoch: float) -> str:

@@ -8,15 +8,25 @@ it crossed, from the sending peer back to its origin. The rules:
   of the link) and ``path[-1] == origin``: a peer can only originate its own records, and
   can only re-advertise others' with itself prepended. Entries whose origin is this site
   are refused; entries whose path already contains this site are dropped (loop freedom).
-- Each peer's advertisements are kept apart (like BGP's Adj-RIB-In). The best entry for a
-  key is the local one, else the highest version, then the shortest path, then the lowest
-  peer id.
-- Best entries are re-advertised to every peer except the one they came from and any peer
+- A site may run several instances (replicas), each its own speaker with its own links
+  and its own version counter: the unit of replication is the link with one *instance* of
+  a peer site (``peer_up(site, instance)``; instance "" for a peer that names none). Each
+  such link's advertisements are kept apart (like BGP's Adj-RIB-In per neighbour), and
+  deltas are kept per link: each instance gets the whole stream.
+- The best entry for a key is the local one; else, among the entries of the newest
+  content (the content of the highest version; the instances of one origin stamp the same
+  content with different versions), the shortest path, then the lowest peer site, then
+  instance. Among equally good entries the current best is kept (RFC 5004's rule against
+  best-path flaps): when one instance of a site goes away and another carries the same
+  content, nothing changes at all (no update sent, ``services()`` the same), even though
+  the other's version differs.
+- Best entries are re-advertised to every peer except the site they came from and any site
   already on their path (split horizon with poison), as ordered deltas.
-- On link up, the peer gets a full snapshot: one update, however large (the codec splits
-  it into fragments, and ``receive`` applies them together, so a snapshot is never seen
-  in part). On link down, everything learned from that peer is dropped from its RIB-in at
-  once, and entries no other peer has a path for are withdrawn from every peer.
+- On link up, the peer instance gets a full snapshot: one update, however large (the codec
+  splits it into fragments, and ``receive`` applies them together, so a snapshot is never
+  seen in part). On link down, everything learned over that link is dropped from its
+  RIB-in at once, and entries no other link has a path for are withdrawn from every peer:
+  an instance's records that its site's other instances lack go with it (no ghosts).
 
 The grace period (``grace`` seconds; 0 turns it off): endpoints follow liveness, names
 follow the export. When an export record loses its last path *and its origin site is no
@@ -68,6 +78,8 @@ the partial update is dropped and refused."""
 
 EntryKey = tuple[str, str, str]
 """(origin, namespace, name); ("site", "", "") style keys hold SiteInfo."""
+Peer = tuple[str, str]
+"""(site, instance): one link's speaker."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,10 +106,11 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Send:
-    """A message for one peer."""
+    """A message for one peer instance (over the link with it)."""
 
     peer: str
     message: Update
+    instance: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +129,9 @@ class SiteRoute:
         return self.path[0] if self.path else None
 
 
-def _rank(e: Entry, peer: str) -> tuple[int, int, str]:
-    return (-e.version, len(e.path), peer)
+def _content(value: ExportRecord | SiteInfo) -> ExportRecord | SiteInfo:
+    """``value`` without its version: what two instances of one origin agree on."""
+    return dataclasses.replace(value, version=0)
 
 
 def _entry_to_wire(site: str, e: Entry) -> dict[str, Any]:
@@ -180,11 +194,11 @@ class Catalog:
         self._now = clock
         self._clock = time.time_ns()
         self._local: dict[EntryKey, Entry] = {}
-        self._rib: dict[str, dict[EntryKey, Entry]] = {}
+        self._rib: dict[Peer, dict[EntryKey, Entry]] = {}
         self._best: dict[EntryKey, tuple[str | None, Entry]] = {}
-        self._sent: dict[str, dict[EntryKey, tuple[int, tuple[str, ...]]]] = {}
+        self._sent: dict[Peer, dict[EntryKey, tuple[int, tuple[str, ...]]]] = {}
         self._stale: dict[EntryKey, Stale] = {}
-        self._partial: dict[str, list[Update]] = {}
+        self._partial: dict[Peer, list[Update]] = {}
         self._keep_lost = True  # False while a peer_down of an unlink recomputes
         self.generation = 0
         """Bumped whenever any best entry changes: consumers compare it to skip work."""
@@ -226,20 +240,22 @@ class Catalog:
 
     # -- peers ---------------------------------------------------------------------------
 
-    def peer_up(self, peer: str) -> list[Send]:
-        """A link to ``peer`` came up: send it everything it should know."""
+    def peer_up(self, peer: str, instance: str = "") -> list[Send]:
+        """A link to ``instance`` of ``peer`` came up: send it everything it should know."""
         check_site_id(peer)
-        self._rib.setdefault(peer, {})
-        self._sent[peer] = {}
-        return self._sync_peer(peer, self._best.keys())
+        key = (peer, instance)
+        self._rib.setdefault(key, {})
+        self._sent[key] = {}
+        return self._sync_peer(key, self._best.keys())
 
-    def peer_down(self, peer: str, *, unlinked: bool = False) -> list[Send]:
-        """The link to ``peer`` is gone: forget what it told us, withdraw what only it had
-        (records of sites now unreachable go stale for the grace period, unless the link
-        ended in an unlink)."""
-        learned = self._rib.pop(peer, {})
-        self._sent.pop(peer, None)
-        self._partial.pop(peer, None)
+    def peer_down(self, peer: str, instance: str = "", *, unlinked: bool = False) -> list[Send]:
+        """The link to ``instance`` of ``peer`` is gone: forget what it told us, withdraw
+        what only it had (records of sites now unreachable go stale for the grace period,
+        unless the link ended in an unlink)."""
+        key = (peer, instance)
+        learned = self._rib.pop(key, {})
+        self._sent.pop(key, None)
+        self._partial.pop(key, None)
         self._keep_lost = not unlinked
         try:
             return self._recompute(learned.keys())
@@ -318,30 +334,34 @@ class Catalog:
         return taken, refused
 
     def peers(self) -> tuple[str, ...]:
-        return tuple(sorted(self._rib))
+        """The sites with a live link (to any of their instances)."""
+        return tuple(sorted({site for site, _ in self._rib}))
 
-    def receive(self, peer: str, message: Update) -> tuple[list[Send], list[str]]:
-        """Apply an update from ``peer``. Returns messages to send and one line per refused
-        entry (the rest of the message is still applied). The fragments of an update
-        (``more``) are held until its last one and applied together. Raises CatalogError
-        only when the peer has no live link, or sends too many fragments."""
-        if peer not in self._rib:
+    def receive(
+        self, peer: str, message: Update, instance: str = ""
+    ) -> tuple[list[Send], list[str]]:
+        """Apply an update from ``instance`` of ``peer``. Returns messages to send and one
+        line per refused entry (the rest of the message is still applied). The fragments of
+        an update (``more``) are held until its last one and applied together. Raises
+        CatalogError only when the peer has no live link, or sends too many fragments."""
+        link = (peer, instance)
+        if link not in self._rib:
             raise CatalogError(f"update from {peer}, which has no live link")
-        if message.more or peer in self._partial:
-            parts = self._partial.setdefault(peer, [])
+        if message.more or link in self._partial:
+            parts = self._partial.setdefault(link, [])
             parts.append(message)
             if message.more:
                 if len(parts) > MAX_FRAGMENTS:
-                    del self._partial[peer]
+                    del self._partial[link]
                     raise CatalogError(
                         f"update from {peer} in more than {MAX_FRAGMENTS} fragments: dropped"
                     )
                 return [], []
-            del self._partial[peer]
+            del self._partial[link]
             message = Update(
                 tuple(a for p in parts for a in p.add), tuple(d for p in parts for d in p.delete)
             )
-        rib = self._rib[peer]
+        rib = self._rib[link]
         touched: set[EntryKey] = set()
         refused: list[str] = []
         for key in message.delete:
@@ -392,19 +412,35 @@ class Catalog:
     # -- best-path selection and advertisement -------------------------------------------
 
     def _select(self, key: EntryKey) -> tuple[str | None, Entry] | None:
+        """The best entry for ``key`` (see the module docstring for the order)."""
         local = self._local.get(key)
         if local is not None:
             return (None, local)
-        best: tuple[str | None, Entry] | None = None
-        best_rank: tuple[int, int, str] | None = None
-        for peer, rib in self._rib.items():
-            e = rib.get(key)
-            if e is None:
-                continue
-            rank = _rank(e, peer)
-            if best_rank is None or rank < best_rank:
-                best, best_rank = (peer, e), rank
-        return best
+        found = [(p, e) for p, rib in self._rib.items() if (e := rib.get(key)) is not None]
+        if not found:
+            return None
+        if len(found) == 1:
+            (site, _), entry = found[0]
+            return self._keep_current(key, site, entry)
+        newest = _content(max(found, key=lambda pe: pe[1].version)[1].value)
+        same = [(p, e) for p, e in found if _content(e.value) == newest]
+        (site, _), entry = min(same, key=lambda pe: (len(pe[1].path), pe[0]))
+        return self._keep_current(key, site, entry)
+
+    def _keep_current(self, key: EntryKey, site: str, entry: Entry) -> tuple[str, Entry]:
+        """``(site, entry)``, or the current best if it is as good: the same next hop, path
+        and content, another version (another instance's)."""
+        old = self._best.get(key)
+        if old is not None:
+            via, current = old
+            if (
+                via == site
+                and current.path == entry.path
+                and current.version != entry.version
+                and _content(current.value) == _content(entry.value)
+            ):
+                return (site, current)
+        return (site, entry)
 
     def _recompute(self, keys: Iterable[EntryKey]) -> list[Send]:
         changed: set[EntryKey] = set()
@@ -427,8 +463,8 @@ class Catalog:
         self._follow_stale(changed, lost)
         self.generation += 1
         out: list[Send] = []
-        for peer in sorted(self._rib):
-            out.extend(self._sync_peer(peer, changed))
+        for link in sorted(self._rib):
+            out.extend(self._sync_peer(link, changed))
         return out
 
     def _reachable(self, site: str) -> bool:
@@ -451,6 +487,7 @@ class Catalog:
                     self._stale[entry.key] = Stale(unready(entry.value), until)
 
     def _advertisable(self, peer: str, key: EntryKey) -> Entry | None:
+        """The entry to advertise to (any instance of) site ``peer`` for ``key``."""
         best = self._best.get(key)
         if best is None:
             return None
@@ -459,8 +496,9 @@ class Catalog:
             return None
         return entry
 
-    def _sync_peer(self, peer: str, keys: Iterable[EntryKey]) -> list[Send]:
-        sent = self._sent.setdefault(peer, {})
+    def _sync_peer(self, link: Peer, keys: Iterable[EntryKey]) -> list[Send]:
+        peer, instance = link
+        sent = self._sent.setdefault(link, {})
         adds: list[dict[str, Any]] = []
         dels: list[EntryKey] = []
         for key in sorted(keys):
@@ -476,7 +514,7 @@ class Catalog:
             adds.append(_entry_to_wire(self.site, entry))
         if not adds and not dels:
             return []
-        return [Send(peer, Update(tuple(adds), tuple(dels)))]
+        return [Send(peer, Update(tuple(adds), tuple(dels)), instance)]
 
     # -- queries -------------------------------------------------------------------------
 

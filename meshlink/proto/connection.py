@@ -57,6 +57,8 @@ class Connection:
         initial_window: int = F.DEFAULT_WINDOW,
         max_streams: int = F.DEFAULT_MAX_STREAMS,
         version: int = F.VERSION,
+        instance: str = "",
+        replicas: int = 1,
     ) -> None:
         if not F.MIN_FRAME_LIMIT <= max_frame <= F.MAX_FRAME_LIMIT:
             raise LocalProtocolError(f"max_frame {max_frame} is out of range")
@@ -64,6 +66,9 @@ class Connection:
             raise LocalProtocolError(f"initial_window {initial_window} is out of range")
         if not 1 <= max_streams <= F.NO_STREAM_LIMIT:
             raise LocalProtocolError(f"max_streams {max_streams} is out of range")
+        problem = F.check_instance(instance, replicas)
+        if problem is not None:
+            raise LocalProtocolError(problem)
         self.initiator = initiator
         self.max_frame = max_frame
         self.initial_window = initial_window
@@ -90,7 +95,9 @@ class Connection:
         self._data_left = 0
         self._data_stream = 0  # 0: the DATA being read is for a closed stream (dropped)
         self._queue(
-            F.FrameType.HELLO, 0, F.encode_hello(version, max_frame, initial_window, max_streams)
+            F.FrameType.HELLO,
+            0,
+            F.encode_hello(version, max_frame, initial_window, max_streams, instance, replicas),
         )
 
     # ------------------------------------------------------------------ state
@@ -389,7 +396,9 @@ class Connection:
         if self.peer_version is None:  # _parse let only a HELLO through
             if sid != 0:
                 raise RemoteProtocolError(f"HELLO frame on stream {sid}")
-            version, max_frame, window, max_streams = F.decode_hello(payload)
+            hello = F.decode_hello(payload)
+            version, max_frame, window = hello.version, hello.max_frame, hello.initial_window
+            max_streams = hello.max_streams
             if version not in F.SUPPORTED_VERSIONS:
                 raise RemoteProtocolError(
                     f"peer speaks tunnel protocol version {version}; this side speaks "
@@ -401,7 +410,11 @@ class Connection:
             self.peer_max_frame = max_frame
             self.peer_window = window
             self.peer_max_streams = max_streams
-            events.append(E.HelloReceived(version, max_frame, window, max_streams))
+            events.append(
+                E.HelloReceived(
+                    version, max_frame, window, max_streams, hello.instance, hello.replicas
+                )
+            )
             return
         if ftype in F.CONNECTION_FRAMES:
             if sid != 0:

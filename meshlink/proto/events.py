@@ -37,6 +37,10 @@ class HelloReceived(Event):
     initial_window: int
     max_streams: int = 0xFFFFFFFF
     """Streams we may have open at once on this link (0xFFFFFFFF: the peer set no limit)."""
+    instance: str = ""
+    """The peer's instance id ("" from a peer that does not name its instances)."""
+    replicas: int = 1
+    """How many instances the peer's site runs."""
 
 
 @dataclass(frozen=True, slots=True)

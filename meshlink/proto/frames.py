@@ -18,9 +18,11 @@ type  name      stream  payload
 ====  ========  ======  ===========================================================
 0     HELLO     0       magic ``b"MESHLINK"`` | version u16 | max_frame u32 |
                         initial_window u32 (bytes a peer may send per stream
-                        before a WINDOW) | max_streams u32 (optional, see
-                        below). Must be each side's first frame, on stream 0;
-                        further trailing bytes are reserved for later versions.
+                        before a WINDOW) | max_streams u32 (optional) |
+                        instance (u8 length, ASCII bytes) | replicas u16
+                        (optional, both or neither; see below). Must be each
+                        side's first frame, on stream 0; further trailing
+                        bytes are reserved for later versions.
 1     OPEN      new id  hops u8 | protocol, site, namespace, name as (u8 length,
                         UTF-8 bytes) | port u16. Ids are odd when opened by the
                         side that dialled the TLS connection, even otherwise, and
@@ -46,6 +48,13 @@ An OPEN beyond it is answered by RST(REFUSED_STREAM); a sender keeps under its p
 received an RST: the receiver never forgets a stream later than that, because frames are
 ordered).
 
+``instance`` and ``replicas`` (added within version 1, after max_streams; a HELLO without
+them is instance "" and 1 replica, as sent before): ``instance`` names the running process
+of the sender's site (its pod name in Kubernetes), at most 253 characters of
+``a-z A-Z 0-9 . _ -`` (empty: not named); ``replicas`` (1 to 1024) is how many instances
+the sender's site runs, so that a dialer knows how many distinct instances to link with.
+Anything else there is a PROTOCOL_ERROR: the peer claims fields it does not fill right.
+
 A version the receiver does not speak is answered by GOAWAY(UNSUPPORTED_VERSION) naming
 the versions it does. Frames for a stream that has already closed are ignored (they may
 cross an RST on the wire); frames for a stream that was never opened are a
@@ -56,9 +65,11 @@ from __future__ import annotations
 
 import enum
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 from meshlink.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from meshlink.names import MAX_REPLICAS, is_instance_id
 from meshlink.proto.target import MAX_HOPS, FlowTarget
 
 MAGIC: Final = b"MESHLINK"
@@ -69,6 +80,9 @@ HEADER: Final = struct.Struct("!IBBI")
 HEADER_SIZE: Final = HEADER.size  # 10
 HELLO_BODY: Final = struct.Struct("!8sHII")
 HELLO_STREAMS: Final = struct.Struct("!I")
+HELLO_REPLICAS: Final = struct.Struct("!H")
+MAX_INSTANCE: Final = 253
+"""The longest instance id a HELLO may carry (a Kubernetes pod name's limit)."""
 
 MAX_FRAME_LIMIT: Final = 1 << 20
 """No frame payload is ever larger than this (1 MiB)."""
@@ -110,25 +124,70 @@ def frame(ftype: int, stream_id: int, payload: bytes = b"") -> bytes:
     return HEADER.pack(len(payload), ftype, 0, stream_id) + payload
 
 
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The fields of a HELLO (see the table in the module docstring)."""
+
+    version: int
+    max_frame: int
+    initial_window: int
+    max_streams: int = DEFAULT_MAX_STREAMS
+    instance: str = ""
+    replicas: int = 1
+
+
+def check_instance(instance: str, replicas: int) -> str | None:
+    """What is wrong with an instance id and replica count for a HELLO (None: nothing)."""
+    if instance and not is_instance_id(instance):
+        return f"instance id {instance[:64]!a} is not 0-{MAX_INSTANCE} of a-z A-Z 0-9 . _ -"
+    if not 1 <= replicas <= MAX_REPLICAS:
+        return f"replicas {replicas} is outside 1..{MAX_REPLICAS}"
+    return None
+
+
 def encode_hello(
-    version: int, max_frame: int, initial_window: int, max_streams: int = DEFAULT_MAX_STREAMS
+    version: int,
+    max_frame: int,
+    initial_window: int,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+    instance: str = "",
+    replicas: int = 1,
 ) -> bytes:
-    return HELLO_BODY.pack(MAGIC, version, max_frame, initial_window) + HELLO_STREAMS.pack(
-        max_streams
+    raw = instance.encode("ascii", "replace")
+    return (
+        HELLO_BODY.pack(MAGIC, version, max_frame, initial_window)
+        + HELLO_STREAMS.pack(max_streams)
+        + bytes([len(raw)])
+        + raw
+        + HELLO_REPLICAS.pack(replicas)
     )
 
 
-def decode_hello(payload: bytes) -> tuple[int, int, int, int]:
-    """(version, max_frame, initial_window, max_streams) of a HELLO payload; max_streams is
-    NO_STREAM_LIMIT when the peer did not send it. Checks the magic only (the version check
-    is the connection's, so it can answer with the versions it speaks)."""
+def decode_hello(payload: bytes) -> Hello:
+    """The fields of a HELLO payload; max_streams is NO_STREAM_LIMIT when the peer did not
+    send it, instance "" and replicas 1 when it did not send those. Checks the magic and the
+    instance fields (the version check is the connection's, so it can answer with the
+    versions it speaks)."""
     if len(payload) < HELLO_BODY.size or payload[:8] != MAGIC:
         raise RemoteProtocolError("the peer does not speak the meshlink tunnel protocol")
     _, version, max_frame, window = HELLO_BODY.unpack_from(payload)
     max_streams = NO_STREAM_LIMIT
-    if len(payload) >= HELLO_BODY.size + HELLO_STREAMS.size:
-        (max_streams,) = HELLO_STREAMS.unpack_from(payload, HELLO_BODY.size)
-    return version, max_frame, window, max_streams
+    pos = HELLO_BODY.size
+    if len(payload) >= pos + HELLO_STREAMS.size:
+        (max_streams,) = HELLO_STREAMS.unpack_from(payload, pos)
+        pos += HELLO_STREAMS.size
+    if len(payload) == pos:
+        return Hello(version, max_frame, window, max_streams)
+    n = payload[pos]
+    end = pos + 1 + n
+    if len(payload) < end + HELLO_REPLICAS.size:
+        raise RemoteProtocolError("HELLO instance fields are cut short")
+    instance = payload[pos + 1 : end].decode("latin-1")
+    (replicas,) = HELLO_REPLICAS.unpack_from(payload, end)
+    problem = check_instance(instance, replicas)
+    if problem is not None:
+        raise RemoteProtocolError(f"HELLO {problem}")
+    return Hello(version, max_frame, window, max_streams, instance, replicas)
 
 
 def check_hello_limits(max_frame: int, window: int, max_streams: int = NO_STREAM_LIMIT) -> None:

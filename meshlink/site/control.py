@@ -1,15 +1,22 @@
 """The site-to-site control channel: link up and down, control messages, renewal, and the
 catalog they drive.
 
-``ControlChannel`` is the gateway's handler (``tunnel.GatewayHandler``). A link coming up
-or going down, an update from a peer, and this site's own exports (``publish``) all change
-the catalog; what the catalog says to send goes out over the links through the control
-codec (``catalog.control``), and the platform is handed the clusterset's services by one
-coalescing task (``run``), whatever the burst. Renewal requests and answers travel here
-too; ``Renewals`` keeps their state. So does the unlink: ``unlink(peer)`` tells a peer that
-this site deleted its side of the link (before the link closes), and an unlink received is
-handed to ``on_unlinked`` (the link records); either way the catalog then drops what the
-link carried at once.
+``ControlChannel`` is the gateway's handler (``tunnel.GatewayHandler``). A link with an
+instance of a peer site coming up or going down, an update from a peer, and this site's own
+exports (``publish``) all change the catalog (one RIB-in per linked instance: a site's
+instances are separate speakers, ``catalog.sync``); what the catalog says to send goes out
+over the links through the control codec (``catalog.control``), and the platform is handed
+the clusterset's services by one coalescing task (``run``), whatever the burst. Renewal
+requests and answers travel here too; ``Renewals`` keeps their state. So does the unlink:
+``unlink(peer)`` tells a peer that this site deleted its side of the link (before the link
+closes), and an unlink received is handed to ``on_unlinked`` (the link records); either way
+the catalog then drops what the link carried at once.
+
+Which link a message takes: catalog updates go to the instance the catalog addressed them
+to (each linked instance gets its own stream); a renewal request goes to one instance of
+the issuer and its answer back over the link it came on (one certificate signed per
+request); an unlink goes to every linked instance (each drops its links), and receiving it
+again from another instance does nothing more.
 
 The platform gets its first view of the catalog only once the catalog has synced: every
 peer on record (``expected``) has sent its snapshot since its link came up, or
@@ -49,7 +56,11 @@ most) once it sees us again."""
 class ControlLinks(Protocol):
     """What the channel needs of the gateway."""
 
-    def send_control(self, peer_site: str, payload: bytes) -> bool: ...
+    def send_control(self, peer_site: str, payload: bytes, instance: str | None = None) -> bool: ...
+
+    def broadcast_control(self, peer_site: str, payload: bytes) -> bool: ...
+
+    def instances(self, peer_site: str) -> list[str]: ...
 
     def live_peers(self) -> list[str]: ...
 
@@ -97,22 +108,26 @@ class ControlChannel:
         self._unlinked.discard(peer_site)
         self._link_up_ns[peer_site] = time.time_ns()
         self._snapshots.discard(peer_site)
-        self._send(self.catalog.peer_up(peer_site))
-        self._feed.wake()
 
     def link_down(self, peer_site: str, reason: str) -> None:
         log.info("link down: %s (%s)", peer_site, reason)
         self._link_up_ns.pop(peer_site, None)
         self._snapshots.discard(peer_site)
-        unlinked = peer_site in self._unlinked
-        self._send(self.catalog.peer_down(peer_site, unlinked=unlinked))
+
+    def instance_up(self, peer_site: str, instance: str) -> None:
+        self._send(self.catalog.peer_up(peer_site, instance))
         self._feed.wake()
 
-    def control_received(self, peer_site: str, payload: bytes) -> None:
+    def instance_down(self, peer_site: str, instance: str, reason: str) -> None:
+        unlinked = peer_site in self._unlinked
+        self._send(self.catalog.peer_down(peer_site, instance, unlinked=unlinked))
+        self._feed.wake()
+
+    def control_received(self, peer_site: str, instance: str, payload: bytes) -> None:
         try:
             msg = control.decode(payload)
             if isinstance(msg, control.Update):
-                sends, refused = self.catalog.receive(peer_site, msg)
+                sends, refused = self.catalog.receive(peer_site, msg, instance)
                 self._observe_propagation(peer_site, msg)
                 for line in refused:
                     self.metrics.refused.inc()
@@ -124,7 +139,7 @@ class ControlChannel:
                     self._snapshot_arrived.set()
             elif isinstance(msg, control.RenewRequest):
                 answer = self.renewals.answer(self.identity.current, peer_site, msg)
-                self.send(peer_site, answer)
+                self.send(peer_site, answer, instance)
             elif isinstance(msg, control.RenewAnswer):
                 self.renewals.store(self.identity.current, peer_site, msg)
             elif peer_site not in self._unlinked:
@@ -154,7 +169,9 @@ class ControlChannel:
         if peer_site in self._unlinked:
             return
         self._unlinked.add(peer_site)
-        if self.send(peer_site, control.Unlink()):
+        assert self._links is not None
+        (frame,) = control.encode(control.Unlink())
+        if self._links.broadcast_control(peer_site, frame):
             log.info("told %s that the link between us is deleted", peer_site)
         elif self.catalog.forget(peer_site):  # unreachable: its records were kept
             self._feed.wake()
@@ -182,11 +199,20 @@ class ControlChannel:
                     )
             self._feed.wake()
 
-    def send(self, peer_site: str, message: control.ControlMessage) -> bool:
-        """Send one message over the live link to ``peer_site``; False if there is none."""
+    def send(
+        self, peer_site: str, message: control.ControlMessage, instance: str | None = None
+    ) -> bool:
+        """Send one message over the live link to ``instance`` of ``peer_site`` (None: to
+        one of its instances); False if there is none."""
         assert self._links is not None
+        if instance is None:  # all frames of one message over one link, however many
+            linked = self._links.instances(peer_site)
+            if not linked:
+                return False
+            instance = linked[0]
         # No live link fails the first frame and every other: stopping there loses nothing.
-        return all(self._links.send_control(peer_site, f) for f in control.encode(message))
+        frames = control.encode(message)
+        return all(self._links.send_control(peer_site, f, instance) for f in frames)
 
     async def run(
         self, expected: Callable[[], Collection[str]], sync_for: float = INITIAL_SYNC_TIMEOUT
@@ -232,7 +258,7 @@ class ControlChannel:
 
     def _send(self, sends: Sequence[Send]) -> None:
         for s in sends:
-            self.send(s.peer, s.message)
+            self.send(s.peer, s.message, s.instance)
 
     async def _feed_services(self) -> None:
         if self.catalog.generation == self._seen_generation:

@@ -1,11 +1,13 @@
 """What a site's configuration asks for: the platform (local mode, or Kubernetes mode,
-imported only then: kubernetes_asyncio is heavy) and the store of its state (the state
-directory, or Secrets)."""
+imported only then: kubernetes_asyncio is heavy), the store of its state (the state
+directory, or Secrets) and this process's instance id."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 from typing import Final
 
 from meshlink.catalog.view import Platform
@@ -27,6 +29,18 @@ def make_platform(config: SiteConfig, components: frozenset[str]) -> Platform:
     from meshlink.k8s.platform import KubernetesPlatform
 
     return KubernetesPlatform(config, controller="controller" in components)
+
+
+def instance_id(config: SiteConfig) -> str:
+    """This process's instance id (``gateway.instance``, else the pod name in Kubernetes
+    mode, which the Lease names the replica by too, else a random id per process)."""
+    if config.instance:
+        return config.instance
+    if config.kubernetes is not None:
+        from meshlink.k8s.lease import replica_id
+
+        return re.sub(r"[^A-Za-z0-9._-]", "-", replica_id())[:253]
+    return secrets.token_hex(4)
 
 
 def open_store(config: SiteConfig) -> Store:

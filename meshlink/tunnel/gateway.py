@@ -1,5 +1,6 @@
-"""The gateway: accepts and dials TLS 1.3 mTLS links, keeps one live link per peer site,
-heartbeats them, and forwards flows (to a local endpoint, or relayed to another peer).
+"""The gateway: accepts and dials TLS 1.3 mTLS links, keeps one live link per peer site
+instance, heartbeats them, and forwards flows (to a local endpoint, or relayed to another
+peer).
 
 Flows are multiplexed streams over one long-lived TLS connection per peer (the decision and
 its measurements are in the package docstring, `meshlink.tunnel`).
@@ -8,16 +9,28 @@ Lifecycle of a link: TCP accept -> TLS handshake (the listener switches each han
 the current server context in the SNI callback, so rotated certificates and newly
 trusted CAs apply to new links) -> the peer's site id from its certificate
 (`pki.authorize_peer`) -> `authorize(site)` (else HELLO + GOAWAY NOT_AUTHORIZED, one log
-line) -> HELLO exchange -> `handler.link_up`. A dialer checks that the server's certificate
-names the site it meant to reach. Reconnects use full-jitter exponential backoff (0.1 s
-doubling to 5 s), trying the endpoints in order. A link silent for `dead_after` heartbeat
-intervals is aborted (this catches a peer behind an iptables DROP). Two links with one peer
-(both sides dialled): the one dialled by the lexicographically smaller site id is kept.
+line) -> HELLO exchange (each side names its instance and how many its site runs) ->
+`handler.link_up` (the site's first instance) and `handler.instance_up`. A dialer checks
+that the server's certificate names the site it meant to reach. A link silent for
+`dead_after` heartbeat intervals is aborted (this catches a peer behind an iptables DROP).
+
+Several instances per site (active/active; the registry is ``LinkTable``): a dialer keeps
+dialing until it holds links with as many distinct instances as the peer announces. Behind
+a Kubernetes Service each dial lands on a random replica; one that lands on an instance
+already linked is closed at its HELLO (the existing link is untouched) and retried after a
+short jittered delay (``LANDED_DELAY``), ``LANDED_RETRIES`` times, then with the backoff.
+Endpoints are tried first that did not lead to a linked instance last time (local mode
+lists one endpoint per replica). Failed dials use full-jitter exponential backoff (0.1 s
+doubling to 5 s). Two links with one (site, instance) pair: if both sides dialled, the one
+dialled by the lexicographically smaller site id is kept; if one side dialled both, the
+existing one is kept (both ends agree on that) unless it has been silent for two heartbeat
+intervals, or the peer names no instance (then the newer: the old is likely dead).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import random
 import ssl
@@ -31,6 +44,7 @@ from meshlink.names import split_hostport
 from meshlink.pki import AlertingSSLObject, authorize_peer
 from meshlink.proto import DEFAULT_MAX_STREAMS, MAX_HOPS, FlowTarget
 from meshlink.tunnel.link import STREAM_WINDOW, Link, StreamEnd
+from meshlink.tunnel.linktable import LinkTable
 from meshlink.tunnel.ratelimit import TokenBucket
 from meshlink.tunnel.splice import End, Flow, TcpEnd, join
 from meshlink.tunnel.types import (
@@ -50,9 +64,20 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE: Final = 0.1
 BACKOFF_CAP: Final = 5.0
+LANDED_DELAY: Final = (0.05, 0.25)
+"""Seconds (uniform) before dialing again after a dial met an instance already linked."""
+LANDED_RETRIES: Final = 8
+"""Such quick retries in a row, before the backoff applies (a peer may run fewer replicas
+than it announced, for a while: a rolling update, a pod being replaced)."""
 NEW_FLOWS_PER_SECOND: Final = 2000.0
 """Default rate of new flows a peer may open over one link (the burst is one second's
 worth); the excess is refused with RST(REFUSED_STREAM)."""
+
+
+class _Outcome(enum.Enum):
+    UP = "up"
+    LANDED = "landed on an instance already linked"
+    FAILED = "failed"
 
 
 class _Dialer:
@@ -62,8 +87,10 @@ class _Dialer:
         self.state = "connecting"
         self.since = time.time()
         self.last_error: str | None = None
-        self.link: Link | None = None
+        self.links: set[Link] = set()  # the open links this dialer made
+        self.last_link: Link | None = None  # the last one that came up
         self.endpoint: str | None = None
+        self.landed: dict[str, str] = {}  # endpoint -> the instance it led to last
         self.refused = False  # the last attempt ended in the peer's NOT_AUTHORIZED
 
     def set_state(self, state: str) -> None:
@@ -106,6 +133,8 @@ class Gateway:
         stream_window: int = STREAM_WINDOW,
         max_streams: int = DEFAULT_MAX_STREAMS,
         new_flows_per_second: float = NEW_FLOWS_PER_SECOND,
+        instance: str = "",
+        replicas: int = 1,
     ) -> None:
         if listen is not None and server_context is None:
             raise ValueError("a gateway that listens needs a server_context")
@@ -126,8 +155,12 @@ class Gateway:
         self.max_streams = max_streams
         """Streams a peer may have open at once over one link (announced in our HELLO)."""
         self.new_flows_per_second = new_flows_per_second
+        self.instance = instance
+        """This process's instance id, announced in every HELLO."""
+        self.replicas = replicas
+        """How many instances this site runs, announced in every HELLO."""
         self._open_budget: dict[Link, TokenBucket] = {}  # per link: new flows it may open
-        self._links: dict[str, Link] = {}  # peer site -> the live link
+        self._links = LinkTable(fresh_within=2 * heartbeat_interval)
         self._all: set[Link] = set()  # every attached link (live or not yet ready)
         self._dialers: dict[str, _Dialer] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -190,6 +223,7 @@ class Gateway:
             await asyncio.gather(*tasks, return_exceptions=True)
         for d in self._dialers.values():
             d.task = None
+            d.links.clear()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=f"gateway-{name}")
@@ -240,6 +274,8 @@ class Gateway:
             direction="accept",
             stream_window=self.stream_window,
             max_streams=self.max_streams,
+            instance=self.instance,
+            replicas=self.replicas,
         )
 
     def link_accepted(self, link: Link, transport: asyncio.Transport) -> None:
@@ -273,8 +309,8 @@ class Gateway:
             d = self._dialers.pop(name)
             if d.task is not None:
                 d.task.cancel()
-            if d.link is not None:
-                d.link.close("link deleted")
+            for link in list(d.links):
+                link.close("link deleted")
             log.info("stopped dialing %s (%s)", d.spec.peer_site, name)
         for name, spec in wanted.items():
             old = self._dialers.get(name)
@@ -287,8 +323,8 @@ class Gateway:
             if old is not None:
                 if old.task is not None:
                     old.task.cancel()
-                if old.link is not None:
-                    old.link.close("link re-configured")
+                for link in list(old.links):
+                    link.close("link re-configured")
             d = _Dialer(spec)
             self._dialers[name] = d
             if self._running:
@@ -299,22 +335,44 @@ class Gateway:
             d.task = self._spawn(self._dial_loop(d), f"dial-{d.spec.name}")
 
     async def _dial_loop(self, d: _Dialer) -> None:
-        attempt = 0
+        attempt = 0  # failed dials in a row: the backoff grows
+        landed = 0  # dials in a row that met an instance already linked
+        last_up: Link | None = None  # the last link this loop brought up
         while True:
             peer = d.spec.peer_site
-            other = self._links.get(peer)
-            if other is not None and other.direction == "accept" and not self._we_win(peer):
-                # the peer's own dial is the preferred link: stand by while it lives
+            changed = self._links.changed(peer)
+            live = self._links.live(peer)
+            if len(live) >= self._links.wanted(peer):
+                d.set_state("linked")
+                landed = 0
+                await changed.wait()
+                continue
+            if not self._we_win(peer) and any(lk.direction == "accept" for lk in live):
+                # the peer's own dials are the preferred links: its instances reach ours
                 d.set_state("standby")
-                await asyncio.shield(other.done)
+                await changed.wait()
+                continue
+            if last_up is not None:
+                if last_up.goaway_code is not ErrorCode.NOT_AUTHORIZED:
+                    attempt = 0  # it was up: start the backoff afresh (not after a refusal)
+                if last_up.closed:  # dialing again because it went: not in a tight loop
+                    d.set_state("backoff")
+                    await asyncio.sleep(random.uniform(0, self.backoff_base))  # noqa: S311
+                last_up = None
                 continue
             d.set_state("connecting")
-            was_up = await self._dial_once(d)
-            if was_up:
-                attempt = 0
-            cap = min(self.backoff_cap, self.backoff_base * 2**attempt)
-            delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
-            attempt += 1
+            outcome = await self._dial_once(d)
+            if outcome is _Outcome.UP:
+                landed = 0
+                last_up = d.last_link
+                continue  # more instances to reach? (checked at the top)
+            if outcome is _Outcome.LANDED and landed < LANDED_RETRIES:
+                landed += 1
+                delay = random.uniform(*LANDED_DELAY)  # noqa: S311 - jitter
+            else:
+                cap = min(self.backoff_cap, self.backoff_base * 2**attempt)
+                delay = random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
+                attempt += 1
             d.set_state("backoff")
             await asyncio.sleep(delay)
 
@@ -322,12 +380,23 @@ class Gateway:
         """Duplicate links: keep the one dialled by the lexicographically smaller site id."""
         return self.site_id < peer
 
-    async def _dial_once(self, d: _Dialer) -> bool:
-        """Try each endpoint in order; returns True if a link came up (and has ended)."""
+    def _endpoint_order(self, d: _Dialer) -> list[str]:
+        """The endpoints to try, those that led to an instance not linked now first."""
+        peer = d.spec.peer_site
+
+        def linked(endpoint: str) -> bool:
+            instance = d.landed.get(endpoint)
+            return instance is not None and self._links.get(peer, instance) is not None
+
+        return sorted(d.spec.endpoints, key=linked)
+
+    async def _dial_once(self, d: _Dialer) -> _Outcome:
+        """Try each endpoint in turn until a link comes up (see ``_Outcome``)."""
         loop = asyncio.get_running_loop()
         spec = d.spec
         errors = []
-        for endpoint in spec.endpoints:
+        landed = False
+        for endpoint in self._endpoint_order(d):
             try:
                 host, port = split_hostport(endpoint)
                 ctx = spec.ssl_context()
@@ -341,6 +410,8 @@ class Gateway:
                 dial_name=spec.name,
                 stream_window=self.stream_window,
                 max_streams=self.max_streams,
+                instance=self.instance,
+                replicas=self.replicas,
             )
             try:
                 async with asyncio.timeout(self.connect_timeout + self.handshake_timeout):
@@ -360,18 +431,30 @@ class Gateway:
                 errors.append(f"{endpoint}: {e}")
                 transport.abort()
                 continue
-            d.link = link
-            d.endpoint = endpoint
+            d.links.add(link)
             self._all.add(link)
             link.attach(transport, site)
-            # Shielded: cancelling this dialer (the link was deleted) must not cancel
-            # ``done``, which the link's own teardown completes.
-            reason = await asyncio.shield(link.done)
-            d.link = None
+            # Not awaited directly: cancelling this dialer must not cancel the link's futures.
+            await asyncio.wait(
+                (link.up, link.done),
+                timeout=self.handshake_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if not link.closed and not link.ready:
+                link.close("no HELLO from the peer", send_goaway=False, abort=True)
+            if link.ready:
+                d.landed[endpoint] = link.peer_instance
+            if not link.closed:
+                d.endpoint = endpoint
+                d.refused = False
+                d.last_error = None
+                d.last_link = link
+                return _Outcome.UP
             d.refused = link.goaway_code is ErrorCode.NOT_AUTHORIZED
-            if link.ready and not d.refused:
-                d.last_error = reason
-                return True
+            if link.duplicate:
+                landed = True
+                continue
+            reason = link.close_reason
             if isinstance(link.lost_error, ssl.SSLError):  # TLS 1.3: its alert after our Finished
                 reason = f"the peer refused the link: {_error_reason(link.lost_error)}"
             elif reason == "peer closed":
@@ -380,75 +463,97 @@ class Gateway:
                     "(it refused our certificate, or it is not a meshlink gateway)"
                 )
             errors.append(f"{endpoint}: {reason}")
+        if landed and not errors:
+            log.debug("dial of %s met only instances already linked", spec.peer_site)
+            return _Outcome.LANDED
         msg = "; ".join(errors) or "no endpoints"
         if msg != d.last_error:
             log.warning("cannot link to %s: %s", spec.peer_site, msg)
         d.last_error = msg
-        return False
+        return _Outcome.LANDED if landed else _Outcome.FAILED
 
     # ------------------------------------------------------------------ LinkOwner
     def link_ready(self, link: Link) -> None:
-        peer = link.peer_site
+        peer, instance = link.peer_site, link.peer_instance
         assert peer is not None
-        existing = self._links.get(peer)
+        existing = self._links.get(peer, instance)
         if existing is not None and not existing.closed:
             keep = self._prefer(existing, link)
             drop = link if keep is existing else existing
-            log.info(
-                "duplicate link with %s: keeping the %s link, closing the %s one",
+            log.log(
+                logging.DEBUG if keep is existing and link.direction == "dial" else logging.INFO,
+                "duplicate link with %s%s: keeping the %s link, closing the %s one",
                 peer,
-                keep.direction,
-                drop.direction,
+                _named(instance),
+                "existing" if keep is existing else "new",
+                "new" if keep is existing else "existing",
             )
+            drop.duplicate = True
             if keep is existing:
                 drop.close("duplicate link")
                 return
-            del self._links[peer]
+            self._links.remove(drop)
             drop.close("duplicate link")  # link_closed: not the registered link, no callback
-            self._notify_down(peer, "replaced by a duplicate link")
-        self._links[peer] = link
+            self._notify(self.handler.instance_down, peer, instance, "replaced by a duplicate link")
+        first = not self._links.links(peer)
+        self._links.add(link)
         log.info(
-            "link up: %s (%s %s)",
+            "link up: %s%s (%s %s)",
             peer,
+            _named(instance),
             "dialled" if link.direction == "dial" else "accepted",
             link.endpoint,
         )
-        try:
-            self.handler.link_up(peer)
-        except Exception:
-            log.exception("link_up handler failed for %s", peer)
+        if first:
+            self._notify(self.handler.link_up, peer)
+        self._notify(self.handler.instance_up, peer, instance)
 
     def _prefer(self, a: Link, b: Link) -> Link:
+        """Of two links with one (site, instance) pair, the one to keep (``a`` is the one
+        registered): both ends of the two links must choose the same."""
+
         def dialer(link: Link) -> str:
             return self.site_id if link.direction == "dial" else (link.peer_site or "")
 
         da, db = dialer(a), dialer(b)
-        if da == db:
-            return b  # same dialer: the newer one (the old is likely dead)
-        return a if da < db else b
+        if da != db:
+            return a if da < db else b
+        if not b.peer_instance:
+            return b  # a peer naming no instance dialled again: the old link is likely dead
+        silent = time.monotonic() - a.last_rx
+        return b if silent > 2 * self.heartbeat_interval else a
 
     def link_closed(self, link: Link, reason: str) -> None:
         self._all.discard(link)
         self._open_budget.pop(link, None)
+        for d in self._dialers.values():
+            if link in d.links:
+                d.links.discard(link)
+                if link.ready and link.goaway_code is ErrorCode.NOT_AUTHORIZED:
+                    d.refused = True
+                    d.last_error = f"{link.endpoint}: {reason}"
         peer = link.peer_site
-        if peer is not None and self._links.get(peer) is link:
-            del self._links[peer]
-            log.info("link down: %s: %s", peer, reason)
-            self._notify_down(peer, reason)
+        if peer is not None and self._links.remove(link):
+            log.info("link down: %s%s: %s", peer, _named(link.peer_instance), reason)
+            self._notify(self.handler.instance_down, peer, link.peer_instance, reason)
+            if not self._links.links(peer):
+                self._notify(self.handler.link_down, peer, reason)
 
-    def _notify_down(self, peer: str, reason: str) -> None:
+    def _notify(self, event: Callable[..., None], peer: str, *args: str) -> None:
+        """Tell the handler; a handler's bug is logged, never the link's end."""
         try:
-            self.handler.link_down(peer, reason)
+            event(peer, *args)
         except Exception:
-            log.exception("link_down handler failed for %s", peer)
+            log.exception("%s handler failed for %s", event.__name__, peer)
 
     def control(self, link: Link, payload: bytes) -> None:
-        if link.peer_site is None or self._links.get(link.peer_site) is not link:
+        peer = link.peer_site
+        if peer is None or self._links.get(peer, link.peer_instance) is not link:
             return
         try:
-            self.handler.control_received(link.peer_site, payload)
+            self.handler.control_received(peer, link.peer_instance, payload)
         except Exception:
-            log.exception("control message handler failed for %s", link.peer_site)
+            log.exception("control message handler failed for %s", peer)
 
     def stream_opened(self, link: Link, stream: StreamEnd, target: FlowTarget, hops: int) -> None:
         if not self._may_open(link):
@@ -522,18 +627,33 @@ class Gateway:
         onward.start()
 
     # ------------------------------------------------------------------ API
-    def send_control(self, peer_site: str, payload: bytes) -> bool:
-        """Send a control message to a peer; False if there is no live link to it."""
-        link = self._live_link(peer_site)
+    def send_control(self, peer_site: str, payload: bytes, instance: str | None = None) -> bool:
+        """Send a control message to the instance ``instance`` of a peer site, or (None) to
+        one of its instances; False if there is no live link to it."""
+        if instance is None:
+            link = self._live_link(peer_site)
+        else:
+            link = self._links.get(peer_site, instance)
+            link = None if link is None or link.closed or not link.ready else link
         if link is None:
             return False
         link.send_control(payload)
         return True
 
+    def broadcast_control(self, peer_site: str, payload: bytes) -> bool:
+        """Send a control message to every linked instance of a peer site; False if none."""
+        links = self._links.live(peer_site)
+        for link in links:
+            link.send_control(payload)
+        return bool(links)
+
+    def instances(self, peer_site: str) -> list[str]:
+        """The instances of ``peer_site`` this gateway has live links with."""
+        return [lk.peer_instance for lk in self._links.live(peer_site)]
+
     def _live_link(self, peer_site: str) -> Link | None:
-        """The link to ``peer_site`` if it is up (not closing, HELLO exchanged)."""
-        link = self._links.get(peer_site)
-        return None if link is None or link.closed or not link.ready else link
+        """A link to ``peer_site`` that is up (not closing, HELLO exchanged), for a flow."""
+        return self._links.pick(peer_site)
 
     def drop_peer(self, peer_site: str, reason: str) -> int:
         """Close every link `peer_site` dialled to us (e.g. it was revoked); returns how
@@ -549,7 +669,7 @@ class Gateway:
         return len(dropped)
 
     def live_peers(self) -> list[str]:
-        return sorted(self._links)
+        return self._links.sites()
 
     async def connect_end(
         self,
@@ -617,17 +737,19 @@ class Gateway:
 
     def rtt_ms(self, peer: str) -> float | None:
         """The last heartbeat RTT of the link to ``peer`` (None: no link, or not measured)."""
-        link = self._links.get(peer)
-        return None if link is None else link.rtt_ms
+        rtts = [lk.rtt_ms for lk in self._links.live(peer) if lk.rtt_ms is not None]
+        return min(rtts, default=None)
 
     def status(self) -> list[LinkStatus]:
         out = []
         seen: set[str] = set()
-        for peer, link in sorted(self._links.items()):
+        for peer, instance, link in self._links.items():
             seen.add(peer)
             out.append(
                 LinkStatus(
                     peer_site=peer,
+                    peer_instance=instance,
+                    peer_replicas=link.peer_replicas,
                     direction=link.direction,
                     state="up",
                     rtt_ms=link.rtt_ms,
@@ -663,6 +785,11 @@ class Gateway:
                 )
             )
         return out
+
+
+def _named(instance: str) -> str:
+    """`` instance X`` for log lines (nothing for a peer that names no instance)."""
+    return f" instance {instance}" if instance else ""
 
 
 async def _dial(route: LocalRoute, timeout: float, *, peer: End | None = None) -> TcpEnd:  # noqa: ASYNC109

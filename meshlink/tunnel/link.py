@@ -219,14 +219,26 @@ class Link(asyncio.Protocol):
         dial_name: str | None = None,
         stream_window: int = STREAM_WINDOW,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        instance: str = "",
+        replicas: int = 1,
     ) -> None:
         self.owner = owner
         self.direction = direction
         self.endpoint = endpoint
         self.dial_name = dial_name
         self.peer_site: str | None = None
+        self.peer_instance = ""
+        """The peer's instance id (from its HELLO; "" from a peer that names none)."""
+        self.peer_replicas = 1
+        """How many instances the peer's site runs (from its HELLO)."""
+        self.duplicate = False
+        """Closed because the owner already had a link with that instance."""
         self.conn = Connection(
-            initiator=direction == "dial", initial_window=stream_window, max_streams=max_streams
+            initiator=direction == "dial",
+            initial_window=stream_window,
+            max_streams=max_streams,
+            instance=instance,
+            replicas=replicas,
         )
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, StreamEnd] = {}
@@ -247,6 +259,8 @@ class Link(asyncio.Protocol):
         self._kicked = False
         self._pre: list[bytes] | None = []  # bytes read before attach()
         self._torn_down = False
+        self.up: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        """Done once the link is ready (the peer's HELLO arrived and the owner has seen it)."""
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         """The close reason, once closed. Await it through ``asyncio.shield``: a task
         cancelled while awaiting it directly cancels the future itself."""
@@ -354,9 +368,13 @@ class Link(asyncio.Protocol):
             if self.ready:
                 self.owner.control(self, ev.payload)
         elif isinstance(ev, HelloReceived):
+            self.peer_instance = ev.instance
+            self.peer_replicas = ev.replicas
             self.ready = True
             self.since = time.time()
             self.owner.link_ready(self)
+            if not self.up.done():
+                self.up.set_result(None)
         elif isinstance(ev, GoAwayReceived):
             self.goaway_code = ev.code
             why = f"peer closed the link: {ev.code.name}" + (f" ({ev.text})" if ev.text else "")

@@ -50,11 +50,20 @@ class GatewayHandler(Protocol):
     """What the gateway tells the rest of the daemon about its links (the site's control
     channel implements it)."""
 
-    def link_up(self, peer_site: str) -> None: ...
+    def link_up(self, peer_site: str) -> None:
+        """The first instance of ``peer_site`` is linked (before its ``instance_up``)."""
 
-    def link_down(self, peer_site: str, reason: str) -> None: ...
+    def link_down(self, peer_site: str, reason: str) -> None:
+        """The last instance of ``peer_site`` went (after its ``instance_down``)."""
 
-    def control_received(self, peer_site: str, payload: bytes) -> None: ...
+    def instance_up(self, peer_site: str, instance: str) -> None:
+        """A link with the instance ``instance`` of ``peer_site`` is up."""
+
+    def instance_down(self, peer_site: str, instance: str, reason: str) -> None:
+        """The link with that instance is gone."""
+
+    def control_received(self, peer_site: str, instance: str, payload: bytes) -> None:
+        """A control message over the link with that instance."""
 
 
 RouteFn = Callable[[FlowTarget], Route]
@@ -67,8 +76,9 @@ class LinkStatus:
     direction: str
     """"dial" or "accept"."""
     state: str
-    """"up", "connecting", "backoff" (dialers waiting to retry) or "standby" (a dialer
-    idle because the peer's own dial is the preferred link)."""
+    """"up", "connecting", "backoff" (dialers waiting to retry), "standby" (a dialer
+    idle because the peer's own dials are the preferred links) or "linked" (a dialer
+    holding links with every instance the peer announces)."""
     rtt_ms: float | None
     """Last heartbeat round trip."""
     rtt_ewma_ms: float | None
@@ -80,6 +90,11 @@ class LinkStatus:
     last_error: str | None
     endpoint: str | None = None
     dial_name: str | None = None
+    peer_instance: str = ""
+    """The instance of the peer site at the other end ("" for a dialer's row, or a peer
+    that names no instance)."""
+    peer_replicas: int = 1
+    """How many instances the peer site runs, as that instance announced."""
     refused: bool = False
     """The peer refused this site as not authorized (GOAWAY NOT_AUTHORIZED): the link was
     revoked or deleted there, and only a new token links the two again."""

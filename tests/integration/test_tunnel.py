@@ -70,6 +70,7 @@ class Handler:
     ups: list[str] = field(default_factory=list)
     downs: list[tuple[str, str]] = field(default_factory=list)
     controls: list[tuple[str, bytes]] = field(default_factory=list)
+    instances: list[tuple[str, str, str]] = field(default_factory=list)  # (up/down, site, inst)
 
     def link_up(self, peer_site: str) -> None:
         self.ups.append(peer_site)
@@ -77,7 +78,13 @@ class Handler:
     def link_down(self, peer_site: str, reason: str) -> None:
         self.downs.append((peer_site, reason))
 
-    def control_received(self, peer_site: str, payload: bytes) -> None:
+    def instance_up(self, peer_site: str, instance: str) -> None:
+        self.instances.append(("up", peer_site, instance))
+
+    def instance_down(self, peer_site: str, instance: str, reason: str) -> None:
+        self.instances.append(("down", peer_site, instance))
+
+    def control_received(self, peer_site: str, instance: str, payload: bytes) -> None:
         self.controls.append((peer_site, payload))
 
     def route(self, target: FlowTarget) -> Route:
@@ -91,7 +98,7 @@ class Handler:
 class Site:
     """A throwaway site: identity, trust, a gateway and its handler."""
 
-    def __init__(self, tmp: Path, name: str) -> None:
+    def __init__(self, tmp: Path, name: str, instance: str = "", replicas: int = 1) -> None:
         self.name = name
         self.ident = pki.SiteIdentity.load_or_create(tmp / name, name)
         self.trusted: list[bytes] = [self.ident.ca_pem]
@@ -106,6 +113,8 @@ class Site:
             route=self.handler.route,
             heartbeat_interval=0.5,  # 1.5 s to declare death: tolerant of a loaded CI machine
             dead_after=3,
+            instance=instance,
+            replicas=replicas,
         )
         self.task: asyncio.Task[None] | None = None
         self.servers: list[asyncio.Server] = []
@@ -186,8 +195,8 @@ def link(dialer: Site, acceptor: Site) -> None:
 async def sites(tmp_path: Path) -> AsyncIterator[Callable[[str], Awaitable[Site]]]:
     made: list[Site] = []
 
-    async def make(name: str) -> Site:
-        s = Site(tmp_path, name)
+    async def make(name: str, instance: str = "", replicas: int = 1) -> Site:
+        s = Site(tmp_path, name, instance, replicas)
         await s.start()
         made.append(s)
         return s
@@ -442,7 +451,7 @@ async def test_link_killed_mid_transfer_resets_flow_and_reconnects(
         writer.write(b"x" * (1 << 20))
         await writer.drain()
         await until(lambda: a.gateway.status()[0].flows_open == 1, what="flow open")
-        live = a.gateway._links["b"]
+        (live,) = a.gateway._links.live("b")
         assert live.transport is not None
         live.transport.abort()  # the TLS connection dies under the flow
         with pytest.raises((ConnectionResetError, BrokenPipeError)):
@@ -826,3 +835,89 @@ async def test_listener_that_cannot_bind_says_why(sites: Callable[[str], Awaitab
         await asyncio.wait_for(clash.run(), 10)
     with pytest.raises(MeshlinkError):
         await clash.started()
+
+
+class Forwarder:
+    """A TCP forwarder to a target that can be switched: a Service in front of replicas,
+    landing each new connection on whichever instance the test says."""
+
+    def __init__(self, target: Site) -> None:
+        self.target = target
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
+        return f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        host, port = self.target.endpoint.rsplit(":", 1)
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_dialer_links_every_instance_of_a_site_without_churn(
+    sites: Callable[[str, str, int], Awaitable[Site]],
+) -> None:
+    """Site b runs two instances behind one address (a forwarder standing for a Service).
+    a's dials land on b-1 again and again: each such link is closed at its HELLO and the
+    existing one is untouched (its flow goes on, no link event); once dials land on b-2,
+    a holds both. b-1 going away then changes nothing at site level; b-2 serves."""
+    a = await sites("a", "a-1", 1)
+    b1 = await sites("b", "b-1", 2)
+    b2 = await sites("b", "b-2", 2)
+    for b in (b1, b2):
+        trust(a, b)
+        await b.serve(echo, "ns", "echo", 7)
+    fwd = Forwarder(b1)
+    endpoint = await fwd.start()
+    try:
+        spec = DialSpec("to-b", "b", (endpoint,), a.client_context_for(b1))
+        a.gateway.set_dials([spec])
+        await until(lambda: a.up("b"), what="a linked with b-1")
+        (first,) = a.gateway._links.live("b")
+        assert first.peer_instance == "b-1"
+        flow = await a.gateway.open_flow(ECHO, timeout=5)
+        await until(lambda: fwd.connections >= 4, what="three more dials landing on b-1")
+        flow.write(b"still here")
+        flow.write_eof()
+        assert await flow.read_all() == b"still here"
+        assert a.gateway._links.live("b") == [first]
+        assert a.handler.ups == ["b"]
+        assert a.handler.downs == []
+        assert a.handler.instances == [("up", "b", "b-1")]
+        fwd.target = b2  # the next dials land on the other instance
+        await until(lambda: a.gateway.instances("b") == ["b-1", "b-2"], what="both linked")
+        assert a.handler.ups == ["b"]  # the site came up once
+        rows = [(r.peer_instance, r.peer_replicas) for r in a.gateway.status()]
+        assert rows == [("b-1", 2), ("b-2", 2)]
+        await b1.stop()
+        await until(lambda: a.gateway.instances("b") == ["b-2"], what="b-1's link gone")
+        assert a.handler.downs == []  # the site stayed up
+        assert a.handler.instances[-1] == ("down", "b", "b-1")
+        for _ in range(4):  # every new flow takes the live link
+            flow = await a.gateway.open_flow(ECHO, timeout=5)
+            flow.write(b"x")
+            flow.write_eof()
+            assert await flow.read_all() == b"x"
+        await b2.stop()
+        await until(lambda: bool(a.handler.downs), what="the site down with its last instance")
+        assert [d[0] for d in a.handler.downs] == ["b"]
+    finally:
+        fwd.close()

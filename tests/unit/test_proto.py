@@ -356,6 +356,73 @@ def test_hello_announcing_no_stream_at_all_is_refused() -> None:
         b.receive_data(F.frame(F.FrameType.HELLO, 0, F.encode_hello(1, 1 << 20, 1000, 0)))
 
 
+def test_hello_names_the_instance_and_how_many_its_site_runs() -> None:
+    a = Connection(initiator=True, instance="meshlink-7d9f-abcde", replicas=2)
+    b = Connection(initiator=False)
+    (ev,) = pump(a, b)
+    assert isinstance(ev, E.HelloReceived)
+    assert (ev.instance, ev.replicas) == ("meshlink-7d9f-abcde", 2)
+    (ev,) = pump(b, a)
+    assert isinstance(ev, E.HelloReceived)
+    assert (ev.instance, ev.replicas) == ("", 1)  # named by no one: "" and one replica
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        _v1_hello_without_limit(),  # before max_streams
+        F.frame(  # before the instance fields
+            F.FrameType.HELLO,
+            0,
+            F.HELLO_BODY.pack(F.MAGIC, 1, F.DEFAULT_MAX_FRAME, 65536) + F.HELLO_STREAMS.pack(9),
+        ),
+    ],
+)
+def test_a_hello_of_an_older_peer_is_instance_empty_and_one_replica(hello: bytes) -> None:
+    (ev,) = Connection(initiator=True).receive_data(hello)
+    assert isinstance(ev, E.HelloReceived)
+    assert (ev.instance, ev.replicas) == ("", 1)
+
+
+def test_hello_fields_round_trip_and_later_bytes_are_ignored() -> None:
+    raw = F.encode_hello(1, F.DEFAULT_MAX_FRAME, 65536, 7, "pod-1.x_Y", 1024) + b"later"
+    assert F.decode_hello(raw) == F.Hello(1, F.DEFAULT_MAX_FRAME, 65536, 7, "pod-1.x_Y", 1024)
+
+
+def _body_with(instance: bytes, replicas: int) -> bytes:
+    head = F.HELLO_BODY.pack(F.MAGIC, 1, F.DEFAULT_MAX_FRAME, 65536) + F.HELLO_STREAMS.pack(9)
+    return head + bytes([len(instance)]) + instance + F.HELLO_REPLICAS.pack(replicas)
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (_body_with(b"evil\x1b[31m\nname", 1), "instance id 'evil\\x1b[31m\\nname' is not"),
+        (_body_with("p\u00e9".encode("latin-1"), 1), "instance id 'p\\xe9' is not"),
+        (_body_with(b"x" * 254, 1), "is not 0-253"),
+        (_body_with(b"pod", 0), "replicas 0 is outside 1..1024"),
+        (_body_with(b"pod", 1025), "replicas 1025 is outside"),
+        (_body_with(b"pod", 2)[:-1], "HELLO instance fields are cut short"),
+        (_body_with(b"pod", 2)[:-5], "HELLO instance fields are cut short"),
+    ],
+)
+def test_a_bad_instance_in_a_hello_is_a_protocol_error_named_safely(
+    payload: bytes, why: str
+) -> None:
+    b = Connection(initiator=False)
+    with pytest.raises(RemoteProtocolError) as err:
+        b.receive_data(F.frame(F.FrameType.HELLO, 0, payload))
+    assert err.value.code == ErrorCode.PROTOCOL_ERROR
+    assert why in str(err.value)
+    assert str(err.value).isprintable()  # escaped: safe to log
+
+
+@pytest.mark.parametrize(("instance", "replicas"), [("bad name", 1), ("pod", 0), ("x" * 254, 1)])
+def test_a_bad_own_instance_is_a_local_error(instance: str, replicas: int) -> None:
+    with pytest.raises(LocalProtocolError):
+        Connection(initiator=True, instance=instance, replicas=replicas)
+
+
 def test_api_misuse_is_local_protocol_error() -> None:
     a = Connection(initiator=True)
     with pytest.raises(LocalProtocolError):

@@ -46,7 +46,7 @@ class Wire:
     def flush(self) -> None:
         while self.frames:
             src, dst, payload = self.frames.popleft()
-            self.channels[dst].control_received(src, payload)
+            self.channels[dst].control_received(src, "", payload)
 
 
 @dataclass
@@ -54,11 +54,17 @@ class End:
     wire: Wire
     site: str
 
-    def send_control(self, peer_site: str, payload: bytes) -> bool:
+    def send_control(self, peer_site: str, payload: bytes, instance: str | None = None) -> bool:
         if peer_site not in self.wire.up:
             return False
         self.wire.frames.append((self.site, peer_site, payload))
         return True
+
+    def broadcast_control(self, peer_site: str, payload: bytes) -> bool:
+        return self.send_control(peer_site, payload)
+
+    def instances(self, peer_site: str) -> list[str]:
+        return [""] if peer_site in self.wire.up else []
 
     def live_peers(self) -> list[str]:
         return sorted(self.wire.up - {self.site})
@@ -91,6 +97,17 @@ def channel(
     return ch
 
 
+def up(ch: ControlChannel, peer: str) -> None:
+    """The gateway's events for a link with a peer that names no instance."""
+    ch.link_up(peer)
+    ch.instance_up(peer, "")
+
+
+def down(ch: ControlChannel, peer: str, reason: str) -> None:
+    ch.instance_down(peer, "", reason)
+    ch.link_down(peer, reason)
+
+
 async def until(cond: Callable[[], object], what: str, timeout: float = 5.0) -> None:
     """Let the tasks run until ``cond()`` holds (bounded)."""
     try:
@@ -111,14 +128,14 @@ async def test_two_channels_replicate_exports_and_feed_their_platforms(tmp_path:
         assert pb.fed == [{}]  # the first (empty) view at once
         a.publish([rec("a")])
         wire.up |= {"a", "b"}
-        a.link_up("b")
-        b.link_up("a")
+        up(a, "b")
+        up(b, "a")
         wire.flush()
         await until(lambda: KEY in pb.fed[-1], "a's export fed to b's platform")
         assert [r.origin for r in pb.fed[-1][KEY]] == ["a"]
         assert b.catalog.next_hop("a") == "a"
         wire.up.clear()
-        b.link_down("a", "test")
+        down(b, "a", "test")
         await until(lambda: pb.fed[-1] == {}, "withdrawn with the only path")
     finally:
         for t in tasks:
@@ -141,8 +158,8 @@ async def test_the_platform_waits_for_the_peers_snapshots(tmp_path: Path) -> Non
         assert not a.synced
         assert a.waiting_for == ("b",)
         wire.up |= {"a", "b"}
-        a.link_up("b")
-        b.link_up("a")
+        up(a, "b")
+        up(b, "a")
         wire.flush()
         await until(lambda: pa.fed, "a's first feed")
         assert a.synced
@@ -168,27 +185,27 @@ def test_an_unlink_is_told_and_keeps_nothing_in_a_grace_period(tmp_path: Path) -
     b = channel(tmp_path, "b", wire, pb, grace=300)
     a.publish([rec("a")])
     wire.up |= {"a", "b"}
-    a.link_up("b")
-    b.link_up("a")
+    up(a, "b")
+    up(b, "a")
     wire.flush()
     assert [r.origin for r in b.catalog.services()[KEY]] == ["a"]
     a.unlink("b")
     wire.flush()
     assert pb.unlinked == ["a"]
     wire.up.clear()
-    a.link_down("b", "link deleted")
-    b.link_down("a", "peer closed the link")
+    down(a, "b", "link deleted")
+    down(b, "a", "peer closed the link")
     assert b.catalog.services() == {}
     a.unlink("b")  # once only
     assert pb.unlinked == ["a"]
     # An outage instead keeps a's records for the grace period, unready.
     c = channel(tmp_path, "c", wire, Platform(), grace=300)
     wire.up |= {"a", "c"}
-    a.link_up("c")
-    c.link_up("a")
+    up(a, "c")
+    up(c, "a")
     wire.flush()
     wire.up.clear()
-    c.link_down("a", "no heartbeat")
+    down(c, "a", "no heartbeat")
     assert [(r.origin, r.ready_endpoints) for r in c.catalog.services()[KEY]] == [("a", 0)]
     c.unlink("a")  # deleted while a was unreachable: forgotten at once
     assert c.catalog.services() == {}
@@ -216,10 +233,10 @@ def test_bad_control_messages_are_one_line_each(
     wire = Wire()
     a = channel(tmp_path, "a", wire, Platform())
     caplog.set_level(logging.WARNING)
-    a.control_received("b", b"not json")
-    a.control_received("b", b'{"t": "update"}')  # b has no live link
+    a.control_received("b", "", b"not json")
+    a.control_received("b", "", b'{"t": "update"}')  # b has no live link
     (frame,) = control.encode(control.RenewRequest("csr"))
-    a.control_received("b", frame)  # b is no peer of a
+    a.control_received("b", "", frame)  # b is no peer of a
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3
     assert all(line.startswith("bad control message from b: ") for line in lines)
