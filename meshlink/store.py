@@ -30,7 +30,9 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import random
 import secrets
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,7 +200,7 @@ def update(
     files in place and returns whether it changed anything; it may run several times
     (after a conflict it gets the newer files). Returns the files as written (or as read,
     when nothing changed). Errors raised by ``change`` propagate (nothing is written)."""
-    for _ in range(MAX_ATTEMPTS):
+    for attempt in range(MAX_ATTEMPTS):
         current = store.read(doc, fresh=True)
         files = dict(current.files)
         if not change(files):
@@ -206,7 +208,10 @@ def update(
         try:
             return store.write(doc, files, current).files
         except StoreConflict:
-            continue
+            # Writers that collided retry at random moments (up to 2 ms, doubling to 64 ms),
+            # or the same ones collide again: without this, four processes bumping one
+            # counter starved one of them past MAX_ATTEMPTS.
+            time.sleep(random.uniform(0, min(0.064, 0.002 * 2**attempt)))
     raise StoreError(f"{store.describe()}: {doc} kept changing under {MAX_ATTEMPTS} attempts")
 
 

@@ -517,6 +517,17 @@ class Kubectl:
         data: dict[str, Any] = json.loads(out)
         return data
 
+    def find(self, *args: str, timeout: float = 30) -> dict[str, Any] | None:
+        """`kubectl get ARGS -o json` decoded, or None when it is NotFound: one GET,
+        so an object deleted meanwhile cannot turn into an error (exists-then-get can)."""
+        proc = self.kubectl("get", *args, "-o", "json", timeout=timeout, check=False)
+        if proc.returncode != 0:
+            if "NotFound" in proc.stderr or "not found" in proc.stderr:
+                return None
+            raise KubectlError(["get", *args], proc.returncode, proc.stdout, proc.stderr)
+        data: dict[str, Any] = json.loads(proc.stdout)
+        return data
+
     def exists(self, *args: str) -> bool:
         """True when `kubectl get ARGS` finds the object (NotFound gives False)."""
         proc = self.kubectl("get", *args, "-o", "name", check=False)

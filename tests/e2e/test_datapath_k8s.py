@@ -201,9 +201,9 @@ metadata: {{name: {name}, namespace: {NS}}}
     def imported(self, name: str, port: int = 80) -> tuple[str, int] | None:
         """The clusterset IP and gateway target port of an import's `port`, once
         kube-proxy here sends that IP:port to the gateway pod."""
-        if not self.kube.exists("serviceimports.multicluster.x-k8s.io", "-n", NS, name):
+        si = self.kube.find("serviceimports.multicluster.x-k8s.io", "-n", NS, name)
+        if si is None:
             return None
-        si = self.kube.get_json("serviceimports.multicluster.x-k8s.io", "-n", NS, name)
         ips = si["spec"].get("ips") or []
         if not ips:
             return None

@@ -92,9 +92,7 @@ def leftovers(c: KindCluster) -> list[str]:
 
 
 def si_of(c: KindCluster, name: str) -> dict[str, Any] | None:
-    if not c.exists("serviceimport", name, "-n", NS):
-        return None
-    return c.get_json("serviceimport", name, "-n", NS)
+    return c.find("serviceimport", name, "-n", NS)
 
 
 def kustomize_down(c: KindCluster) -> None:

@@ -111,9 +111,7 @@ class Mcs:
         return c.exec(NS, "client", "sh", "-c", script, timeout=timeout)
 
     def si(self, c: KindCluster, name: str) -> dict[str, Any] | None:
-        if not c.exists("serviceimport", name, "-n", NS):
-            return None
-        return c.get_json("serviceimport", name, "-n", NS)
+        return c.find("serviceimport", name, "-n", NS)
 
     def wait_si(self, c: KindCluster, name: str, check: Any = None) -> dict[str, Any]:
         def ok() -> dict[str, Any] | None:
