@@ -211,7 +211,7 @@ def update(
             # Writers that collided retry at random moments (up to 2 ms, doubling to 64 ms),
             # or the same ones collide again: without this, four processes bumping one
             # counter starved one of them past MAX_ATTEMPTS.
-            time.sleep(random.uniform(0, min(0.064, 0.002 * 2**attempt)))
+            time.sleep(random.uniform(0, min(0.064, 0.002 * 2**attempt)))  # noqa: S311 (jitter)
     raise StoreError(f"{store.describe()}: {doc} kept changing under {MAX_ATTEMPTS} attempts")
 
 
