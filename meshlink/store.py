@@ -188,6 +188,32 @@ class Store(Protocol):
         """Read every document again (for its cache)."""
 
 
+class FreshReads:
+    """A store whose every read goes past its cache: what a decision reads. A grant deciding
+    on a token that `kubectl exec ... token create` made on the other replica a moment ago
+    must see it, not this replica's copy of a second ago."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.root = store.root
+        self.caching = False
+
+    def read(self, doc: str, *, fresh: bool = False) -> Doc:
+        return self.store.read(doc, fresh=True)
+
+    def write(self, doc: str, files: Mapping[str, bytes], base: Doc) -> Doc:
+        return self.store.write(doc, files, base)
+
+    def describe(self) -> str:
+        return self.store.describe()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def refresh(self) -> None:
+        self.store.refresh()
+
+
 def local_dir(store: Store, doc: str) -> Path:
     """The directory holding the local copy of ``doc`` (as of its last read or write)."""
     return store.root / doc

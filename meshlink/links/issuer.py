@@ -75,7 +75,7 @@ from meshlink.pki import (
     sign_csr,
     site_id_of,
 )
-from meshlink.store import StateLike
+from meshlink.store import FreshReads, StateLike, as_store
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ def decide_redeem(
     record, which sees any use taken meanwhile.
     """
     now = time.time() if now is None else now
+    state = FreshReads(as_store(state))  # a token made on another replica a moment ago counts
     req = _parse_request(body)
     tid = req["token_id"]
     rec = TOKENS.load(state, tid) if is_token_id(tid) else None
@@ -364,6 +365,7 @@ def decide_reauth(
             raise GrantRefused("malformed_request", f"the request lacks the text field {name!r}")
         fields[name] = value
     site = fields["site"]
+    state = FreshReads(as_store(state))  # a revoke made on another replica a moment ago counts
     peer = PEERS.load(state, site) if is_site_id(site) else None
     if peer is None:
         raise GrantRefused(

@@ -148,6 +148,33 @@ def test_one_use_of_a_token_is_taken_once(cluster: KubeCluster, tmp_path: Path) 
     assert [p.site for p in links.PEERS.list(issuer[1])] == [winner]
 
 
+def test_a_token_made_on_one_replica_is_redeemable_at_the_other_at_once(
+    cluster: KubeCluster, tmp_path: Path
+) -> None:
+    """`kubectl exec deploy/meshlink -- meshlink token create` lands on one replica, the
+    redemption through the gateway Service on the other, whose cache (refreshed every
+    second) does not hold the token yet: the decision reads past the cache."""
+    maker, server = _store(cluster, tmp_path / "maker"), _store(cluster, tmp_path / "server")
+    ident = SiteIdentity.load_or_create(maker, "hub")
+    server_ident = SiteIdentity.load_or_create(server, "hub")
+    server.caching = True
+    server.refresh()  # the running replica's cache, from before the token
+    token = links.decode_token(links.create_token(ident, "192.0.2.1:7444", uses=1))
+    assert links.TOKENS.load(server, token.id) is None  # the cache does not have it yet
+    red = SiteIdentity.load_or_create(tmp_path / "east", "east")
+    body = {
+        "token_id": token.id,
+        "secret": token.secret,
+        "site": "east",
+        "ca_pem": red.ca_pem.decode(),
+        "csr_pem": csr_to_pem(make_csr("east", red.gateway.key)).decode(),
+        "gateway_pem": cert_to_pem(red.gateway.cert).decode(),
+    }
+    answer = links.decide_redeem(server_ident, server, body, endpoints=["192.0.2.1:7443"])
+    assert answer["site"] == "hub"
+    assert [p.site for p in links.PEERS.list(maker)] == ["east"]
+
+
 def test_the_site_identity_is_created_once(cluster: KubeCluster, tmp_path: Path) -> None:
     """Replicas starting together on an empty namespace end up with one CA and one gateway
     key: the losers of the create take what the winner wrote."""
