@@ -82,6 +82,7 @@ class SiteRuntime:
             config.site,
             gateway_endpoints=[str(a) for a in config.advertise],
             grace=config.import_grace_period,
+            hold_until_local=True,  # the platform's first publish releases the snapshots
         )
         self.memory = CatalogMemory(config.state_dir, self.catalog)
         self.control = ControlChannel(

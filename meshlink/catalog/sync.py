@@ -22,6 +22,11 @@ it crossed, from the sending peer back to its origin. The rules:
   the other's version differs.
 - Best entries are re-advertised to every peer except the site they came from and any site
   already on their path (split horizon with poison), as ordered deltas.
+- A site says nothing before it knows its own exports (``hold_until_local``): its first
+  ``set_local`` releases the snapshots of the links already up. A restarted site whose
+  platform has not listed its exports yet would otherwise announce itself reachable without
+  them, and every peer would withdraw them at once (a ServiceImport deleted and recreated
+  with a new ClusterSetIP: the churn the grace period exists to prevent).
 - On link up, the peer instance gets a full snapshot: one update, however large (the codec
   splits it into fragments, and ``receive`` applies them together, so a snapshot is never
   seen in part). On link down, everything learned over that link is dropped from its
@@ -179,7 +184,8 @@ def unready(rec: ExportRecord) -> ExportRecord:
 class Catalog:
     """The replicated catalog of one site. Sans-IO: methods return the messages to send.
     ``grace`` is the grace period in seconds and ``clock`` the monotonic clock it is
-    measured with (see the module docstring)."""
+    measured with; ``hold_until_local``: advertise nothing before the first ``set_local``
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -188,8 +194,11 @@ class Catalog:
         gateway_endpoints: Iterable[str] = (),
         grace: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        hold_until_local: bool = False,
     ):
         self.site = check_site_id(site)
+        self.holding = hold_until_local
+        """Nothing is advertised yet: this site's exports are not known."""
         self.grace = grace
         self._now = clock
         self._clock = time.time_ns()
@@ -236,6 +245,10 @@ class Catalog:
             stamped = dataclasses.replace(rec, version=self._next_version())
             self._local[key] = Entry((), stamped)
             touched.add(key)
+        if self.holding:  # each link up meanwhile gets its snapshot now, in one update
+            self._recompute(touched)
+            self.holding = False
+            return [s for link in sorted(self._rib) for s in self._sync_peer(link, self._best)]
         return self._recompute(touched)
 
     # -- peers ---------------------------------------------------------------------------
@@ -497,6 +510,8 @@ class Catalog:
         return entry
 
     def _sync_peer(self, link: Peer, keys: Iterable[EntryKey]) -> list[Send]:
+        if self.holding:
+            return []
         peer, instance = link
         sent = self._sent.setdefault(link, {})
         adds: list[dict[str, Any]] = []

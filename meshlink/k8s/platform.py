@@ -35,6 +35,7 @@ class KubernetesPlatform:
 
     async def run(self, publish: Publish, on_view: OnView) -> None:
         if not self.with_controller:
+            publish([])  # no export source here: say so, or the catalog never speaks
             return
         from kubernetes_asyncio import config as kconfig
         from kubernetes_asyncio.client import ApiClient

@@ -529,3 +529,40 @@ def test_a_restarted_site_keeps_what_it_knew_for_the_rest_of_the_grace_period() 
     # Nothing is kept when the grace period is 0, nor what is past its grace period.
     assert Catalog("b").restore(saved, now=5010.0) == (0, [])
     assert bus.catalog("b").restore(saved, now=9999.0)[0] == 0
+
+
+def test_a_restarted_origin_linked_before_it_knows_its_exports_withdraws_nothing() -> None:
+    """A restarted site whose platform has not listed its exports yet when a link comes up
+    (a Kubernetes controller's first list takes a while) says nothing until it has: an
+    empty snapshot would make its peers withdraw every import, and recreate it a moment
+    later with a new ClusterSetIP (seen on CI: test_restart_k8s)."""
+    bus = GraceBus("a", "b")
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.link("a", "b")
+    bus.kill("a")
+    assert bus.ready("b") == {KEY: (("a", 0),)}
+    bus.cat["a"] = Catalog("a", grace=300.0, clock=lambda: bus.now, hold_until_local=True)
+    bus.link("a", "b")  # before a's exports are known
+    assert bus.ready("b") == {KEY: (("a", 0),)}  # kept, stale: a said nothing yet
+    assert "a" not in bus.cat["b"].sites()
+    assert bus.seen("a") == {}  # a hears b as usual
+    assert "b" in bus.cat["a"].sites()
+    bus.post("a", bus.cat["a"].set_local([rec("a")]))
+    bus.run()
+    assert bus.ready("b") == {KEY: (("a", 1),)}
+    assert "a" in bus.cat["b"].sites()
+    assert bus.cat["b"].stale() == {}
+
+
+def test_a_holding_catalog_releases_one_snapshot_per_link_at_its_first_export_set() -> None:
+    a = Catalog("a", hold_until_local=True)
+    assert a.peer_up("b") == []
+    assert a.peer_up("c") == []
+    # An empty set is known too: each link gets the SiteInfo.
+    assert [s.peer for s in a.set_local([])] == ["b", "c"]
+    a2 = Catalog("a", hold_until_local=True)
+    a2.peer_up("b")
+    (send,) = a2.set_local([rec("a"), rec("a", name="db")])
+    assert send.peer == "b"
+    assert len(send.message.add) == 3  # SiteInfo and both records, in one update
+    assert a2.set_local([rec("a"), rec("a", name="db")]) == []  # then deltas as usual
