@@ -9,6 +9,7 @@ from Debian). `KindTestbed.up()` is what the session fixture calls; `down()` rem
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -47,13 +48,23 @@ class KindCluster(Kubectl):
     node: str
     """The control-plane node's container."""
 
-    def meshlink(self, *args: str, stdin: str | None = None, timeout: float = 60) -> str:
-        """Run a meshlink command in the meshlink pod, the way a user does."""
+    def meshlink(
+        self, *args: str, stdin: str | None = None, timeout: float = 60, pod: str | None = None
+    ) -> str:
+        """Run a meshlink command in a meshlink pod, the way a user does: `pod`, or any one
+        of the Deployment's (what `kubectl exec deploy/meshlink` picks: fine for commands
+        on the site state, which every replica shares)."""
         exec_args = ["-n", "meshlink-system", "exec"]
         if stdin is not None:
             exec_args.append("-i")
         return self.kubectl(
-            *exec_args, "deploy/meshlink", "--", "meshlink", *args, input=stdin, timeout=timeout
+            *exec_args,
+            pod or "deploy/meshlink",
+            "--",
+            "meshlink",
+            *args,
+            input=stdin,
+            timeout=timeout,
         ).stdout
 
     def exec(self, ns: str, pod: str, *cmd: str, timeout: float = 60) -> str:
@@ -66,8 +77,8 @@ class KindCluster(Kubectl):
         )
         return out.strip()
 
-    def meshlink_pod(self) -> dict[str, Any]:
-        """The meshlink pod that is Running and not being deleted."""
+    def meshlink_pods(self) -> list[dict[str, Any]]:
+        """The meshlink pods that are Running and not being deleted, by name."""
         pods = self.get_json(
             "pods", "-n", "meshlink-system", "-l", "app.kubernetes.io/name=meshlink"
         )
@@ -76,10 +87,23 @@ class KindCluster(Kubectl):
             for p in pods["items"]
             if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
         ]
-        if len(live) != 1:
-            raise KubeError(f"{len(live)} running meshlink pods in {self.name}")
-        pod: dict[str, Any] = live[0]
-        return pod
+        return sorted(live, key=lambda p: str(p["metadata"]["name"]))
+
+    def meshlink_statuses(self) -> dict[str, dict[str, Any]]:
+        """`meshlink status --json` of every live meshlink pod, by pod name (each replica
+        has links and listeners of its own)."""
+        return {
+            name: json.loads(self.meshlink("status", "--json", pod=name))
+            for name in (p["metadata"]["name"] for p in self.meshlink_pods())
+        }
+
+    def leader(self) -> str | None:
+        """The pod holding the Lease meshlink-leader (the site's one writer), if any."""
+        if not self.exists("lease", "meshlink-leader", "-n", "meshlink-system"):
+            return None
+        lease = self.get_json("lease", "meshlink-leader", "-n", "meshlink-system")
+        holder = lease["spec"].get("holderIdentity")
+        return str(holder) if holder else None
 
 
 @dataclass
@@ -97,14 +121,18 @@ class KindTestbed:
     """hack/kind.sh up: clusters created, meshlink deployed, Ready and linked."""
 
     @classmethod
-    def up(cls, n: int, state: Path, prefix: str = PREFIX) -> KindTestbed:
+    def up(cls, n: int, state: Path, prefix: str = PREFIX, workers: str = "0") -> KindTestbed:
+        """`hack/kind.sh up n --workers workers` (a count for every cluster, or one per
+        cluster: "2,0,0")."""
         env = {**os.environ, "MESHLINK_KIND_PREFIX": prefix, "MESHLINK_KIND_STATE": str(state)}
         t0 = time.monotonic()
         # The image of the code under test, always rebuilt (28 s warm): a stale image would
         # test yesterday's meshlink.
         _run(["bash", str(REPO / "hack" / "image.sh")], timeout=1800, env=env)
         t1 = time.monotonic()
-        out = _run(["bash", str(KIND_SH), "up", str(n)], timeout=2400, env=env)
+        out = _run(
+            ["bash", str(KIND_SH), "up", str(n), "--workers", workers], timeout=2400, env=env
+        )
         up_seconds = time.monotonic() - t1
         kubectl_bin = (
             Path(

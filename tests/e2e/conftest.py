@@ -5,7 +5,8 @@
 - `kube_clusters` (factory): `clusters = kube_clusters(2)` starts two independent clusters in
   parallel and stops them at the end of the test; later calls continue the numbering (c3...).
 - `kube_cluster`: one cluster.
-- `kind_testbed` (session): three kind clusters running meshlink as pods (tests/kindbed.py).
+- `kind_testbed` (session): three kind clusters running meshlink as pods (tests/kindbed.py),
+  c1 with two worker nodes (the HA tests put its two meshlink replicas on separate nodes).
 """
 
 from __future__ import annotations
@@ -65,10 +66,16 @@ def _collect_leaked_sockets() -> Iterator[None]:
     gc.collect()
 
 
+KIND_WORKERS = "2,0,0"
+"""Worker nodes of c1, c2, c3 (hack/kind.sh up --workers)."""
+
+
 @pytest.fixture(scope="session")
 def kind_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KindTestbed]:
     """Three kind clusters with meshlink deployed from manifests/ and linked (hack/kind.sh),
-    brought up once per test session and removed at its end. MESHLINK_TEST_KIND_KEEP=1
+    c1 with two worker nodes besides its control plane (so that the anti-affinity of the
+    manifests puts its two meshlink replicas on separate nodes: test_kind_ha.py), brought
+    up once per test session and removed at its end. MESHLINK_TEST_KIND_KEEP=1
     keeps them for the next run, which then reuses them (for working on these tests)."""
     require_root()
     keep = os.environ.get("MESHLINK_TEST_KIND_KEEP") == "1"
@@ -76,7 +83,7 @@ def kind_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KindTestb
     if not keep:
         KindTestbed.teardown(state)  # what a killed earlier run may have left
     try:
-        bed = KindTestbed.up(3, state)
+        bed = KindTestbed.up(3, state, workers=KIND_WORKERS)
     except KubeError as e:
         KindTestbed.teardown(state)
         pytest.fail(f"cannot bring up the kind clusters: {e}", pytrace=False)

@@ -3,7 +3,7 @@ install is taken down (CRDs kept), then the chart is installed, linked to c1, up
 uninstalled, as the README tells users to; then c3 gets its kustomize install back and is
 linked again as hack/kind.sh left it, for whatever runs after.
 
-What must hold: an upgrade keeps the site (same CA on its volume, so its link comes back
+What must hold: an upgrade keeps the site (same CA in its Secrets, so its link comes back
 without a new token) and its imports (same clusterset IP); an uninstall removes meshlink's
 objects, keeps the CRDs and the users' ServiceExports, and leaves no import behind (the
 garbage collector removes them: they are owned by meshlink's namespace).
@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.kindbed import KindCluster, KindTestbed, wait_rollout
-from tests.kube import REPO, KubeError
+from tests.kube import REPO, KubeError, wait_until
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -55,8 +55,14 @@ def helm(c: KindCluster, helm_bin: Path, *args: str, timeout: float = 400) -> st
 
 
 def link_state(c: KindCluster) -> dict[str, str]:
-    status = json.loads(c.meshlink("status", "--json"))
-    return {lk["peer"]: lk["state"] for lk in status["links"]}
+    """Each peer's link state, the worst over the replicas ("up" only where every replica's
+    link is up)."""
+    states: dict[str, str] = {}
+    for status in c.meshlink_statuses().values():
+        for lk in status["links"]:
+            if states.get(lk["peer"], "up") == "up":
+                states[lk["peer"]] = lk["state"]
+    return states
 
 
 def link(dialer: KindCluster, issuer: KindCluster) -> None:
@@ -71,10 +77,12 @@ def link(dialer: KindCluster, issuer: KindCluster) -> None:
 
 
 def wait_linked(c: KindCluster, peers: set[str]) -> None:
-    c.wait_for(
+    wait_until(
         lambda: {p for p, s in link_state(c).items() if s == "up"} >= peers,
         WAIT,
-        f"links up to {sorted(peers)}",
+        f"links up to {sorted(peers)} in cluster {c.name}",
+        interval=1,
+        ignore=(KubeError,),  # a replica starting: its ops server not up yet
     )
 
 
@@ -185,8 +193,10 @@ def test_helm_install_upgrade_and_uninstall(
         "--timeout",
         "5m",
     )
-    pod = c3.meshlink_pod()
-    assert pod["metadata"]["labels"]["app.kubernetes.io/name"] == "meshlink"
+    pods = c3.meshlink_pods()
+    assert len(pods) == 2  # the chart's default: two replicas
+    assert {p["metadata"]["labels"]["app.kubernetes.io/name"] for p in pods} == {"meshlink"}
+    assert c3.exists("poddisruptionbudget", "meshlink", "-n", "meshlink-system")
     # c3 exports a Service of its own, with a ServiceExport that is the user's.
     c3.apply(
         json.dumps(
@@ -234,10 +244,12 @@ def test_helm_install_upgrade_and_uninstall(
         "--timeout",
         "5m",
     )
-    new_pod = c3.meshlink_pod()
-    assert new_pod["metadata"]["uid"] != pod["metadata"]["uid"]
-    (container,) = new_pod["spec"]["containers"]
-    assert container["resources"]["requests"]["cpu"] == "150m"
+    new_pods = c3.meshlink_pods()
+    assert len(new_pods) == 2
+    assert not {p["metadata"]["uid"] for p in new_pods} & {p["metadata"]["uid"] for p in pods}
+    for new_pod in new_pods:
+        (container,) = new_pod["spec"]["containers"]
+        assert container["resources"]["requests"]["cpu"] == "150m"
     # Its state Secrets kept the CA and the link: back up with no new token.
     wait_linked(c3, {"c1"})
     si = si_of(c3, "web")

@@ -69,6 +69,7 @@ def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
         "CustomResourceDefinition",
         "Deployment",
         "Namespace",
+        "PodDisruptionBudget",
         "Role",
         "RoleBinding",
         "Service",
@@ -83,6 +84,7 @@ def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
         if d["kind"] in {
             "ConfigMap",
             "Deployment",
+            "PodDisruptionBudget",
             "Service",
             "ServiceAccount",
         }:
@@ -100,7 +102,44 @@ def test_kustomization_renders(rendered: list[dict[str, Any]]) -> None:
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["capabilities"]["drop"] == ["ALL"]
-    assert dep["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_two_replicas_spread_rolled_and_stopped_gently(rendered: list[dict[str, Any]]) -> None:
+    """High availability (issue 12): two replicas on different nodes where there are two
+    (preferred, so a one-node cluster still runs both), a rolling update that never goes
+    below two Ready pods, a PodDisruptionBudget keeping one through drains, readiness that
+    flips within about 2 s, and a stop that leaves the endpoints before SIGTERM."""
+    dep = _one(rendered, "Deployment", "meshlink")
+    spec = dep["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = spec["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+
+    (ctr,) = pod["containers"]
+    probe = ctr["readinessProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 2
+    assert probe["timeoutSeconds"] <= probe["periodSeconds"]
+    pre_stop = ctr["lifecycle"]["preStop"]["sleep"]["seconds"]
+    # Long enough for the slices and every kube-proxy to drop the pod (kube-proxy syncs at
+    # most once a second), short enough for a quick rollout, inside the grace period with
+    # room for meshlink's own stop.
+    assert 3 <= pre_stop <= 10
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 5
+
+    pdb = _one(rendered, "PodDisruptionBudget", "meshlink")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["minAvailable"] < spec["replicas"]  # a drain can always proceed
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
 
 
 def _config_map(rendered: list[dict[str, Any]]) -> dict[str, Any]:

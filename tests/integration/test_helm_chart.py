@@ -146,6 +146,7 @@ def test_defaults_render_the_kustomize_base(helm: Path, kubectl: Path) -> None:
         "CustomResourceDefinition",
         "Deployment",
         "Namespace",
+        "PodDisruptionBudget",
         "Role",
         "RoleBinding",
         "Service",
