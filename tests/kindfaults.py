@@ -15,6 +15,7 @@ delete of a pod; its node cut off the Docker network; SIGSTOP of the leader for 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -269,6 +270,11 @@ class Probe:
     def ok_since(self, t: float) -> int:
         return sum(1 for start, ok, _, _ in list(self.rows) if ok and start >= t)
 
+    def calm(self, since: float) -> bool:
+        """Only successes among the connections started since `since`, and some."""
+        rows = [r for r in list(self.rows) if r[0] >= since]
+        return len(rows) >= 10 and all(ok for _, ok, _, _ in rows)
+
     def wait_ok(self, count: int = 20, timeout: float = 60) -> None:
         since = time.time()
         wait_until(
@@ -487,6 +493,8 @@ class Fault:
 
 WINDOW = 15.0
 """Seconds of probing after an instantaneous fault (recovery, then calm)."""
+RECOVERY_LIMIT = 60.0
+"""At most this long past the window, waiting for connections to succeed again."""
 STOP_SECONDS = 10.0
 CUT_SECONDS = 10.0
 
@@ -565,7 +573,7 @@ def target_of(bed: Bed, fault: Fault) -> str:
     if fault.target_leader:
         return leader
     names = [str(p["metadata"]["name"]) for p in pods(bed.c1)]
-    return next(n for n in names if n != leader)
+    return next((n for n in names if n != leader), leader)  # one replica: the only one
 
 
 @dataclass(frozen=True)
@@ -598,6 +606,18 @@ def through(
         left = fault_at + window - time.time()
         if left > 0:
             time.sleep(left)
+        if undo is not None:
+            undo()
+            undo = None
+        # Past the window only while connections still fail (a slow recovery is measured
+        # to its end, up to RECOVERY_LIMIT).
+        with contextlib.suppress(AssertionError):
+            wait_until(
+                lambda: probe.calm(time.time() - 1.0),
+                RECOVERY_LIMIT,
+                "new connections succeeding again",
+                interval=0.2,
+            )
         end = time.time()
     finally:
         if undo is not None:
