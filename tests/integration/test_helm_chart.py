@@ -261,7 +261,7 @@ def test_more_replicas_roll_spread_and_stop_gently(helm: Path) -> None:
     """With more than one replica: RollingUpdate that never goes below the count, preferred
     (not required) anti-affinity on the node, readiness that flips within 2 s, and a preStop
     sleep inside the grace period; one replica keeps Recreate."""
-    one = next(o for o in render_helm(helm) if o["kind"] == "Deployment")
+    one = next(o for o in render_helm(helm, "--set", "replicas=1") if o["kind"] == "Deployment")
     assert one["spec"]["strategy"] == {"type": "Recreate"}
     assert "affinity" not in one["spec"]["template"]["spec"]
     deploy = next(o for o in render_helm(helm, "--set", "replicas=2") if o["kind"] == "Deployment")
