@@ -270,9 +270,10 @@ class Probe:
     def ok_since(self, t: float) -> int:
         return sum(1 for start, ok, _, _ in list(self.rows) if ok and start >= t)
 
-    def calm(self, since: float) -> bool:
-        """Only successes among the connections started since `since`, and some."""
-        rows = [r for r in list(self.rows) if r[0] >= since]
+    def calm(self, since: float, until: float) -> bool:
+        """Only successes among the connections started in [since, until], and some. Look
+        at least PROBE_TIMEOUT back: a connection that times out is printed only then."""
+        rows = [r for r in list(self.rows) if since <= r[0] <= until]
         return len(rows) >= 10 and all(ok for _, ok, _, _ in rows)
 
     def wait_ok(self, count: int = 20, timeout: float = 60) -> None:
@@ -613,7 +614,7 @@ def through(
         # to its end, up to RECOVERY_LIMIT).
         with contextlib.suppress(AssertionError):
             wait_until(
-                lambda: probe.calm(time.time() - 1.0),
+                lambda: probe.calm(time.time() - 1.0 - PROBE_TIMEOUT, time.time() - PROBE_TIMEOUT),
                 RECOVERY_LIMIT,
                 "new connections succeeding again",
                 interval=0.2,
