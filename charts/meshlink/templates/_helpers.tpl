@@ -7,7 +7,9 @@ app.kubernetes.io/part-of: meshlink
 {{- define "meshlink.siteConfig" -}}
 {{- $site := dict -}}
 {{- with .Values.site }}{{ $_ := set $site "site" . }}{{ end -}}
-{{- with .Values.gateway.advertise }}{{ $_ := set $site "gateway" (dict "advertise" .) }}{{ end -}}
+{{- $gateway := dict "replicas" (max 1 (int .Values.replicas)) -}}
+{{- with .Values.gateway.advertise }}{{ $_ := set $gateway "advertise" . }}{{ end -}}
+{{- $_ := set $site "gateway" $gateway -}}
 {{- with .Values.grant.advertise }}{{ $_ := set $site "grant" (dict "advertise" .) }}{{ end -}}
 {{- with .Values.importPorts }}{{ $_ := set $site "kubernetes" (dict "importPorts" .) }}{{ end -}}
 {{- $site = mustMergeOverwrite $site (deepCopy .Values.config) -}}
