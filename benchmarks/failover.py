@@ -70,9 +70,8 @@ def setup(bed: KindTestbed) -> Bed:
     wait_pod_ready(c2, NS, CLIENT)
 
     def ip() -> str | None:
-        if not c2.exists("serviceimport", SERVICE, "-n", NS):
-            return None
-        ips = c2.get_json("serviceimport", SERVICE, "-n", NS).get("spec", {}).get("ips")
+        si = c2.find("serviceimport", SERVICE, "-n", NS)
+        ips = si.get("spec", {}).get("ips") if si is not None else None
         return str(ips[0]) if ips else None
 
     return Bed(c1, c2, wait_until(ip, 120, f"{SERVICE} imported in c2", interval=0.5))

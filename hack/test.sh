@@ -13,7 +13,7 @@ bash hack/kube-bin.sh >&2
 echo "== pytest (integration, e2e)" >&2
 [ $# -gt 0 ] || set -- tests/integration tests/e2e
 set +e
-.venv/bin/pytest "$@"
+.venv/bin/pytest --durations=25 "$@"
 code=$?
 set -e
 if [ "$code" = 5 ]; then

@@ -99,9 +99,9 @@ class KindCluster(Kubectl):
 
     def leader(self) -> str | None:
         """The pod holding the Lease meshlink-leader (the site's one writer), if any."""
-        if not self.exists("lease", "meshlink-leader", "-n", "meshlink-system"):
+        lease = self.find("lease", "meshlink-leader", "-n", "meshlink-system")
+        if lease is None:
             return None
-        lease = self.get_json("lease", "meshlink-leader", "-n", "meshlink-system")
         holder = lease["spec"].get("holderIdentity")
         return str(holder) if holder else None
 

@@ -150,10 +150,8 @@ def ha(kind_testbed: KindTestbed) -> Iterator[Ha]:
     wait_pod_ready(c2, NS, CLIENT)
 
     def imported() -> dict[str, Any] | None:
-        if not c2.exists("serviceimport", SERVICE, "-n", NS):
-            return None
-        si: dict[str, Any] = c2.get_json("serviceimport", SERVICE, "-n", NS)
-        return si if si.get("spec", {}).get("ips") else None
+        si = c2.find("serviceimport", SERVICE, "-n", NS)
+        return si if si is not None and si.get("spec", {}).get("ips") else None
 
     si = wait_until(imported, 120, f"{SERVICE} imported in c2 with a clusterset IP", interval=0.5)
     derived_name = si["metadata"]["annotations"]["multicluster.kubernetes.io/derived-service"]
