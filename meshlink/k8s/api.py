@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
@@ -154,6 +155,30 @@ def _abort_closed_tls(api: ApiClient) -> None:
     ):
         connector._cleanup_closed_disabled = False
         connector._cleanup_closed()  # starts the periodic abort
+
+
+WATCH_KEEPALIVE: Final = (5, 2, 3)
+"""TCP keepalive of a watch connection: first probe after 5 s idle, then every 2 s, dead
+after 3 unanswered. A watch is a long read; when the network between meshlink and the API
+server goes away for longer than the server's own keepalive (a node cut off and back), the
+server forgets the connection and its FIN is lost: without probes of our own the watch
+waits for its read timeout (minutes) while the API server changes under it. A probe after
+the network returns gets a RST at once."""
+
+
+def _keep_alive(resp: aiohttp.ClientResponse) -> None:
+    conn = resp.connection
+    sock = conn.transport.get_extra_info("socket") if conn and conn.transport else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    idle, interval, count = WATCH_KEEPALIVE
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    except OSError:  # not TCP after all: the read timeout still bounds the watch
+        pass
 
 
 _TRANSPORT_ERRORS: Final = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
@@ -300,6 +325,7 @@ class Kube:
         resp = await self._call(
             "GET", res.path(namespace), what, query=query, limits=limits, stream=True
         )
+        _keep_alive(resp)
         try:
             if not 200 <= resp.status <= 299:
                 try:

@@ -117,7 +117,9 @@ class LeaderElection:
                 log.warning(
                     "leader: this replica (%s) stopped writing (lease %s)",
                     self.identity,
-                    f"held by {self.view.holder}" if self.view.holder else "not renewed in time",
+                    f"held by {self.view.holder}"
+                    if self.view.holder and self.view.holder != self.identity
+                    else "not renewed in time",
                 )
             if self._on_change is not None:
                 self._on_change(now)

@@ -480,8 +480,11 @@ class Gateway:
         if existing is not None and not existing.closed:
             keep = self._prefer(existing, link)
             drop = link if keep is existing else existing
+            # Keeping the existing link is routine (a peer dialling through a Service until
+            # it reaches every instance lands here many times a second while one is away):
+            # DEBUG at both ends. Replacing one is worth a line.
             log.log(
-                logging.DEBUG if keep is existing and link.direction == "dial" else logging.INFO,
+                logging.DEBUG if keep is existing else logging.INFO,
                 "duplicate link with %s%s: keeping the %s link, closing the %s one",
                 peer,
                 _named(instance),
