@@ -18,12 +18,13 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Final
 
 from meshlink import links, status
+from meshlink.catalog.records import ExportRecord
 from meshlink.catalog.sync import Catalog
 from meshlink.config import SiteConfig
 from meshlink.dns import run as dns_run
@@ -109,6 +110,7 @@ class SiteRuntime:
             new_flows_per_second=config.new_flows_per_second,
             instance=self.instance,
             replicas=config.replicas,
+            open_links=False,  # opened by the platform's first publish (_publish)
         )
         self.control.attach(self.gateway)
         self.router.attach(self.gateway)
@@ -181,7 +183,7 @@ class SiteRuntime:
                 tg.create_task(self.control.run(self.links.on_record), name="catalog-feed")
                 tg.create_task(self.imports.run(), name="imports")
                 tg.create_task(
-                    self.platform.run(self.control.publish, self.imports.apply), name="platform"
+                    self.platform.run(self._publish, self.imports.apply), name="platform"
                 )
                 self._ready_reason = "ok"
                 dns_run.settle_heap()  # keep full GCs off the DNS answer path
@@ -194,6 +196,12 @@ class SiteRuntime:
             if grant is not None:
                 await grant.cleanup()
             self.store.close()
+
+    def _publish(self, records: Sequence[ExportRecord]) -> None:
+        """This site's exports, from its platform. The first set opens the gateway: from
+        then on this process can route the flows a link brings (and its catalog speaks)."""
+        self.control.publish(records)
+        self.gateway.open()
 
     def _served(self, grant: bool) -> str:
         c = self.config

@@ -70,12 +70,42 @@ class KindCluster(Kubectl):
     def exec(self, ns: str, pod: str, *cmd: str, timeout: float = 60) -> str:
         return self.kubectl("-n", ns, "exec", pod, "--", *cmd, timeout=timeout).stdout
 
-    def node_ip(self) -> str:
+    def node_ip(self, node: str | None = None) -> str:
+        """The address of `node` (default: the control plane) on the kind network."""
         out = _run(
-            ["docker", "inspect", "-f", "{{.NetworkSettings.Networks.kind.IPAddress}}", self.node],
+            [
+                "docker", "inspect", "-f", "{{.NetworkSettings.Networks.kind.IPAddress}}",
+                node or self.node,
+            ],
             timeout=30,
-        )
+        )  # fmt: skip
         return out.strip()
+
+    def nodes(self) -> list[str]:
+        """Every node's container (kind names a node as its container)."""
+        return sorted(
+            n.removeprefix("node/")
+            for n in self.kubectl("get", "nodes", "-o", "name").stdout.split()
+        )
+
+    def meshlink_logs(self, tail: int = 60) -> str:
+        """The last lines of every meshlink pod's log (and of its previous container, if
+        it restarted): what a failed test prints."""
+        out: list[str] = []
+        pods = self.get_json(
+            "pods", "-n", "meshlink-system", "-l", "app.kubernetes.io/name=meshlink"
+        )
+        for pod in pods["items"]:
+            name = pod["metadata"]["name"]
+            restarted = any(
+                c.get("restartCount") for c in pod["status"].get("containerStatuses", [])
+            )
+            for previous in (True, False) if restarted else (False,):
+                args = ["-n", "meshlink-system", "logs", name, f"--tail={tail}"]
+                got = self.kubectl(*args, *(["--previous"] if previous else []), check=False)
+                out.append(f"--- {self.name} {name}{' (previous)' if previous else ''}:")
+                out.append(got.stdout or got.stderr)
+        return "\n".join(out)
 
     def meshlink_pods(self) -> list[dict[str, Any]]:
         """The meshlink pods that are Running and not being deleted, by name."""

@@ -25,6 +25,13 @@ doubling to 5 s). Two links with one (site, instance) pair: if both sides dialle
 dialled by the lexicographically smaller site id is kept; if one side dialled both, the
 existing one is kept (both ends agree on that) unless it has been silent for two heartbeat
 intervals, or the peer names no instance (then the newer: the old is likely dead).
+
+A gateway made with ``open_links=False`` binds its listener but neither accepts (dials get
+"connection refused") nor dials until ``open()``: the site calls it once it knows its own
+exports (its platform published them), because a link carries new flows at once and a
+process that cannot route them yet would fail them. The listener must not wait for more
+than that (readiness, or the peers' snapshots): in Kubernetes the gateway Service publishes
+not-ready pods, so sites restarted all at once can link without waiting for each other.
 """
 
 from __future__ import annotations
@@ -135,6 +142,7 @@ class Gateway:
         new_flows_per_second: float = NEW_FLOWS_PER_SECOND,
         instance: str = "",
         replicas: int = 1,
+        open_links: bool = True,
     ) -> None:
         if listen is not None and server_context is None:
             raise ValueError("a gateway that listens needs a server_context")
@@ -166,6 +174,9 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: asyncio.Server | None = None
         self._started = asyncio.Event()
+        self._open = asyncio.Event()
+        if open_links:
+            self._open.set()
         self._start_error: BaseException | None = None
         self._running = False
         self.bound_address: tuple[str, int] | None = None
@@ -176,6 +187,14 @@ class Gateway:
         await self._started.wait()
         if self._start_error is not None:
             raise self._start_error
+
+    def open(self) -> None:
+        """Accept and dial links from now on (see the module docstring)."""
+        self._open.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._open.is_set()
 
     async def run(self) -> None:
         """Serve until cancelled: listener, dialers, heartbeats. Clean shutdown on cancel."""
@@ -190,6 +209,7 @@ class Gateway:
                         ssl=self._listener_context(),
                         ssl_handshake_timeout=self.handshake_timeout,
                         reuse_address=True,
+                        start_serving=False,  # see open()
                     )
                 except OSError as e:
                     err = listen_error("gateway.listen", *self._listen, e)
@@ -201,10 +221,13 @@ class Gateway:
                 sockname = self._server.sockets[0].getsockname()
                 self.bound_address = (sockname[0], sockname[1])
                 log.info("gateway listening for links on %s:%d", *self.bound_address)
+            self._started.set()
+            await self._open.wait()
+            if self._server is not None:
+                await self._server.start_serving()
             self._running = True
             for dialer in self._dialers.values():
                 self._start_dialer(dialer)
-            self._started.set()
             await self._heartbeats()
         finally:
             self._started.set()

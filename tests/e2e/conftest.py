@@ -7,6 +7,7 @@
 - `kube_cluster`: one cluster.
 - `kind_testbed` (session): three kind clusters running meshlink as pods (tests/kindbed.py),
   c1 with two worker nodes (the HA tests put its two meshlink replicas on separate nodes).
+  A test on them that fails prints the end of every meshlink pod's log with its report.
 """
 
 from __future__ import annotations
@@ -93,3 +94,18 @@ def kind_testbed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KindTestb
     finally:
         if not keep:
             KindTestbed.teardown(state)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test on the kind clusters carries the end of meshlink's logs there: the
+    clusters are gone by the time anyone reads CI's output."""
+    report: pytest.TestReport = yield  # type: ignore[misc]
+    bed = getattr(item, "funcargs", {}).get("kind_testbed")
+    if report.failed and isinstance(bed, KindTestbed):
+        for c in bed.clusters[:2]:
+            try:
+                report.sections.append((f"meshlink logs in {c.name}", c.meshlink_logs()))
+            except KubeError as e:
+                report.sections.append((f"meshlink logs in {c.name}", f"unavailable: {e}"))
+    return report  # type: ignore[return-value]

@@ -369,7 +369,11 @@ def _wait_linked(shop: Shop) -> None:
 
 
 def _through_fault(
-    shop: Shop, serving: KindCluster, what: str, fault: Callable[[], None], undo: Callable[[], None]
+    shop: Shop,
+    serving: KindCluster,
+    what: str,
+    fault: Callable[[], object],
+    undo: Callable[[], object],
 ) -> list[tuple[float, bool, str]]:
     """Probe new connections from c2 across `fault` (undone once the probe ends), print the
     longest gap and the failures after it, and check that the other exporter took over."""
@@ -401,14 +405,17 @@ def _through_fault(
 
 
 def test_failover_when_the_serving_node_leaves_the_network(shop: Shop) -> None:
+    """Every node of the serving cluster (c1 has workers, where its pods run) leaves."""
     serving = _serving(shop)
-    ip = serving.node_ip()
+    ips = {node: serving.node_ip(node) for node in serving.nodes()}
     rows = _through_fault(
         shop,
         serving,
-        "node cut off the network",
-        lambda: docker("network", "disconnect", "kind", serving.node),
-        lambda: docker("network", "connect", "--ip", ip, "kind", serving.node),
+        f"{len(ips)} node(s) cut off the network",
+        lambda: [docker("network", "disconnect", "kind", node) for node in ips],
+        lambda: [
+            docker("network", "connect", "--ip", ip, "kind", node) for node, ip in ips.items()
+        ],
     )
     assert serving.name not in {who for _, ok, who in rows[-5:] if ok}
     _wait_linked(shop)
@@ -416,15 +423,17 @@ def test_failover_when_the_serving_node_leaves_the_network(shop: Shop) -> None:
 
 
 def test_failover_when_the_serving_node_goes_silent(shop: Shop) -> None:
-    """docker pause freezes the whole node: its gateway stops answering without closing
-    anything, so only missed heartbeats tell (3 of them, 1 s apart by default)."""
+    """docker pause freezes whole nodes (every one of the serving cluster): its gateways
+    stop answering without closing anything, so only missed heartbeats tell (3 of them, 1 s
+    apart by default)."""
     serving = _serving(shop)
+    nodes = serving.nodes()
     rows = _through_fault(
         shop,
         serving,
-        "node paused (silent)",
-        lambda: docker("pause", serving.node),
-        lambda: docker("unpause", serving.node),
+        f"{len(nodes)} node(s) paused (silent)",
+        lambda: [docker("pause", node) for node in nodes],
+        lambda: [docker("unpause", node) for node in nodes],
     )
     assert serving.name not in {who for _, ok, who in rows[-5:] if ok}
     _wait_linked(shop)

@@ -273,8 +273,13 @@ def test_a_deleted_pod_leaves_gracefully_and_hands_the_lease_over(
         wait_until(lambda: c1.leader() == other, 30, f"{other} holding the Lease", interval=0.2)
         took_over.append(time.time())
 
-    out = through(ha.bed, _fault("pod_delete"), target=leader, hold=watch_lease)
-    text, _ = logs.communicate(timeout=60)
+    try:
+        out = through(ha.bed, _fault("pod_delete"), target=leader, hold=watch_lease)
+        text, _ = logs.communicate(timeout=60)
+    finally:
+        if logs.poll() is None:
+            logs.kill()
+            logs.communicate(timeout=10)
     records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     messages = [str(r.get("message", r.get("msg", ""))) for r in records]
     assert any("lease handed over" in m for m in messages), messages[-10:]

@@ -98,7 +98,15 @@ class Handler:
 class Site:
     """A throwaway site: identity, trust, a gateway and its handler."""
 
-    def __init__(self, tmp: Path, name: str, instance: str = "", replicas: int = 1) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        instance: str = "",
+        replicas: int = 1,
+        *,
+        open_links: bool = True,
+    ) -> None:
         self.name = name
         self.ident = pki.SiteIdentity.load_or_create(tmp / name, name)
         self.trusted: list[bytes] = [self.ident.ca_pem]
@@ -115,6 +123,7 @@ class Site:
             dead_after=3,
             instance=instance,
             replicas=replicas,
+            open_links=open_links,
         )
         self.task: asyncio.Task[None] | None = None
         self.servers: list[asyncio.Server] = []
@@ -921,3 +930,27 @@ async def test_a_dialer_links_every_instance_of_a_site_without_churn(
         assert [d[0] for d in a.handler.downs] == ["b"]
     finally:
         fwd.close()
+
+
+async def test_a_gateway_not_open_yet_neither_accepts_nor_dials(tmp_path: Path) -> None:
+    """A site opens its gateway once it knows its own exports (runtime): before that a dial
+    to it is refused outright, and it dials no one (a link would bring flows it cannot
+    route yet)."""
+    a, b, c = Site(tmp_path, "a"), Site(tmp_path, "b", open_links=False), Site(tmp_path, "c")
+    try:
+        for s in (a, b, c):
+            await s.start()
+        link(a, b)  # a dials b
+        link(b, c)  # b dials c
+        assert b.gateway.bound_address is not None  # bound, not listening
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(*b.gateway.bound_address)
+        await dial_error(a, "b", "a's dial to b failing")
+        assert not b.gateway.is_open
+        assert not a.up("b")
+        assert not c.up("b")  # b never dialled
+        b.gateway.open()
+        await until(lambda: a.up("b") and b.up("a") and b.up("c") and c.up("b"), what="links up")
+    finally:
+        for s in (a, b, c):
+            await s.stop()
