@@ -854,3 +854,30 @@ def endpoint_slice(
             "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in ports],
         }
     )
+
+
+def assert_ha_deployment(deployment: dict[str, Any]) -> None:
+    """The settings of meshlink's Deployment with more than one replica (issue 12), as
+    manifests/ and the chart both render them: a RollingUpdate that never goes below the
+    count, preferred (not required) anti-affinity on the node, readiness that flips within
+    2 s, and a preStop sleep long enough for the slices and every kube-proxy to drop the
+    pod (kube-proxy syncs at most once a second), short enough for a quick rollout, inside
+    the grace period with room for meshlink's own stop."""
+    spec = deployment["spec"]
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = spec["template"]["spec"]
+    anti = pod["affinity"]["podAntiAffinity"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
+    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    labels = spec["template"]["metadata"]["labels"]
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
+    (ctr,) = pod["containers"]
+    probe = ctr["readinessProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] <= 2
+    pre_stop = ctr["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 3 <= pre_stop <= 10
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 5

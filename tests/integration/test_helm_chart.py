@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.kube import REPO
+from tests.kube import REPO, assert_ha_deployment
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -265,21 +265,4 @@ def test_more_replicas_roll_spread_and_stop_gently(helm: Path) -> None:
     assert one["spec"]["strategy"] == {"type": "Recreate"}
     assert "affinity" not in one["spec"]["template"]["spec"]
     deploy = next(o for o in render_helm(helm, "--set", "replicas=2") if o["kind"] == "Deployment")
-    spec = deploy["spec"]
-    assert spec["strategy"] == {
-        "type": "RollingUpdate",
-        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-    }
-    pod = spec["template"]["spec"]
-    anti = pod["affinity"]["podAntiAffinity"]
-    assert "requiredDuringSchedulingIgnoredDuringExecution" not in anti
-    (term,) = anti["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
-    labels = spec["template"]["metadata"]["labels"]
-    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= labels.items()
-    (ctr,) = pod["containers"]
-    probe = ctr["readinessProbe"]
-    assert probe["periodSeconds"] * probe["failureThreshold"] <= 2
-    pre_stop = ctr["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert 3 <= pre_stop <= 10
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 5
+    assert_ha_deployment(deploy)
