@@ -13,10 +13,12 @@ import json
 import os
 import shlex
 import subprocess
+import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from tests.kube import REPO, Kubectl, KubeError, wait_until
 
@@ -234,3 +236,48 @@ def wait_pod_ready(c: KindCluster, ns: str, pod: str, timeout: float = 120) -> N
 
 
 __all__ = ["KindCluster", "KindTestbed", "docker", "wait_pod_ready", "wait_rollout", "wait_until"]
+
+
+R = TypeVar("R")
+
+
+class Follow(Generic[R]):
+    """A command in the background (kubectl exec of a client loop, kubectl get --watch)
+    whose output lines `parse` turns into `rows` as they come (None: nothing yet). The
+    caller ends the command its own way (closing `proc.stdin`, terminate), then `finish`."""
+
+    def __init__(
+        self, argv: Sequence[str], parse: Callable[[str], R | None], *, stdin: bool = False
+    ) -> None:
+        self.rows: list[R] = []
+        self._parse = parse
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE if stdin else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            row = self._parse(line)
+            if row is not None:
+                self.rows.append(row)
+
+    def finish(self, timeout: float) -> list[R]:
+        """Wait up to `timeout` for the command to end (killed past it, and the timeout
+        raised), then every row."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+            self._reader.join(timeout=10)
+            assert self.proc.stdout is not None
+            self.proc.stdout.close()
+        return list(self.rows)

@@ -19,14 +19,13 @@ import contextlib
 import hashlib
 import json
 import math
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.kindbed import KindCluster, docker, wait_pod_ready, wait_rollout
+from tests.kindbed import Follow, KindCluster, docker, wait_pod_ready, wait_rollout
 from tests.kube import KubeError, wait_until
 
 NS = "hashop"
@@ -250,22 +249,8 @@ class Probe:
             CLIENT, "--", "python3", "-c", PROBE, ip, str(port), str(PROBE_INTERVAL),
             str(PROBE_TIMEOUT),
         ]  # fmt: skip
-        self.rows: list[Row] = []
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            t, ok, ms, err = line.split()
-            self.rows.append((float(t), ok == "1", float(ms), err))
+        self.follow = Follow(argv, _probe_row, stdin=True)
+        self.rows = self.follow.rows
 
     def ok_since(self, t: float) -> int:
         return sum(1 for start, ok, _, _ in list(self.rows) if ok and start >= t)
@@ -287,19 +272,16 @@ class Probe:
 
     def stop(self) -> list[Row]:
         """End the loop (its stdin closes) and return every row, by start time."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=PROBE_TIMEOUT + 20)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-            self._reader.join(timeout=10)
-            assert self.proc.stdout is not None
-            self.proc.stdout.close()
-        assert self.rows, "the probe printed nothing"
-        return sorted(self.rows)
+        assert self.follow.proc.stdin is not None
+        self.follow.proc.stdin.close()
+        rows = self.follow.finish(PROBE_TIMEOUT + 20)
+        assert rows, "the probe printed nothing"
+        return sorted(rows)
+
+
+def _probe_row(line: str) -> Row:
+    t, ok, ms, err = line.split()
+    return (float(t), ok == "1", float(ms), err)
 
 
 @dataclass(frozen=True)

@@ -14,15 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
 
-from tests.kindbed import KindCluster, KindTestbed, docker, wait_pod_ready, wait_rollout
+from tests.kindbed import Follow, KindCluster, KindTestbed, docker, wait_pod_ready, wait_rollout
 from tests.kube import KubeError, wait_until
 
 pytestmark = pytest.mark.timeout(1800)
@@ -310,18 +308,8 @@ class Probe:
             "-c",
             script,
         ]
-        self.rows: list[tuple[float, bool, str]] = []
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            t, state, who = line.split()
-            self.rows.append((float(t), state == "OK", who))
+        self.follow = Follow(argv, _probe_row)
+        self.rows = self.follow.rows
 
     def wait_ok(self, count: int, timeout: float = 30) -> None:
         wait_until(
@@ -331,12 +319,14 @@ class Probe:
         )
 
     def result(self, timeout: float) -> list[tuple[float, bool, str]]:
-        self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        assert self.rows, "the probe printed nothing"
-        return list(self.rows)
+        rows = self.follow.finish(timeout)
+        assert rows, "the probe printed nothing"
+        return rows
+
+
+def _probe_row(line: str) -> tuple[float, bool, str]:
+    t, state, who = line.split()
+    return (float(t), state == "OK", who)
 
 
 def _longest_gap(rows: list[tuple[float, bool, str]], after: float) -> float:

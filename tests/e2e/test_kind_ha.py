@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from tests.kindbed import KindCluster, KindTestbed, wait_pod_ready, wait_rollout
+from tests.kindbed import Follow, KindCluster, KindTestbed, wait_pod_ready, wait_rollout
 from tests.kindfaults import (
     BULK,
     CLIENT,
@@ -65,32 +64,23 @@ class Watch:
             str(c.kubectl_bin), "--kubeconfig", str(c.kubeconfig), "-n", NS, "get", kind, name,
             "--watch", "--output-watch-events", "-o", "json",
         ]  # fmt: skip
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
-        )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        self._decoder, self._buf = json.JSONDecoder(), ""
+        self.follow = Follow(argv, self._event)
+        self.events = self.follow.rows
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        decoder, buf = json.JSONDecoder(), ""
-        for line in self.proc.stdout:
-            buf += line
-            try:
-                event, end = decoder.raw_decode(buf.lstrip())
-            except json.JSONDecodeError:
-                continue
-            buf = buf.lstrip()[end:]
-            self.events.append((event["type"], event["object"]))
+    def _event(self, line: str) -> tuple[str, dict[str, Any]] | None:
+        """One event once its JSON (printed over several lines) is whole."""
+        self._buf += line
+        try:
+            event, end = self._decoder.raw_decode(self._buf.lstrip())
+        except json.JSONDecodeError:
+            return None
+        self._buf = self._buf.lstrip()[end:]
+        return (event["type"], event["object"])
 
     def stop(self) -> list[tuple[str, dict[str, Any]]]:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self._reader.join(timeout=10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        return list(self.events)
+        self.follow.proc.terminate()
+        return self.follow.finish(10)
 
 
 @dataclass
@@ -164,7 +154,7 @@ def ha(kind_testbed: KindTestbed) -> Iterator[Ha]:
         yield ha
     finally:
         for w in watches:
-            if w.proc.poll() is None:
+            if w.follow.proc.poll() is None:
                 w.stop()
         for c in (c1, c2):
             c.kubectl("delete", "namespace", NS, "--wait=false", check=False)
